@@ -51,7 +51,9 @@ def wait_for_port(host: str, port: int, timeout_s: float = 30.0, proc=None) -> N
 
 def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        client = redis.Redis.from_url(
+            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+        )
         return bool(client.ping())
     except (redis.RedisError, OSError, ValueError):
         return False
@@ -99,12 +101,18 @@ def start_redis(port: int, data_dir: Path, log_path: Path) -> subprocess.Popen:
     proc = subprocess.Popen(
         [
             binary,
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--dir", str(data_dir.resolve()),
-            "--appendonly", "yes",
-            "--save", "",
-            "--logfile", str(log_path.resolve()),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(data_dir.resolve()),
+            "--appendonly",
+            "yes",
+            "--save",
+            "",
+            "--logfile",
+            str(log_path.resolve()),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,

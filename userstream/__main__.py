@@ -1,0 +1,5 @@
+import sys
+
+from userstream.cli import main
+
+sys.exit(main())
