@@ -62,6 +62,15 @@ class EmbeddingStore:
                 out.append(int(n))
         return out
 
+    def num_of(self, user_id: str) -> int | None:
+        """The user's int64 id if it was ever embedded (read-only: assigns nothing)."""
+        raw = self.r.hget(self.keys.user_num, user_id)
+        return None if raw is None else int(raw)
+
+    def count(self) -> int:
+        """Number of users with a stored embedding."""
+        return int(self.r.hlen(self.keys.emb))
+
     def users_for(self, nums: Sequence[int]) -> list[str | None]:
         if not nums:
             return []
@@ -76,7 +85,9 @@ class EmbeddingStore:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         nums = self.nums_for(user_ids)
         pipe = self.r.pipeline(transaction=False)
-        pipe.hset(self.keys.emb, mapping={u: v.tobytes() for u, v in zip(user_ids, vectors)})
+        pipe.hset(
+            self.keys.emb, mapping={u: v.tobytes() for u, v in zip(user_ids, vectors, strict=True)}
+        )
         pipe.hset(self.keys.emb_version, mapping={u: version for u in user_ids})
         for u, n, v in zip(user_ids, nums, vectors, strict=True):
             pipe.xadd(

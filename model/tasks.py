@@ -1,0 +1,135 @@
+"""The three self-supervised losses, each a plain function of (encoder, batch).
+
+* :func:`cloze_loss` — masked behavior modeling (BERT4Rec): hide ~20% of the
+  items, predict them from both sides.
+* :func:`next_item_loss` — autoregressive next-behavior prediction (SASRec):
+  causal pass, predict the item at t+1 from position t, plus a small term for
+  the next behavior TYPE.
+* :func:`contrastive_loss` — InfoNCE between two augmented views of each
+  sequence on the pooled user embedding (CL4SRec), in-batch negatives.
+
+Random choices draw from an optional CPU ``torch.Generator`` so runs are
+reproducible; masks are made on CPU and moved to the batch's device.
+``n_valid`` is the number of item rows in use (``len(ItemVocab)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model.augment import augment
+from model.batching import Batch
+from model.encoder import SequenceEncoder
+from model.vocab import MASK, PAD
+
+__all__ = ["LossWeights", "cloze_loss", "next_item_loss", "contrastive_loss", "total_loss"]
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    mlm: float = 1.0
+    next: float = 1.0
+    contrastive: float = 0.1
+
+
+def _zero(encoder: SequenceEncoder) -> torch.Tensor:
+    """A zero loss that still belongs to the graph (backward is a no-op)."""
+    return encoder.item_emb.weight.sum() * 0.0
+
+
+def cloze_loss(
+    encoder: SequenceEncoder,
+    batch: Batch,
+    n_valid: int,
+    generator: torch.Generator | None = None,
+    mask_prob: float = 0.2,
+) -> torch.Tensor:
+    """Cross-entropy of masked items over item rows (bidirectional pass)."""
+    items = batch.items  # (B, T)
+    real = (items != PAD).cpu()  # (B, T)
+    rand = torch.rand(items.shape, generator=generator)  # (B, T)
+    masked = (rand < mask_prob) & real  # (B, T)
+    # always at least one masked position per non-empty sequence
+    pick = rand.masked_fill(~real, -1.0).argmax(dim=1)  # (B,)
+    masked[torch.arange(items.shape[0]), pick] |= real.any(dim=1)
+    masked = masked.to(items.device)
+    if not bool(masked.any()):
+        return _zero(encoder)
+    inputs = items.masked_fill(masked, MASK)  # (B, T)
+    h = encoder(inputs, batch.behaviors, batch.gaps, causal=False)  # (B, T, H)
+    logits = encoder.item_logits(h[masked], n_valid)  # (M, n_items)
+    return F.cross_entropy(logits, items[masked])
+
+
+def next_item_loss(
+    encoder: SequenceEncoder,
+    batch: Batch,
+    n_valid: int,
+    behavior_weight: float = 0.2,
+) -> torch.Tensor:
+    """Predict item (and behavior type) at t+1 from causal state at t.
+
+    Only pairs of two real positions count, so sequences with fewer than two
+    behaviors contribute nothing.
+    """
+    items = batch.items  # (B, T)
+    pair = (items[:, :-1] != PAD) & (items[:, 1:] != PAD)  # (B, T-1)
+    if not bool(pair.any()):
+        return _zero(encoder)
+    h = encoder(items, batch.behaviors, batch.gaps, causal=True)  # (B, T, H)
+    h_prev = h[:, :-1][pair]  # (P, H)
+    loss = F.cross_entropy(encoder.item_logits(h_prev, n_valid), items[:, 1:][pair])
+    if behavior_weight > 0:
+        behavior_target = batch.behaviors[:, 1:][pair]  # (P,)
+        loss = loss + behavior_weight * F.cross_entropy(
+            encoder.behavior_logits(h_prev), behavior_target
+        )
+    return loss
+
+
+def contrastive_loss(
+    encoder: SequenceEncoder,
+    batch: Batch,
+    generator: torch.Generator | None = None,
+    temperature: float = 0.2,
+) -> torch.Tensor:
+    """Symmetric InfoNCE between two augmented views; other users are negatives."""
+    keep = (batch.items != PAD).any(dim=1)  # (B,)
+    if int(keep.sum()) < 2:
+        return _zero(encoder)
+    batch = batch.select(keep)
+    v1, v2 = augment(batch, generator), augment(batch, generator)
+    z1 = encoder.user_embedding(v1.items, v1.behaviors, v1.gaps)  # (B, H)
+    z2 = encoder.user_embedding(v2.items, v2.behaviors, v2.gaps)  # (B, H)
+    logits = z1 @ z2.T / temperature  # (B, B)
+    target = torch.arange(logits.shape[0], device=logits.device)  # (B,)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def total_loss(
+    encoder: SequenceEncoder,
+    batch: Batch,
+    n_valid: int,
+    weights: LossWeights = LossWeights(),
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted sum of the three losses; tasks with weight 0 are not computed."""
+    loss = _zero(encoder)
+    parts: dict[str, float] = {}
+    if weights.mlm > 0:
+        part = cloze_loss(encoder, batch, n_valid, generator)
+        loss = loss + weights.mlm * part
+        parts["mlm"] = float(part.detach())
+    if weights.next > 0:
+        part = next_item_loss(encoder, batch, n_valid)
+        loss = loss + weights.next * part
+        parts["next"] = float(part.detach())
+    if weights.contrastive > 0:
+        part = contrastive_loss(encoder, batch, generator)
+        loss = loss + weights.contrastive * part
+        parts["contrastive"] = float(part.detach())
+    parts["loss"] = float(loss.detach())
+    return loss, parts

@@ -1,0 +1,315 @@
+"""The training loop beside the model: vocabularies, optimizer, checkpoints.
+
+:class:`Trainer` owns the encoder, its AdamW optimizer, the item and behavior
+vocabularies and a version counter. ``learn_many`` takes a few optimizer steps
+on minibatches of the sequences it is given (growing the item table first when
+new items were admitted); ``embed_many`` turns sequences into L2-normalized
+user embeddings; ``save`` / ``load_latest`` write and restore everything a
+restarted worker needs to continue where it stopped.
+
+Checkpoints are ``ckpt-{version:08d}.pt`` files plus a ``latest`` pointer file,
+both written to a temporary name, fsynced and ``os.replace``d (atomic on POSIX),
+so a reader never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from model.batching import make_batch
+from model.encoder import EncoderConfig, SequenceEncoder
+from model.tasks import LossWeights, total_loss
+from model.vocab import BehaviorVocab, ItemVocab
+from userstream.settings import Settings
+from userstream.types import Behavior
+
+__all__ = ["Trainer", "resolve_device"]
+
+LOG = logging.getLogger(__name__)
+
+INITIAL_ITEM_ROWS = 1024  # first allocation of the item table (grows on demand)
+N_BEHAVIORS = 64  # behavior-type table rows (PAD, unknown, 62 names)
+N_GAP_BUCKETS = 32  # log2 seconds: up to ~2**28 s between behaviors
+GRAD_CLIP = 1.0
+WEIGHT_DECAY = 0.01
+_CKPT = re.compile(r"^ckpt-(\d{8,})\.pt$")
+_FORMAT = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "auto" -> cuda when available, else cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _grown_capacity(needed: int, current: int, cap: int) -> int:
+    """Headroom: x1.5 or the next power of two, whichever is larger, capped."""
+    pow2 = 1 << max(needed - 1, 1).bit_length()
+    return min(cap, max(needed, int(current * 1.5), pow2))
+
+
+def _swap_optimizer_param(
+    optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter
+) -> None:
+    """Point the optimizer at ``new`` and zero-extend Adam moments to its shape."""
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    state = optimizer.state.pop(old, None)
+    if not state:
+        return
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        if key in state:
+            grown = torch.zeros_like(new)  # (n_new, H)
+            grown[: state[key].shape[0]] = state[key]  # learned rows keep their moments
+            state[key] = grown
+    optimizer.state[new] = state
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+class Trainer:
+    """Encoder + optimizer + vocabularies + version: one incremental learner."""
+
+    def __init__(self, settings: Settings, config: EncoderConfig | None = None) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.items = ItemVocab(settings.item_min_count, settings.item_capacity_max)
+        self.behaviors = BehaviorVocab(N_BEHAVIORS)
+        if config is None:
+            config = EncoderConfig(
+                n_items=min(INITIAL_ITEM_ROWS, self.items.max_rows),
+                n_behaviors=N_BEHAVIORS,
+                max_len=settings.max_len,
+                hidden=settings.hidden_size,
+                layers=settings.num_layers,
+                heads=settings.num_heads,
+                dropout=settings.dropout,
+                n_gap_buckets=N_GAP_BUCKETS,
+            )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed)
+            self.encoder = SequenceEncoder(config).to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.encoder.parameters(), lr=settings.learning_rate, weight_decay=WEIGHT_DECAY
+        )
+        self.weights = LossWeights(
+            settings.mlm_weight, settings.next_weight, settings.contrastive_weight
+        )
+        self.generator = torch.Generator().manual_seed(settings.seed)  # masks, sampling
+        self.version = 0
+        self.last_loss = math.nan
+        self.extra: dict[str, Any] = {}  # caller state saved with the checkpoint
+
+    @property
+    def config(self) -> EncoderConfig:
+        return self.encoder.config
+
+    # --- learning --------------------------------------------------------------
+    def observe_many(self, sequences: Sequence[Sequence[Behavior]]) -> int:
+        """Count the items and behaviors the encoder will read (the most recent
+        ``max_len`` of each sequence), admit items, and grow the item table with
+        headroom when admitted items outgrow it. Learned rows and their AdamW
+        moments are kept; new rows start with zero moments. Returns # admitted."""
+        T = self.config.max_len
+        admitted = self.items.observe_many(b.item_id for s in sequences for b in s[-T:])
+        self.behaviors.observe_many(b.behavior for s in sequences for b in s[-T:])
+        needed, current = len(self.items), self.config.n_items
+        if needed > current:
+            new_capacity = _grown_capacity(needed, current, self.items.max_rows)
+            old, new = self.encoder.grow_items(new_capacity)
+            _swap_optimizer_param(self.optimizer, old, new)
+        return admitted
+
+    def learn_many(self, sequences: Sequence[Sequence[Behavior]], steps: int) -> dict[str, float]:
+        """Observe vocabularies, grow the item table, take ``steps`` optimizer steps.
+
+        Each step trains on ``train_batch_size`` sequences drawn at random
+        without replacement. Empty sequences are ignored; if none is left,
+        nothing happens and ``{}`` is returned (the version does not change).
+        Returns mean losses over the steps ("loss", "mlm", "next",
+        "contrastive") and "seconds".
+        """
+        seqs = [s for s in sequences if s]
+        if not seqs or steps < 1:
+            return {}
+        t0 = time.perf_counter()
+        self.observe_many(seqs)
+        T = self.config.max_len
+        n_valid = len(self.items)
+        bs = min(self.settings.train_batch_size, len(seqs))
+        self.encoder.train()
+        sums: dict[str, float] = {}
+        for _ in range(steps):
+            pick = torch.randperm(len(seqs), generator=self.generator)[:bs].tolist()
+            batch = make_batch(
+                [seqs[i] for i in pick], self.items, self.behaviors, T, self.config.n_gap_buckets
+            ).to(self.device)
+            loss, parts = total_loss(self.encoder, batch, n_valid, self.weights, self.generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.encoder.parameters(), GRAD_CLIP)
+            self.optimizer.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+        self.version += 1
+        out = {k: v / steps for k, v in sums.items()}
+        out["seconds"] = time.perf_counter() - t0
+        self.last_loss = out["loss"]
+        LOG.info(
+            "v%d: %d steps on %d sequences in %.3fs, loss %.4f (%s), %d item rows",
+            self.version,
+            steps,
+            len(seqs),
+            out["seconds"],
+            out["loss"],
+            ", ".join(f"{k} {v:.3f}" for k, v in out.items() if k not in ("loss", "seconds")),
+            n_valid,
+        )
+        return out
+
+    # --- inference -------------------------------------------------------------
+    @torch.inference_mode()
+    def embed_many(self, sequences: Sequence[Sequence[Behavior]]) -> np.ndarray:
+        """(N, H) float32 L2-normalized user embeddings (zero rows for empty sequences)."""
+        self.encoder.eval()
+        out = np.zeros((len(sequences), self.config.hidden), dtype=np.float32)
+        step = self.settings.embed_batch_size
+        for start in range(0, len(sequences), step):
+            chunk = sequences[start : start + step]
+            b = make_batch(
+                chunk, self.items, self.behaviors, self.config.max_len, self.config.n_gap_buckets
+            ).to(self.device)
+            z = self.encoder.user_embedding(b.items, b.behaviors, b.gaps)  # (b, H)
+            out[start : start + len(chunk)] = z.float().cpu().numpy()
+        return out
+
+    # --- checkpoints -----------------------------------------------------------
+    def save(
+        self, checkpoint_dir: Path | str | None = None, extra: Mapping[str, Any] | None = None
+    ) -> Path:
+        """Write ``ckpt-{version:08d}.pt`` and the ``latest`` pointer atomically.
+
+        ``extra`` (plain data: lists, dicts, numbers, strings) is stored too and
+        comes back as ``Trainer.extra``. Keeps the newest ``keep_checkpoints``.
+        """
+        t0 = time.perf_counter()
+        folder = Path(checkpoint_dir or self.settings.checkpoint_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        if extra is not None:
+            self.extra = dict(extra)
+        payload = {
+            "format": _FORMAT,
+            "version": self.version,
+            "config": dataclasses.asdict(self.config),
+            "model": self.encoder.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "items": self.items.state_dict(),
+            "behaviors": self.behaviors.state_dict(),
+            "generator": self.generator.get_state(),
+            "last_loss": self.last_loss,
+            "extra": self.extra,
+            "saved_at": time.time(),
+        }
+        name = f"ckpt-{self.version:08d}.pt"
+        path = folder / name
+        _atomic_write(path, lambda f: torch.save(payload, f))
+        _atomic_write(folder / "latest", lambda f: f.write(name.encode()))
+        self._prune(folder, keep_name=name)
+        LOG.info(
+            "checkpoint %s written in %.3fs (%.1f MB)",
+            path,
+            time.perf_counter() - t0,
+            path.stat().st_size / 1e6,
+        )
+        return path
+
+    def _prune(self, folder: Path, keep_name: str) -> None:
+        found = sorted(
+            (int(m.group(1)), p.name)
+            for p in folder.iterdir()
+            if (m := _CKPT.match(p.name)) is not None
+        )
+        for _, name in found[: -self.settings.keep_checkpoints]:
+            if name != keep_name:
+                (folder / name).unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: Path | str, settings: Settings) -> Trainer:
+        """Restore a trainer from one checkpoint file (the checkpoint's architecture
+        wins over ``settings``; learning rate and batch sizes come from ``settings``)."""
+        t0 = time.perf_counter()
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if payload.get("format") != _FORMAT:
+            raise ValueError(f"{path}: unknown checkpoint format {payload.get('format')!r}")
+        config = EncoderConfig(**payload["config"])
+        trainer = cls(settings, config=config)
+        for name, ours in (
+            ("hidden", settings.hidden_size),
+            ("layers", settings.num_layers),
+            ("heads", settings.num_heads),
+            ("max_len", settings.max_len),
+        ):
+            if getattr(config, name) != ours:
+                LOG.warning("%s: checkpoint has %s=%s, settings say %s; using the checkpoint's",
+                            path, name, getattr(config, name), ours)  # fmt: skip
+        trainer.encoder.load_state_dict(payload["model"])
+        trainer.optimizer.load_state_dict(payload["optimizer"])
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = settings.learning_rate
+        trainer.items.load_state_dict(payload["items"])
+        trainer.behaviors.load_state_dict(payload["behaviors"])
+        trainer.generator.set_state(payload["generator"])
+        trainer.version = int(payload["version"])
+        trainer.last_loss = float(payload["last_loss"])
+        trainer.extra = dict(payload["extra"])
+        LOG.info("loaded %s (v%d) in %.3fs", path, trainer.version, time.perf_counter() - t0)
+        return trainer
+
+    @classmethod
+    def latest_checkpoint(cls, checkpoint_dir: Path | str) -> Path | None:
+        """The file ``latest`` names, else the highest-numbered ``ckpt-*.pt``, else None."""
+        folder = Path(checkpoint_dir)
+        pointer = folder / "latest"
+        if pointer.is_file():
+            named = folder / pointer.read_text().strip()
+            if named.is_file():
+                return named
+        if not folder.is_dir():
+            return None
+        found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT.match(p.name)))
+        return found[-1][1] if found else None
+
+    @classmethod
+    def load_latest(cls, settings: Settings) -> Trainer | None:
+        """Restore from ``settings.checkpoint_dir``; None when there is no checkpoint."""
+        path = cls.latest_checkpoint(settings.checkpoint_dir)
+        return None if path is None else cls.load(path, settings)

@@ -1,0 +1,268 @@
+"""The training worker: a thin loop around :class:`~model.trainer.Trainer`.
+
+One cycle (:meth:`TrainingWorker.run_cycle`):
+
+1. take the dirty users (changed since the last cycle) and read their sequences;
+2. train on them plus a replay sample of older users (a reservoir, Algorithm R),
+   so the model does not forget users who are quiet right now;
+3. write a versioned checkpoint (with the reservoir);
+4. re-embed the dirty users plus up to ``refresh_budget`` other users, taken
+   round robin over all users, so embeddings from older model versions get
+   refreshed; upsert them and publish the model info.
+
+If the cycle fails, the dirty users it took are put back in the dirty set.
+:meth:`run_forever` runs a cycle every ``train_interval_s`` or as soon as
+``train_every_events`` new events were ingested, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import redis
+
+from model.embedding_store import EmbeddingStore, ModelInfo
+from model.trainer import Trainer
+from stream.state import SequenceStore
+from userstream.settings import Settings
+from userstream.types import Behavior, Keys
+
+__all__ = ["CycleReport", "Reservoir", "TrainingWorker", "main"]
+
+LOG = logging.getLogger(__name__)
+
+MAX_DIRTY_PER_CYCLE = 50_000
+POLL_S = 0.2
+ERROR_BACKOFF_S = 5.0
+
+
+@dataclass(frozen=True)
+class CycleReport:
+    version: int  # model version after the cycle (unchanged when nothing ran)
+    dirty_users: int  # users taken from the dirty set and trained on
+    replay_users: int  # older users replayed from the reservoir
+    embedded_users: int  # embeddings upserted (dirty + refreshed)
+    loss: float
+    train_s: float
+    embed_s: float
+    total_s: float
+    checkpoint: str = ""
+
+    @property
+    def ran(self) -> bool:
+        return self.dirty_users > 0
+
+
+class Reservoir:
+    """Algorithm R over the stream of dirty user ids (a uniform sample of size k).
+
+    A user already in the sample is not added twice; users who come back often
+    are offered more often, so the sample leans slightly towards active users,
+    which is fine for replay.
+    """
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size = size
+        self.seen = 0
+        self.users: list[str] = []
+        self._members: set[str] = set()
+        self._rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def add_many(self, user_ids: Sequence[str]) -> None:
+        for u in user_ids:
+            if u in self._members or self.size == 0:
+                continue
+            self.seen += 1
+            if len(self.users) < self.size:
+                self.users.append(u)
+                self._members.add(u)
+                continue
+            j = self._rng.randrange(self.seen)
+            if j < self.size:
+                self._members.discard(self.users[j])
+                self.users[j] = u
+                self._members.add(u)
+
+    def sample(self, k: int, exclude: set[str]) -> list[str]:
+        pool = [u for u in self.users if u not in exclude]
+        return self._rng.sample(pool, min(k, len(pool)))
+
+    def state_dict(self) -> dict:
+        return {"size": self.size, "seen": self.seen, "users": list(self.users)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen = int(state["seen"])
+        self.users = [str(u) for u in state["users"]][: self.size]
+        self._members = set(self.users)
+
+
+class TrainingWorker:
+    def __init__(
+        self,
+        settings: Settings,
+        sequences: SequenceStore,
+        embeddings: EmbeddingStore,
+        trainer: Trainer | None = None,
+        max_dirty: int = MAX_DIRTY_PER_CYCLE,
+    ) -> None:
+        self.settings = settings
+        self.sequences = sequences
+        self.embeddings = embeddings
+        self.trainer = trainer or Trainer(settings)
+        self.max_dirty = max_dirty
+        self.reservoir = Reservoir(settings.reservoir_size, settings.seed)
+        if "reservoir" in self.trainer.extra:
+            self.reservoir.load_state_dict(self.trainer.extra["reservoir"])
+        self._refresh_iter: Iterator[str] | None = None
+
+    # --- one cycle -----------------------------------------------------------
+    def run_cycle(self) -> CycleReport:
+        t0 = time.perf_counter()
+        dirty = self.sequences.take_dirty(self.max_dirty)
+        if not dirty:
+            return self._idle_report()
+        try:
+            return self._cycle(dirty, t0)
+        except BaseException:
+            LOG.exception("cycle failed; %d users go back to the dirty set", len(dirty))
+            self.sequences.mark_dirty(dirty)
+            raise
+
+    def _cycle(self, dirty: list[str], t0: float) -> CycleReport:
+        s = self.settings
+        dirty_seqs = self.sequences.read_many(dirty)
+        kept = [(u, q) for u, q in zip(dirty, dirty_seqs, strict=True) if q]
+        dirty_set = set(dirty)
+        # replay: about as many older users as dirty ones, bounded by what K steps can use
+        n_replay = min(len(kept), s.train_steps * s.train_batch_size)
+        replay = self.reservoir.sample(n_replay, exclude=dirty_set)
+        replay_seqs = [q for q in self.sequences.read_many(replay) if q]
+        self.reservoir.add_many([u for u, _ in kept])
+        if not kept:  # users whose sequences vanished: nothing to learn
+            return self._idle_report()
+
+        t_train = time.perf_counter()
+        stats = self.trainer.learn_many([q for _, q in kept] + replay_seqs, steps=s.train_steps)
+        path = self.trainer.save(extra={"reservoir": self.reservoir.state_dict()})
+        train_s = time.perf_counter() - t_train
+
+        t_embed = time.perf_counter()
+        version = self.trainer.version
+        n = 0
+        for start in range(0, len(kept), s.embed_batch_size):
+            chunk = kept[start : start + s.embed_batch_size]
+            n += self._embed_and_upsert([u for u, _ in chunk], [q for _, q in chunk], version)
+        refresh = self._refresh_users(s.refresh_budget, exclude=dirty_set)
+        for start in range(0, len(refresh), s.embed_batch_size):
+            users = refresh[start : start + s.embed_batch_size]
+            n += self._embed_and_upsert(users, self.sequences.read_many(users), version)
+        self.embeddings.set_model_info(
+            ModelInfo(
+                version, str(path), self.trainer.items.num_admitted, time.time(), stats["loss"]
+            )
+        )
+        embed_s = time.perf_counter() - t_embed
+        report = CycleReport(
+            version=version,
+            dirty_users=len(kept),
+            replay_users=len(replay_seqs),
+            embedded_users=n,
+            loss=stats["loss"],
+            train_s=train_s,
+            embed_s=embed_s,
+            total_s=time.perf_counter() - t0,
+            checkpoint=str(path),
+        )
+        LOG.info(
+            "cycle v%d: %d dirty + %d replay users, loss %.4f, train %.2fs, %d embedded in %.2fs",
+            version, report.dirty_users, report.replay_users, report.loss, train_s, n, embed_s,
+        )  # fmt: skip
+        return report
+
+    def _idle_report(self) -> CycleReport:
+        return CycleReport(self.trainer.version, 0, 0, 0, self.trainer.last_loss, 0.0, 0.0, 0.0)
+
+    def _embed_and_upsert(
+        self, users: Sequence[str], seqs: Sequence[Sequence[Behavior]], version: int
+    ) -> int:
+        pairs = [(u, q) for u, q in zip(users, seqs, strict=True) if q]
+        if not pairs:
+            return 0
+        vectors = self.trainer.embed_many([q for _, q in pairs])
+        self.embeddings.upsert([u for u, _ in pairs], vectors, version)
+        return len(pairs)
+
+    def _refresh_users(self, budget: int, exclude: set[str]) -> list[str]:
+        """Up to ``budget`` users not in ``exclude``, continuing a round robin over
+        all users (restarted at most once per call, so nobody comes twice)."""
+        picked: dict[str, None] = {}
+        fresh = False  # the iterator was (re)started during this call
+        while len(picked) < budget:
+            if self._refresh_iter is None:
+                self._refresh_iter, fresh = self.sequences.iter_users(), True
+            try:
+                u = next(self._refresh_iter)
+            except StopIteration:
+                self._refresh_iter = None
+                if fresh:
+                    break
+                continue
+            if u not in exclude:
+                picked[u] = None
+        return list(picked)
+
+    # --- loop ------------------------------------------------------------------
+    def run_forever(self, stop: threading.Event) -> None:
+        """Run cycles until ``stop`` is set: every ``train_interval_s``, or sooner
+        once ``train_every_events`` new events were ingested. Polls every 0.2 s."""
+        s = self.settings
+        last_t = -float("inf")  # run at once: clear any backlog left by a restart
+        last_events = 0
+        LOG.info("training worker started (v%d)", self.trainer.version)
+        while not stop.is_set():
+            try:
+                events = self.sequences.counters()["events_ingested"]
+                due = time.monotonic() - last_t >= s.train_interval_s
+                if due or events - last_events >= s.train_every_events:
+                    last_t, last_events = time.monotonic(), events
+                    self.run_cycle()
+            except Exception:
+                LOG.exception("training cycle failed; retrying in %.0fs", ERROR_BACKOFF_S)
+                stop.wait(ERROR_BACKOFF_S)
+                continue
+            stop.wait(POLL_S)
+        LOG.info("training worker stopped (v%d)", self.trainer.version)
+
+
+def main(settings: Settings | None = None) -> None:
+    """Run the training worker against ``settings.effective_redis_url`` until
+    SIGTERM/SIGINT. Continues from the latest checkpoint when there is one."""
+    settings = settings or Settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    client = redis.Redis.from_url(settings.effective_redis_url)
+    keys = Keys(settings.redis_prefix)
+    sequences = SequenceStore(client, keys, settings.sequence_length)
+    embeddings = EmbeddingStore(client, keys, settings.update_feed_maxlen)
+    trainer = Trainer.load_latest(settings) or Trainer(settings)
+    worker = TrainingWorker(settings, sequences, embeddings, trainer)
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        LOG.info("signal %d: stopping after the current cycle", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        worker.run_forever(stop)
+    finally:
+        client.close()

@@ -1,0 +1,121 @@
+"""The FastAPI app: :func:`create_app` wires stores, index follower and metrics; :func:`serve` runs it.
+
+The app's lifespan starts the :class:`~serving.follower.IndexFollower` thread
+and stops it (with a final index snapshot) on shutdown. Everything a request
+needs lives in one :class:`~serving.context.ServingContext` on ``app.state.ctx``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+import redis
+import uvicorn
+from fastapi import FastAPI
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from model.embedding_store import EmbeddingStore
+from serving.context import ServingContext
+from serving.follower import IndexFollower
+from serving.metrics import RequestMetricsMiddleware, ServingMetrics
+from serving.routes import api_router
+from stream.state import SequenceStore
+from userstream.settings import Settings
+from userstream.types import Keys
+
+__all__ = ["create_app", "serve"]
+
+LOG = logging.getLogger(__name__)
+
+# A request must not hang on a stuck Redis; the follower's XREAD BLOCK (500 ms)
+# stays well under the socket timeout. redis-py's default retry policy spends
+# seconds per failed call, which would stall /healthz during an outage; the
+# follower has its own backoff loop.
+_REDIS_CONNECT_TIMEOUT_S = 2.0
+_REDIS_SOCKET_TIMEOUT_S = 5.0
+_REDIS_RETRIES = 2
+
+
+def _version() -> str:
+    try:
+        return version("userstream")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def create_app(
+    settings: Settings,
+    *,
+    redis_client: redis.Redis | None = None,
+    start_follower: bool = True,
+) -> FastAPI:
+    """Build the API app for ``settings``.
+
+    ``redis_client``: use this client (the caller closes it) instead of one made
+    from ``settings.effective_redis_url``. ``start_follower=False`` leaves the
+    index follower thread off: ``/healthz`` then answers 503 and callers may
+    drive ``app.state.ctx.follower.sync_once()`` themselves.
+    """
+    own_client = redis_client is None
+    client = redis_client or redis.Redis.from_url(
+        settings.effective_redis_url,
+        socket_connect_timeout=_REDIS_CONNECT_TIMEOUT_S,
+        socket_timeout=_REDIS_SOCKET_TIMEOUT_S,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), _REDIS_RETRIES),
+    )
+    keys = Keys(settings.redis_prefix)
+    embeddings = EmbeddingStore(client, keys, feed_maxlen=settings.update_feed_maxlen)
+    sequences = SequenceStore(client, keys, max_len=settings.sequence_length)
+    follower = IndexFollower(embeddings, settings.index_dir, settings.index_snapshot_interval_s)
+    metrics = ServingMetrics(sequences, embeddings, follower)
+    ctx = ServingContext(
+        settings=settings,
+        redis=client,
+        keys=keys,
+        embeddings=embeddings,
+        sequences=sequences,
+        follower=follower,
+        metrics=metrics,
+        follower_started=start_follower,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if start_follower:
+            follower.start()
+            LOG.info("index follower started (snapshots in %s)", follower.snapshot_path)
+        try:
+            yield
+        finally:
+            if start_follower:
+                await asyncio.to_thread(follower.stop)
+            if own_client:
+                client.close()
+
+    app = FastAPI(
+        title="userstream",
+        summary="Similar users from streaming user-behavior embeddings",
+        version=_version(),
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.include_router(api_router)
+    return app
+
+
+def serve(settings: Settings) -> None:
+    """Run the API with uvicorn on ``settings.api_host:settings.api_port`` (blocks)."""
+    if not logging.getLogger().handlers:  # the CLI may have configured logging already
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+    app = create_app(settings)
+    LOG.info("serving on http://%s:%d", settings.api_host, settings.api_port)
+    uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_level="info")

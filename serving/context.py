@@ -1,0 +1,30 @@
+"""What every request handler needs, built once per app by :func:`serving.api.create_app`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+
+from model.embedding_store import EmbeddingStore
+from serving.follower import IndexFollower
+from serving.metrics import ServingMetrics
+from stream.state import SequenceStore
+from userstream.settings import Settings
+from userstream.types import Keys
+
+__all__ = ["ServingContext"]
+
+
+@dataclass(frozen=True)
+class ServingContext:
+    """The app's long-lived objects; stored on ``app.state.ctx``, reached via ``deps``."""
+
+    settings: Settings
+    redis: redis.Redis
+    keys: Keys
+    embeddings: EmbeddingStore
+    sequences: SequenceStore
+    follower: IndexFollower
+    metrics: ServingMetrics
+    follower_started: bool

@@ -1,0 +1,314 @@
+"""Keep a :class:`~serving.index.UserIndex` current by following the embedding update feed.
+
+:class:`IndexFollower` runs one daemon thread:
+
+1. Initial load. Use the on-disk snapshot when it exists and the feed still
+   holds every entry after the snapshot's feed id (no trimmed gap). Otherwise
+   rebuild from :meth:`EmbeddingStore.read_all`, continuing from the feed head
+   taken *before* ``read_all``: entries written meanwhile are applied twice,
+   which is harmless because an upsert is idempotent and the feed is ordered.
+2. Follow. ``read_updates(after=applied_id, block_ms=...)`` in a loop, each
+   batch applied as one index upsert.
+3. Snapshot every ``snapshot_interval_s`` when something changed, and on
+   :meth:`stop`.
+
+Redis errors are logged and retried with exponential backoff; the thread only
+ends on :meth:`stop`. When the follower falls so far behind that the feed was
+trimmed past ``applied_id`` it rebuilds, as at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import redis
+
+from model.embedding_store import EmbeddingStore, EmbeddingUpdate
+from serving.index import UserIndex
+
+__all__ = ["IndexFollower", "FollowerStats", "feed_lag_s", "parse_stream_id", "SNAPSHOT_NAME"]
+
+LOG = logging.getLogger(__name__)
+
+SNAPSHOT_NAME = "users.snapshot"
+_BACKOFF_MIN_S = 0.1
+_BACKOFF_MAX_S = 10.0
+
+
+def parse_stream_id(stream_id: str) -> tuple[int, int]:
+    """``"1732900000000-3"`` -> ``(1732900000000, 3)``, comparable in feed order."""
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _s(x: bytes | str) -> str:
+    return x.decode() if isinstance(x, bytes) else x
+
+
+def feed_lag_s(applied_id: str, head_id: str) -> float:
+    """Feed time (stream ids are millisecond timestamps) ``applied_id`` is behind the head."""
+    applied, head = parse_stream_id(applied_id), parse_stream_id(head_id)
+    return max(0.0, (head[0] - applied[0]) / 1000.0) if head > applied else 0.0
+
+
+@dataclass
+class FollowerStats:
+    """Running totals, read by the /metrics collector (plain ints, no locking needed)."""
+
+    applied_updates: int = 0  # feed entries applied to the index
+    rebuilds: int = 0  # full loads from read_all
+    snapshot_loads: int = 0
+    snapshots_written: int = 0
+    skipped_updates: int = 0  # entries that could not be applied (e.g. wrong dimension)
+    errors: int = 0  # failed loop iterations (Redis down, ...)
+    last_error: str | None = None
+
+
+class IndexFollower:
+    """Materialize and follow the user-embedding feed into a :class:`UserIndex`.
+
+    ``index`` always returns the current index object; a rebuild swaps in a new
+    one, so readers should fetch ``follower.index`` per request rather than keep
+    it. ``start``/``stop`` run the thread; :meth:`sync_once` does one step
+    synchronously for callers that drive the follower themselves (tests, batch
+    tools) and must not be mixed with a running thread.
+    """
+
+    def __init__(
+        self,
+        store: EmbeddingStore,
+        index_dir: str | Path,
+        snapshot_interval_s: float = 30.0,
+        *,
+        block_ms: int = 500,
+        batch_size: int = 1000,
+    ) -> None:
+        # batch_size <= the smallest feed maxlen (1000) makes a trimmed gap
+        # detectable: a gap implies >= maxlen unread entries, so a full batch.
+        if batch_size < 1 or block_ms < 0 or snapshot_interval_s <= 0:
+            raise ValueError("batch_size >= 1, block_ms >= 0 and snapshot_interval_s > 0 required")
+        self.store = store
+        self.snapshot_path = Path(index_dir) / SNAPSHOT_NAME
+        self.snapshot_interval_s = snapshot_interval_s
+        self.block_ms = block_ms
+        self.batch_size = batch_size
+        self.stats = FollowerStats()
+        self.ready = threading.Event()  # set once the initial load is done
+        self._index = UserIndex()
+        self._applied_id = "0-0"
+        self._snapshot_id: str | None = None  # feed id of the last snapshot written/loaded
+        self._applied = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- state ---------------------------------------------------------------
+    @property
+    def index(self) -> UserIndex:
+        return self._index
+
+    @property
+    def applied_id(self) -> str:
+        """Stream id of the last feed entry reflected in the index ("0-0" before any)."""
+        return self._applied_id
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait_for(self, stream_id: str, timeout: float) -> bool:
+        """Block until the index reflects feed entry ``stream_id``; False on timeout."""
+        target = parse_stream_id(stream_id)
+        with self._applied:
+            return self._applied.wait_for(
+                lambda: self.ready.is_set() and parse_stream_id(self._applied_id) >= target,
+                timeout,
+            )
+
+    # --- lifecycle -----------------------------------------------------------
+    def start(self) -> None:
+        if self.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="index-follower", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread (within about block_ms) and write a final snapshot if changed."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                LOG.warning("index follower did not stop within %.1fs", timeout)
+                return
+            self._thread = None
+        if self.ready.is_set():
+            try:
+                self.snapshot()
+            except OSError:
+                LOG.exception("final index snapshot to %s failed", self.snapshot_path)
+
+    # --- steps ---------------------------------------------------------------
+    def sync_once(self, block_ms: int = 0) -> int:
+        """Initial load if not done yet, then apply one batch; returns entries applied.
+
+        Waits up to ``block_ms`` for new entries (0: do not wait).
+        """
+        if not self.ready.is_set():
+            self._initial_load()
+        # XREAD BLOCK 0 would wait forever: 0 means "no BLOCK" here.
+        got = self.store.read_updates(
+            self._applied_id, count=self.batch_size, block_ms=block_ms or None
+        )
+        if len(got) >= self.batch_size and not self._covers(self._applied_id):
+            LOG.warning("update feed was trimmed past %s: rebuilding the index", self._applied_id)
+            self._rebuild()
+            return 0
+        self._apply(got)
+        return len(got)
+
+    def snapshot(self) -> bool:
+        """Write a snapshot if anything changed since the last one; True when written."""
+        feed_id = self._applied_id
+        if feed_id == self._snapshot_id:
+            return False
+        self._index.save(self.snapshot_path, feed_id)
+        self._snapshot_id = feed_id
+        self.stats.snapshots_written += 1
+        return True
+
+    # --- internals -----------------------------------------------------------
+    def _run(self) -> None:
+        backoff = _BACKOFF_MIN_S
+        last_snapshot = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self.sync_once(block_ms=self.block_ms)
+                if time.monotonic() - last_snapshot >= self.snapshot_interval_s:
+                    last_snapshot = time.monotonic()
+                    self.snapshot()
+                backoff = _BACKOFF_MIN_S
+            except (redis.RedisError, OSError) as exc:
+                self._record_error(exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+            except Exception as exc:  # a bug must not silently kill the follower
+                LOG.exception("index follower step failed; retrying in %.1fs", backoff)
+                self._record_error(exc, backoff, logged=True)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+        LOG.info("index follower stopped at feed id %s", self._applied_id)
+
+    def _record_error(self, exc: Exception, backoff: float, logged: bool = False) -> None:
+        self.stats.errors += 1
+        self.stats.last_error = f"{type(exc).__name__}: {exc}"
+        if not logged:
+            LOG.warning("index follower: %s; retrying in %.1fs", self.stats.last_error, backoff)
+
+    def _covers(self, feed_id: str) -> bool:
+        """True when the feed still holds every entry after ``feed_id`` (none trimmed).
+
+        Trimming (XADD MAXLEN) removes the oldest entries, so the feed is whole
+        after ``feed_id`` when its oldest entry is at or before ``feed_id``, or
+        when nothing was added after ``feed_id``. From "0-0" (an empty index) it
+        is also whole when nothing was ever removed. A non-empty snapshot whose
+        entry is newer than nothing in the feed is not trusted: the feed may be a
+        new one (Redis restored or flushed), with user numbers reassigned.
+        """
+        oldest = self.store.feed_oldest()
+        if oldest is not None and parse_stream_id(oldest) <= parse_stream_id(feed_id):
+            return True
+        try:
+            info = self.store.r.xinfo_stream(self.store.keys.updates)
+        except redis.ResponseError:  # no feed at all: nothing after feed_id to miss
+            return True
+        info = {_s(k): v for k, v in info.items()}
+        added = info.get("entries-added")  # Redis >= 7 only
+        if feed_id == "0-0" and added is not None and int(added) == int(info["length"]):
+            return True
+        last = info.get("last-generated-id")
+        return last is not None and parse_stream_id(_s(last)) <= parse_stream_id(feed_id)
+
+    def _initial_load(self) -> None:
+        if self._load_snapshot():
+            self._mark_ready()
+            return
+        self._rebuild()
+
+    def _load_snapshot(self) -> bool:
+        if not self.snapshot_path.exists():
+            return False
+        try:
+            index, feed_id = UserIndex.load(self.snapshot_path)
+        except (OSError, ValueError) as exc:
+            LOG.warning("ignoring index snapshot %s: %s", self.snapshot_path, exc)
+            return False
+        head = self.store.feed_head()
+        if parse_stream_id(feed_id) > parse_stream_id(head):
+            LOG.warning(
+                "index snapshot is at feed id %s, past the feed head %s (feed reset?): rebuilding",
+                feed_id,
+                head,
+            )
+            return False
+        if not self._covers(feed_id):
+            LOG.info("update feed was trimmed past the snapshot's feed id %s: rebuilding", feed_id)
+            return False
+        self._index = index
+        self._snapshot_id = feed_id
+        self.stats.snapshot_loads += 1
+        with self._applied:
+            self._applied_id = feed_id
+            self._applied.notify_all()
+        return True
+
+    def _rebuild(self) -> None:
+        t0 = time.perf_counter()
+        head = self.store.feed_head()  # before read_all: nothing written after is missed
+        _users, vectors, nums = self.store.read_all()
+        index = UserIndex()
+        if nums:
+            index.upsert(nums, vectors)
+        self._index = index
+        self.stats.rebuilds += 1
+        with self._applied:
+            self._applied_id = head
+            self._applied.notify_all()
+        LOG.info(
+            "index rebuilt from the embedding store: %d users, dim %s, following from %s in %.3fs",
+            len(index),
+            index.dim,
+            head,
+            time.perf_counter() - t0,
+        )
+        self._mark_ready()
+
+    def _mark_ready(self) -> None:
+        with self._applied:
+            self.ready.set()
+            self._applied.notify_all()
+
+    def _apply(self, updates: list[EmbeddingUpdate]) -> None:
+        if not updates:
+            return
+        dim = self._index.dim
+        good = [u for u in updates if dim is None or u.vector.shape[0] == dim]
+        if good and dim is None:  # first vectors ever: they fix the dimension
+            dim = good[0].vector.shape[0]
+            good = [u for u in good if u.vector.shape[0] == dim]
+        if len(good) < len(updates):
+            self.stats.skipped_updates += len(updates) - len(good)
+            LOG.error(
+                "skipped %d feed entries whose dimension differs from the index (%s)",
+                len(updates) - len(good),
+                dim,
+            )
+        if good:
+            self._index.upsert([u.num for u in good], np.stack([u.vector for u in good]))
+        self.stats.applied_updates += len(good)
+        with self._applied:
+            self._applied_id = updates[-1].stream_id
+            self._applied.notify_all()

@@ -1,0 +1,170 @@
+"""What the endpoints compute, as plain functions of a :class:`ServingContext`.
+
+Routes stay thin: they call one function here and map its exceptions to HTTP
+status codes. Redis is the source of truth for embeddings and versions; the
+FAISS index answers the neighbour search.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import redis
+
+from serving.context import ServingContext
+from serving.follower import feed_lag_s
+from serving.schemas import Health, Neighbor, SimilarUsers, Stats, UserEmbedding
+
+__all__ = [
+    "IndexNotReady",
+    "NoEmbedding",
+    "health",
+    "similar_users",
+    "stats",
+    "user_embedding",
+    "user_num",
+]
+
+LOG = logging.getLogger(__name__)
+
+
+class NoEmbedding(LookupError):
+    """The user has no embedding; the message says whether it has events at all."""
+
+    def __init__(self, user_id: str, events: int, model_version: int | None) -> None:
+        if events:
+            msg = (
+                f"user {user_id!r} has {events} events but no embedding yet: the training "
+                f"worker has not embedded it (current model_version={model_version}; see /stats)"
+            )
+        else:
+            msg = (
+                f"user {user_id!r} has no embedding yet: no events were ingested for it "
+                "(unknown user id)"
+            )
+        super().__init__(msg)
+        self.user_id = user_id
+        self.events = events
+
+
+class IndexNotReady(RuntimeError):
+    """The follower has not finished its initial load (see /healthz)."""
+
+
+def user_num(ctx: ServingContext, user_id: str) -> int | None:
+    """The user's FAISS id, read-only (``EmbeddingStore.nums_for`` would assign one)."""
+    return ctx.embeddings.num_of(user_id)
+
+
+def _no_embedding(ctx: ServingContext, user_id: str) -> NoEmbedding:
+    events = len(ctx.sequences.read_many([user_id])[0])
+    info = ctx.embeddings.model_info()
+    return NoEmbedding(user_id, events, None if info is None else info.version)
+
+
+def similar_users(ctx: ServingContext, user_id: str, k: int) -> SimilarUsers:
+    """The k nearest other users by inner product of embeddings, best first."""
+    follower = ctx.follower
+    if not follower.ready.is_set():
+        raise IndexNotReady("the similar-user index is still loading; retry shortly")
+    index = follower.index
+    num = user_num(ctx, user_id)
+    query = None if num is None else index.reconstruct(num)
+    if query is None:  # not (yet) in this replica's index: take it from Redis
+        query = ctx.embeddings.get(user_id)
+    if query is None:
+        raise _no_embedding(ctx, user_id)
+    if index.dim is not None and query.shape[0] != index.dim:
+        LOG.error(
+            "user %r has a %d-dim embedding, the index holds %d-dim vectors",
+            user_id,
+            query.shape[0],
+            index.dim,
+        )
+        raise IndexNotReady(
+            f"user {user_id!r} has a {query.shape[0]}-dim embedding but the index holds "
+            f"{index.dim}-dim vectors (model change in progress?)"
+        )
+    scores, nums = index.search(query.reshape(1, -1), k + 1)  # +1: the user itself
+    hits = [
+        (int(n), float(s)) for n, s in zip(nums[0], scores[0], strict=True) if n >= 0 and n != num
+    ][:k]
+    names = ctx.embeddings.users_for([n for n, _ in hits])
+    neighbors = [
+        Neighbor(user_id=name, score=score)
+        for name, (_, score) in zip(names, hits, strict=True)
+        if name is not None
+    ]
+    return SimilarUsers(
+        user_id=user_id, model_version=ctx.embeddings.version_of(user_id), neighbors=neighbors
+    )
+
+
+def user_embedding(ctx: ServingContext, user_id: str) -> UserEmbedding:
+    """The user's current embedding from Redis and the model version that made it."""
+    vector = ctx.embeddings.get(user_id)
+    if vector is None:
+        raise _no_embedding(ctx, user_id)
+    return UserEmbedding(
+        user_id=user_id,
+        model_version=ctx.embeddings.version_of(user_id),
+        dim=int(vector.shape[0]),
+        embedding=vector.astype(np.float64).tolist(),
+    )
+
+
+def stats(ctx: ServingContext) -> Stats:
+    counters = ctx.sequences.counters()
+    info = ctx.embeddings.model_info()
+    follower = ctx.follower
+    index = follower.index
+    applied = follower.applied_id
+    head = ctx.embeddings.feed_head()
+    ready = follower.ready.is_set()
+    return Stats(
+        events_ingested=counters["events_ingested"],
+        events_dead_lettered=counters["events_dead_lettered"],
+        events_duplicate_skipped=counters["events_duplicate_skipped"],
+        users=ctx.sequences.num_users(),
+        items=ctx.sequences.num_items(),
+        embedded_users=ctx.embeddings.count(),
+        model_version=None if info is None else info.version,
+        model_updated_at=None if info is None else info.updated_at,
+        index_size=len(index),
+        index_dim=index.dim,
+        index_ready=ready,
+        index_applied_id=applied,
+        feed_head_id=head,
+        feed_lag_s=feed_lag_s(applied, head) if ready else None,
+    )
+
+
+def health(ctx: ServingContext) -> Health:
+    """Ready to serve when Redis answers and the follower runs with its index loaded."""
+    reasons: list[str] = []
+    try:
+        redis_ok = bool(ctx.redis.ping())
+    except (redis.RedisError, OSError) as exc:
+        redis_ok = False
+        reasons.append(f"redis does not answer: {type(exc).__name__}: {exc}")
+    follower = ctx.follower
+    alive = follower.is_alive()
+    ready = follower.ready.is_set()
+    if not alive:
+        reasons.append(
+            "index follower is not running"
+            + ("" if ctx.follower_started else " (the app was created with start_follower=False)")
+        )
+    if not ready:
+        last = follower.stats.last_error
+        reasons.append("index is still loading" + (f" (last error: {last})" if last else ""))
+    return Health(
+        status="ok" if not reasons else "unavailable",
+        redis=redis_ok,
+        follower_alive=alive,
+        index_ready=ready,
+        index_size=len(follower.index),
+        index_applied_id=follower.applied_id,
+        reasons=reasons,
+    )

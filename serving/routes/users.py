@@ -1,0 +1,45 @@
+"""``/users/{user_id}/...``: similar users and the user's embedding."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query
+
+from serving import queries
+from serving.deps import ContextDep
+from serving.schemas import SimilarUsers, UserEmbedding
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/users", tags=["users"])
+
+_NOT_FOUND = {404: {"description": "the user has no embedding (the message says why)"}}
+
+
+@router.get(
+    "/{user_id}/similar",
+    response_model=SimilarUsers,
+    responses={**_NOT_FOUND, 503: {"description": "the index is still loading"}},
+)
+def similar(
+    user_id: str,
+    ctx: ContextDep,
+    k: Annotated[int, Query(ge=1, le=1000, description="how many neighbours")] = 10,
+) -> SimilarUsers:
+    """The k most similar other users by inner product of L2-normalized embeddings."""
+    try:
+        return queries.similar_users(ctx, user_id, k)
+    except queries.NoEmbedding as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except queries.IndexNotReady as exc:
+        raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from exc
+
+
+@router.get("/{user_id}/embedding", response_model=UserEmbedding, responses=_NOT_FOUND)
+def embedding(user_id: str, ctx: ContextDep) -> UserEmbedding:
+    """The user's current embedding and the model version that made it."""
+    try:
+        return queries.user_embedding(ctx, user_id)
+    except queries.NoEmbedding as exc:
+        raise HTTPException(404, str(exc)) from exc

@@ -1,0 +1,55 @@
+"""Response bodies of the API (pydantic models, so they show up in /docs)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+__all__ = ["Health", "Neighbor", "SimilarUsers", "Stats", "UserEmbedding"]
+
+
+class Neighbor(BaseModel):
+    user_id: str
+    score: float = Field(description="inner product of L2-normalized embeddings (cosine)")
+
+
+class SimilarUsers(BaseModel):
+    user_id: str
+    model_version: int | None = Field(description="model version of the query user's embedding")
+    neighbors: list[Neighbor] = Field(description="most similar other users, best first")
+
+
+class UserEmbedding(BaseModel):
+    user_id: str
+    model_version: int | None = Field(description="model version that made this embedding")
+    dim: int
+    embedding: list[float]
+
+
+class Stats(BaseModel):
+    events_ingested: int
+    events_dead_lettered: int
+    events_duplicate_skipped: int
+    users: int = Field(description="users with a behavior sequence")
+    items: int = Field(description="distinct items seen")
+    embedded_users: int = Field(description="users with an embedding in Redis")
+    model_version: int | None = Field(description="latest model version; null before the first")
+    model_updated_at: float | None = Field(description="unix time of the latest model version")
+    index_size: int = Field(description="vectors in this replica's FAISS index")
+    index_dim: int | None
+    index_ready: bool
+    index_applied_id: str = Field(description="last update-feed entry applied to the index")
+    feed_head_id: str = Field(description="newest update-feed entry")
+    feed_lag_s: float | None = Field(
+        description="feed time between the newest entry and the last applied one; "
+        "null until the index is loaded"
+    )
+
+
+class Health(BaseModel):
+    status: str = Field(description='"ok" or "unavailable"')
+    redis: bool
+    follower_alive: bool
+    index_ready: bool
+    index_size: int
+    index_applied_id: str
+    reasons: list[str] = Field(default_factory=list, description="why it is unavailable")

@@ -1,0 +1,412 @@
+"""Unit tests of model/: vocabularies, batching, encoder, losses, trainer, checkpoints.
+
+Everything runs on CPU with a tiny encoder and one thread; the Redis-backed
+worker is tested in tests/test_model_worker.py.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from model.batching import gap_buckets, make_batch
+from model.encoder import EncoderConfig, SequenceEncoder
+from model.tasks import cloze_loss, contrastive_loss, next_item_loss, total_loss
+from model.trainer import Trainer
+from model.vocab import MASK, PAD, UNKNOWN_BEHAVIOR, BehaviorVocab, ItemVocab
+from userstream.settings import Settings
+from userstream.types import Behavior
+
+torch.set_num_threads(1)
+
+T = 16  # max_len in these tests
+
+
+def planted(n_users: int = 64, groups: int = 4, per_group: int = 12, length: int = T, seed=0):
+    """Users walk a cycle of their group's items with a stride of 1 or 2: the
+    next item, a masked item and the user's group are all learnable."""
+    rng = random.Random(seed)
+    seqs, labels = [], []
+    for u in range(n_users):
+        g = u % groups
+        stride, start = rng.choice([1, 2]), rng.randrange(per_group)
+        seqs.append(
+            [
+                Behavior(
+                    f"g{g}-i{(start + stride * t) % per_group}",
+                    "click" if t % 3 == 0 else "view",
+                    1000.0 + 60.0 * t,
+                )
+                for t in range(length)
+            ]
+        )
+        labels.append(g)
+    return seqs, labels
+
+
+def small_settings(tmp_path, **kw) -> Settings:
+    base = dict(
+        data_dir=tmp_path,
+        max_len=T,
+        sequence_length=50,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        dropout=0.0,
+        train_batch_size=32,
+        learning_rate=3e-3,
+        embed_batch_size=16,
+        device="cpu",
+        seed=0,
+    )
+    base.update(kw)
+    return Settings(**base)
+
+
+def tiny_encoder(n_items: int = 128, dropout: float = 0.0, seed: int = 0) -> SequenceEncoder:
+    torch.manual_seed(seed)
+    return SequenceEncoder(
+        EncoderConfig(n_items=n_items, max_len=T, hidden=32, layers=1, heads=2, dropout=dropout)
+    )
+
+
+def vocab_batch(seqs):
+    items, behaviors = ItemVocab(), BehaviorVocab()
+    items.observe_many(b.item_id for s in seqs for b in s)
+    behaviors.observe_many(b.behavior for s in seqs for b in s)
+    return items, behaviors, make_batch(seqs, items, behaviors, T, 32)
+
+
+# --- vocabularies ----------------------------------------------------------------
+
+
+def test_item_vocab_min_count_admission_and_stable_rows():
+    v = ItemVocab(min_count=2, capacity_max=100, n_buckets=8)
+    first = v.first_item_row
+    assert first == 2 + 8 and len(v) == first
+    assert v.observe_many(["a"]) == 0
+    (row_a,) = v.rows_for(["a"])
+    assert row_a == v.bucket_of("a") == 2 + zlib.crc32(b"a") % 8  # not admitted yet: a bucket
+    assert v.observe_many(["a", "b", "b", "c"]) == 2  # a (2nd sighting) and b admitted
+    assert v.rows_for(["a", "b"]) == [first, first + 1]
+    assert v.item_of(first) == "a" and v.item_of(first + 1) == "b"
+    assert v.item_of(PAD) is None and v.item_of(MASK) is None and v.item_of(first + 2) is None
+    v.observe_many([f"x{i}" for i in range(20)] * 2)
+    assert v.rows_for(["a", "b"]) == [first, first + 1]  # rows never move
+    assert len(v) == first + 22 and v.num_admitted == 22
+    assert 2 <= v.rows_for(["c"])[0] < first  # one sighting: still a bucket
+
+
+def test_item_vocab_capacity_cap_sends_new_items_to_hash_buckets():
+    v = ItemVocab(min_count=1, capacity_max=3, n_buckets=4)
+    v.observe_many([f"i{k}" for k in range(10)])
+    assert v.num_admitted == 3 and len(v) == v.first_item_row + 3 == v.max_rows
+    rows = v.rows_for([f"i{k}" for k in range(10)])
+    assert rows[:3] == [6, 7, 8]
+    assert all(2 <= r < 6 for r in rows[3:])
+    # the bucket hash is stable across instances (and processes: crc32, not hash())
+    assert ItemVocab(capacity_max=3, n_buckets=4).rows_for(["i7"]) == [rows[7]]
+
+
+def test_item_vocab_pending_counts_are_bounded():
+    v = ItemVocab(min_count=3, pending_max=10)
+    v.observe_many([f"once{k}" for k in range(50)])
+    assert len(v.state_dict()["pending"]) <= 10
+    assert v.num_admitted == 0
+
+
+def test_item_vocab_state_round_trips_through_json():
+    v = ItemVocab(min_count=2, capacity_max=50, n_buckets=8)
+    v.observe_many(["a", "a", "b", "c", "c", "d"])
+    w = ItemVocab()
+    w.load_state_dict(json.loads(json.dumps(v.state_dict())))
+    ids = ["a", "b", "c", "d", "zzz"]
+    assert w.rows_for(ids) == v.rows_for(ids) and len(w) == len(v)
+    assert w.observe_many(["b"]) == 1  # the pending count of b survived
+    assert w.rows_for(["b"]) == [w.first_item_row + 2]
+
+
+def test_behavior_vocab_open_set_with_capacity():
+    v = BehaviorVocab(capacity=5)
+    v.observe_many(["view", "click", "view", "cart", "fav", "purchase"])
+    assert v.ids_for(["view", "click", "cart"]) == [2, 3, 4]
+    assert v.ids_for(["fav", "never"]) == [UNKNOWN_BEHAVIOR, UNKNOWN_BEHAVIOR]
+    assert len(v) == 5 and v.name_of(3) == "click" and v.name_of(0) is None
+    w = BehaviorVocab()
+    w.load_state_dict(json.loads(json.dumps(v.state_dict())))
+    assert w.ids_for(["view", "click", "cart", "fav"]) == v.ids_for(
+        ["view", "click", "cart", "fav"]
+    )
+
+
+# --- batching --------------------------------------------------------------------
+
+
+def test_gap_buckets_are_log2_seconds():
+    ts = np.array([0.0, 0.5, 1.5, 3.5, 1e9, 0.0])
+    # first, <1s, [1,2), [2,4), capped, negative (clock skew) -> <1s
+    assert gap_buckets(ts, 32).tolist() == [1, 2, 3, 4, 31, 2]
+
+
+def test_make_batch_left_pads_and_keeps_the_most_recent():
+    items, behaviors = ItemVocab(), BehaviorVocab()
+    long_seq = [Behavior(f"i{k}", "view", float(k)) for k in range(T + 5)]
+    short_seq = [Behavior("i3", "cart", 10.0), Behavior("i4", "view", 12.0)]
+    items.observe_many(b.item_id for b in long_seq)
+    behaviors.observe_many(["view", "cart"])
+    b = make_batch([long_seq, short_seq, []], items, behaviors, T, 32)
+    assert b.items.shape == b.behaviors.shape == b.gaps.shape == (3, T)
+    assert b.items.dtype == torch.long
+    assert b.items[0].tolist() == items.rows_for([f"i{k}" for k in range(5, T + 5)])
+    assert b.gaps[0, 0] == 3  # the gap of the first KEPT behavior uses the one before it
+    assert b.items[1, : T - 2].eq(PAD).all() and b.items[1, -1] == items.rows_for(["i4"])[0]
+    assert b.behaviors[1, -2:].tolist() == behaviors.ids_for(["cart", "view"])
+    assert b.gaps[1, -2:].tolist() == [1, 4]  # first known behavior; 2 s later
+    assert b.items[2].eq(PAD).all() and b.gaps[2].eq(PAD).all()
+
+
+# --- encoder ---------------------------------------------------------------------
+
+
+def test_causal_pass_cannot_see_the_future():
+    seqs, _ = planted(n_users=4)
+    _, _, b = vocab_batch(seqs)
+    enc = tiny_encoder().eval()
+    changed = b.items.clone()
+    t = 10
+    changed[:, t] = torch.where(changed[:, t] == 20, 21, 20)  # another real item row
+    with torch.no_grad():
+        h = enc(b.items, b.behaviors, b.gaps, causal=True)  # (B, T, H)
+        h2 = enc(changed, b.behaviors, b.gaps, causal=True)
+        bi = enc(b.items, b.behaviors, b.gaps, causal=False)
+        bi2 = enc(changed, b.behaviors, b.gaps, causal=False)
+    assert torch.equal(h[:, :t], h2[:, :t])  # the past ignores a later change...
+    assert not torch.allclose(h[:, t:], h2[:, t:])  # ...the present and future see it
+    assert not torch.allclose(bi[:, :t], bi2[:, :t])  # bidirectional sees both ways
+
+
+def test_user_embeddings_are_l2_normalized_and_batch_independent():
+    seqs, _ = planted(n_users=6)
+    seqs[1] = seqs[1][:3]  # heavy padding
+    _, _, b = vocab_batch(seqs + [[]])
+    enc = tiny_encoder().eval()
+    with torch.no_grad():
+        z = enc.user_embedding(b.items, b.behaviors, b.gaps)  # (7, H)
+        alone = enc.user_embedding(b.items[1:2], b.behaviors[1:2], b.gaps[1:2])
+    norms = z.norm(dim=1)
+    assert torch.allclose(norms[:6], torch.ones(6), atol=1e-5)
+    assert torch.isfinite(z).all() and norms[6] == 0  # empty sequence -> zero vector
+    assert torch.allclose(alone[0], z[1], atol=1e-5)  # padding/other users do not leak in
+
+
+def test_eval_fast_path_matches_the_training_path():
+    seqs, _ = planted(n_users=8)
+    seqs[0] = seqs[0][:4]
+    _, _, b = vocab_batch(seqs)
+    enc = tiny_encoder(dropout=0.0)
+    enc.train()
+    slow = enc.user_embedding(b.items, b.behaviors, b.gaps).detach()
+    enc.eval()
+    with torch.inference_mode():  # nn.TransformerEncoderLayer's fused fast path
+        fast = enc.user_embedding(b.items, b.behaviors, b.gaps)
+    assert torch.allclose(slow, fast, atol=1e-5)
+
+
+def test_item_logits_exclude_pad_mask_and_unused_rows():
+    enc = tiny_encoder(n_items=64)
+    logits = enc.item_logits(torch.randn(5, 32), n_valid=40)  # (5, 64)
+    assert logits.shape == (5, 64)
+    assert torch.isinf(logits[:, [PAD, MASK]]).all() and torch.isinf(logits[:, 40:]).all()
+    assert torch.isfinite(logits[:, 2:40]).all()
+
+
+def test_grow_items_keeps_learned_rows():
+    enc = tiny_encoder(n_items=16)
+    before = enc.item_emb.weight.detach().clone()
+    old, new = enc.grow_items(40)
+    assert old is not new and new is enc.item_emb.weight
+    assert enc.config.n_items == 40 and new.shape == (40, 32)
+    assert torch.equal(new[:16].detach(), before)
+    assert new[16:].std() > 0.005 and torch.equal(new[PAD].detach(), torch.zeros(32))
+
+
+# --- losses ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("task", "factor"), [("cloze", 0.6), ("next", 0.3), ("contrastive", 0.6)])
+def test_each_loss_decreases_on_a_planted_problem(task, factor):
+    seqs, _ = planted()
+    items, _, batch = vocab_batch(seqs)
+    n_valid = len(items)
+    enc = tiny_encoder()
+    opt = torch.optim.AdamW(enc.parameters(), lr=3e-3)
+
+    def loss(gen):
+        if task == "cloze":
+            return cloze_loss(enc, batch, n_valid, gen)
+        if task == "next":
+            return next_item_loss(enc, batch, n_valid)
+        return contrastive_loss(enc, batch, gen)
+
+    def evaluate() -> float:  # same masks/views each time, no dropout
+        enc.eval()
+        with torch.no_grad():
+            return float(loss(torch.Generator().manual_seed(123)))
+
+    initial = evaluate()
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(100):
+        enc.train()
+        value = loss(gen)
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+    final = evaluate()
+    assert np.isfinite(initial) and final < initial * factor, (initial, final)
+
+
+def test_losses_handle_degenerate_batches():
+    enc = tiny_encoder()
+    items, behaviors = ItemVocab(), BehaviorVocab()
+    items.observe_many(["a"])
+    one = make_batch([[Behavior("a", "view", 0.0)], []], items, behaviors, T, 32)
+    assert next_item_loss(enc, one, len(items)).item() == 0.0  # no (t, t+1) pair
+    assert contrastive_loss(enc, one).item() == 0.0  # fewer than two users
+    assert cloze_loss(enc, one, len(items)).item() > 0  # the single item is masked
+    loss, parts = total_loss(enc, one, len(items))
+    loss.backward()
+    assert set(parts) == {"mlm", "next", "contrastive", "loss"}
+    assert np.isfinite(parts["loss"])
+
+
+# --- trainer ---------------------------------------------------------------------
+
+
+def test_trainer_growth_keeps_rows_extends_adam_state_and_keeps_learning(tmp_path):
+    s = small_settings(tmp_path)
+    seqs, _ = planted(n_users=48, groups=2)
+    trainer = Trainer(
+        s,
+        config=EncoderConfig(n_items=100, max_len=T, hidden=32, layers=1, heads=2, dropout=0.0),
+    )
+    first = trainer.learn_many(seqs, steps=30)
+    assert trainer.version == 1 and trainer.config.n_items == 100
+    old = trainer.encoder.item_emb.weight
+    rows, moments = old.detach().clone(), dict(trainer.optimizer.state[old])
+    n_old = len(trainer.items)
+
+    new_seqs, _ = planted(n_users=48, groups=8, per_group=12, seed=1)
+    new_seqs = [[Behavior("new-" + b.item_id, b.behavior, b.ts) for b in q] for q in new_seqs]
+    trainer.observe_many(new_seqs)  # 96 new items: the table must grow
+    new = trainer.encoder.item_emb.weight
+    new_items = {b.item_id for q in new_seqs for b in q}
+    grown_rows = [r for r in trainer.items.rows_for(sorted(new_items)) if r >= 100]
+    assert len(grown_rows) == n_old + 96 - 100  # the items that needed the new rows
+    fresh = new[grown_rows].detach().clone()
+    assert len(trainer.items) == n_old + 96 > 100
+    assert trainer.config.n_items == 256  # next power of two over 1.5x
+    assert torch.equal(new[:100].detach(), rows)
+    assert old not in trainer.optimizer.state
+    assert any(p is new for p in trainer.optimizer.param_groups[0]["params"])
+    state = trainer.optimizer.state[new]
+    assert torch.equal(state["step"], moments["step"])
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert state[key].shape == new.shape
+        assert torch.equal(state[key][:100], moments[key]) and state[key][100:].eq(0).all()
+
+    after = trainer.learn_many(seqs + new_seqs, steps=30)
+    assert np.isfinite(after["loss"]) and trainer.version == 2
+    assert not torch.allclose(new[grown_rows].detach(), fresh)  # grown rows are trained
+    old_only = trainer.learn_many(seqs, steps=1)
+    assert old_only["loss"] < first["loss"]  # no reset: the old users stay learned
+
+
+def test_trainer_embed_many_shapes_and_norms(tmp_path):
+    trainer = Trainer(small_settings(tmp_path, embed_batch_size=5))
+    seqs, _ = planted(n_users=12)
+    trainer.learn_many(seqs, steps=2)
+    z = trainer.embed_many(seqs + [[]])
+    assert z.shape == (13, 32) and z.dtype == np.float32
+    assert np.allclose(np.linalg.norm(z[:12], axis=1), 1.0, atol=1e-5)
+    assert not z[12].any()
+    assert trainer.learn_many([[], []], steps=3) == {} and trainer.version == 1
+
+
+def test_checkpoint_round_trip_restores_everything(tmp_path):
+    s = small_settings(tmp_path)
+    seqs, _ = planted(n_users=40)
+    trainer = Trainer(s)
+    trainer.learn_many(seqs, steps=5)
+    path = trainer.save(extra={"reservoir": {"users": ["u1", "u2"], "seen": 2}})
+    assert path == s.checkpoint_dir / "ckpt-00000001.pt"
+    assert (s.checkpoint_dir / "latest").read_text() == "ckpt-00000001.pt"
+    assert not [p for p in s.checkpoint_dir.iterdir() if ".tmp" in p.name]
+
+    restored = Trainer.load_latest(s)
+    assert restored is not None and restored.version == 1
+    assert restored.extra == {"reservoir": {"users": ["u1", "u2"], "seen": 2}}
+    assert restored.items.state_dict() == trainer.items.state_dict()
+    assert np.array_equal(restored.embed_many(seqs), trainer.embed_many(seqs))
+    # a restarted worker continues exactly where the old one would have
+    a = trainer.learn_many(seqs, steps=3)
+    b = restored.learn_many(seqs, steps=3)
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert np.allclose(restored.embed_many(seqs), trainer.embed_many(seqs), atol=1e-5)
+
+
+def test_checkpoints_are_pruned_and_writes_are_atomic(tmp_path, monkeypatch):
+    s = small_settings(tmp_path, keep_checkpoints=2)
+    seqs, _ = planted(n_users=8)
+    trainer = Trainer(s)
+    for _ in range(4):
+        trainer.learn_many(seqs, steps=1)
+        trainer.save()
+    names = sorted(p.name for p in s.checkpoint_dir.iterdir())
+    assert names == ["ckpt-00000003.pt", "ckpt-00000004.pt", "latest"]
+    assert Trainer.latest_checkpoint(s.checkpoint_dir).name == "ckpt-00000004.pt"
+
+    def crash(obj, f, *args, **kwargs):  # half a file, then the process "dies"
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    trainer.learn_many(seqs, steps=1)
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        trainer.save()
+    monkeypatch.undo()
+    names = sorted(p.name for p in s.checkpoint_dir.iterdir())
+    assert names == ["ckpt-00000003.pt", "ckpt-00000004.pt", "latest"]  # no partial file
+    assert Trainer.load_latest(s).version == 4  # the previous checkpoint still loads
+    assert Trainer.load_latest(small_settings(tmp_path / "empty")) is None
+
+
+def test_package_exports_resolve_without_importing_torch_for_the_store():
+    import subprocess
+    import sys
+
+    import model
+
+    assert all(getattr(model, name) is not None for name in model.__all__)
+    code = "import sys, model.embedding_store; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)  # serving/ stays light
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trainer_on_cuda_matches_cpu_after_reload(tmp_path):
+    seqs, _ = planted(n_users=64)
+    gpu = Trainer(small_settings(tmp_path, device="cuda"))
+    assert gpu.device.type == "cuda"
+    stats = gpu.learn_many(seqs, steps=20)
+    assert np.isfinite(stats["loss"])
+    z_gpu = gpu.embed_many(seqs)
+    gpu.save()
+    cpu = Trainer.load_latest(small_settings(tmp_path, device="cpu"))
+    assert cpu.device.type == "cpu" and cpu.version == 1
+    assert np.allclose(cpu.embed_many(seqs), z_gpu, atol=1e-4)
+    assert np.isfinite(cpu.learn_many(seqs, steps=2)["loss"])  # optimizer state moved too

@@ -1,0 +1,227 @@
+"""The training worker against real Redis (the conftest fixtures): cycles, dirty-set
+handling, embedding refresh, failure recovery, restarts and the event trigger."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from model.embedding_store import EmbeddingStore
+from model.trainer import Trainer
+from model.worker import Reservoir, TrainingWorker
+from stream.state import SequenceStore
+from userstream.settings import Settings
+from userstream.types import Event
+
+torch.set_num_threads(1)
+
+pytestmark = pytest.mark.integration
+
+TOPIC = "behavior-events"
+
+
+class Feed:
+    """Writes planted events with increasing offsets, as the stream worker would.
+
+    Users u0..u{n-1}; user k belongs to group k % 2 and only touches that
+    group's items (a walk with stride 1 or 2 over 10 items)."""
+
+    def __init__(self, store: SequenceStore, n_users: int = 24, seed: int = 0) -> None:
+        self.store = store
+        self.users = [f"u{k}" for k in range(n_users)]
+        self.rng = random.Random(seed)
+        self.offsets = itertools.count()
+        self.pos = {u: self.rng.randrange(10) for u in self.users}
+        self.stride = {u: self.rng.choice([1, 2]) for u in self.users}
+        self.clock = 1_700_000_000.0
+
+    def group(self, user: str) -> int:
+        return int(user[1:]) % 2
+
+    def write(self, users, per_user: int) -> int:
+        batch = []
+        for _ in range(per_user):
+            for u in users:
+                self.pos[u] = (self.pos[u] + self.stride[u]) % 10
+                self.clock += 7.0
+                item = f"g{self.group(u)}-item{self.pos[u]}"
+                behavior = self.rng.choice(["view", "view", "click", "cart"])
+                batch.append((0, next(self.offsets), Event(u, item, behavior, self.clock)))
+        return self.store.apply_many(TOPIC, batch).applied
+
+
+def make_settings(tmp_path, keys, **kw) -> Settings:
+    base = dict(
+        data_dir=tmp_path,
+        redis_prefix=keys.prefix,
+        max_len=16,
+        sequence_length=32,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        dropout=0.0,
+        train_steps=10,
+        train_batch_size=16,
+        learning_rate=3e-3,
+        reservoir_size=100,
+        refresh_budget=1000,
+        embed_batch_size=8,
+        keep_checkpoints=2,
+        device="cpu",
+    )
+    base.update(kw)
+    return Settings(**base)
+
+
+@pytest.fixture
+def stores(redis_client, keys):
+    return SequenceStore(redis_client, keys, 32), EmbeddingStore(redis_client, keys, 1000)
+
+
+def test_cycles_embed_everybody_and_separate_the_planted_groups(tmp_path, keys, stores):
+    seq_store, emb_store = stores
+    s = make_settings(tmp_path, keys)
+    feed = Feed(seq_store)
+    feed.write(feed.users, per_user=12)
+    worker = TrainingWorker(s, seq_store, emb_store)
+
+    reports = [worker.run_cycle()]
+    for _ in range(2):
+        feed.write(feed.users[:8], per_user=3)  # only some users come back
+        reports.append(worker.run_cycle())
+
+    assert [r.version for r in reports] == [1, 2, 3]
+    assert [r.dirty_users for r in reports] == [24, 8, 8]
+    assert all(r.ran and np.isfinite(r.loss) for r in reports)
+    assert reports[1].replay_users == 8  # older users replayed beside the dirty ones
+    assert reports[2].embedded_users == 24  # dirty + every other user refreshed
+    assert seq_store.dirty_count() == 0
+    info = emb_store.model_info()
+    assert info.version == 3 and info.items == 20
+    assert info.checkpoint == str(s.checkpoint_dir / "ckpt-00000003.pt")
+
+    vectors = np.stack([emb_store.get(u) for u in feed.users])  # (24, H)
+    assert vectors.shape == (24, 32)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert {emb_store.version_of(u) for u in feed.users} == {3}
+    groups = np.array([feed.group(u) for u in feed.users])
+    sim = vectors @ vectors.T
+    same = groups[:, None] == groups[None, :]
+    off_diag = ~np.eye(len(groups), dtype=bool)
+    within, across = sim[same & off_diag].mean(), sim[~same].mean()
+    assert within > across + 0.3, (within, across)
+
+    idle = worker.run_cycle()  # nothing dirty: no new version, no writes
+    assert not idle.ran and idle.version == 3 and emb_store.model_info().version == 3
+
+
+def test_without_refresh_budget_only_dirty_users_are_re_embedded(tmp_path, keys, stores):
+    seq_store, emb_store = stores
+    s = make_settings(tmp_path, keys, refresh_budget=0, train_steps=2)
+    feed = Feed(seq_store, n_users=10)
+    feed.write(feed.users, per_user=5)
+    worker = TrainingWorker(s, seq_store, emb_store)
+    worker.run_cycle()
+    feed.write(feed.users[:3], per_user=2)
+    report = worker.run_cycle()
+    assert report.embedded_users == 3
+    assert [emb_store.version_of(u) for u in feed.users] == [2] * 3 + [1] * 7
+
+
+def test_refresh_is_round_robin_over_all_users(tmp_path, keys, stores):
+    seq_store, emb_store = stores
+    s = make_settings(tmp_path, keys, refresh_budget=4, train_steps=1)
+    feed = Feed(seq_store, n_users=10)
+    feed.write(feed.users, per_user=3)
+    worker = TrainingWorker(s, seq_store, emb_store)
+    worker.run_cycle()  # v1: all 10 dirty
+    for _ in range(3):  # v2..v4: one dirty user, 4 refreshed each time
+        feed.write(["u0"], per_user=1)
+        assert worker.run_cycle().embedded_users == 5
+    # 3 cycles x 4 refreshed cover the 9 other users (the round robin wraps around)
+    assert all(emb_store.version_of(u) >= 2 for u in feed.users)
+
+
+def test_failed_cycle_puts_dirty_users_back(tmp_path, keys, stores, monkeypatch):
+    seq_store, emb_store = stores
+    s = make_settings(tmp_path, keys, train_steps=1)
+    feed = Feed(seq_store, n_users=6)
+    feed.write(feed.users, per_user=4)
+    worker = TrainingWorker(s, seq_store, emb_store)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(worker.trainer, "learn_many", boom)
+    with pytest.raises(RuntimeError):
+        worker.run_cycle()
+    assert seq_store.dirty_count() == 6 and emb_store.model_info() is None
+    monkeypatch.undo()
+    assert worker.run_cycle().dirty_users == 6 and seq_store.dirty_count() == 0
+
+
+def test_restarted_worker_continues_from_the_checkpoint(tmp_path, keys, stores):
+    seq_store, emb_store = stores
+    s = make_settings(tmp_path, keys, train_steps=2)
+    feed = Feed(seq_store, n_users=8)
+    feed.write(feed.users, per_user=4)
+    first = TrainingWorker(s, seq_store, emb_store)
+    first.run_cycle()
+    feed.write(feed.users[:2], per_user=1)
+    first.run_cycle()
+
+    again = TrainingWorker(s, seq_store, emb_store, Trainer.load_latest(s))
+    assert again.trainer.version == 2
+    assert again.reservoir.users == first.reservoir.users and len(again.reservoir) == 8
+    feed.write(feed.users[:2], per_user=1)
+    assert again.run_cycle().version == 3
+
+
+def test_reservoir_is_a_bounded_uniform_sample():
+    res = Reservoir(size=50, seed=1)
+    res.add_many([f"u{k}" for k in range(1000)])
+    returning = [f"u{k}" for k in range(10)]
+    outside = sum(u not in res.users for u in returning)
+    res.add_many(returning)  # members are not offered twice
+    assert len(res) == 50 == len(set(res.users)) and res.seen == 1000 + outside
+    assert np.mean([int(u[1:]) for u in res.users]) == pytest.approx(500, abs=150)
+    assert set(res.sample(10, exclude=set(res.users[:45]))) <= set(res.users[45:])
+    copy = Reservoir(size=50)
+    copy.load_state_dict(res.state_dict())
+    assert copy.users == res.users and copy.seen == res.seen
+
+
+def test_run_forever_trains_when_enough_events_arrive(tmp_path, keys, stores):
+    seq_store, emb_store = stores
+    s = make_settings(tmp_path, keys, train_interval_s=3600, train_every_events=20, train_steps=1)
+    feed = Feed(seq_store, n_users=5)
+    feed.write(feed.users, per_user=3)
+    worker = TrainingWorker(s, seq_store, emb_store)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        _wait_for(lambda: worker.trainer.version == 1)  # the backlog at start-up
+        feed.write(feed.users, per_user=2)  # 10 events: below the threshold
+        time.sleep(1.0)
+        assert worker.trainer.version == 1 and seq_store.dirty_count() == 5
+        feed.write(feed.users, per_user=2)  # 20 since the last cycle: train now
+        _wait_for(lambda: worker.trainer.version == 2)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert emb_store.model_info().version == 2
+
+
+def _wait_for(condition, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)

@@ -1,0 +1,245 @@
+"""The FastAPI app end to end with TestClient, a real Redis and the follower thread."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from model.embedding_store import EmbeddingStore, ModelInfo
+from serving import create_app
+from stream.state import SequenceStore
+from userstream.embedded import free_port
+from userstream.settings import Settings
+from userstream.types import Event
+
+D = 16
+N_OTHERS = 50
+
+
+@pytest.fixture
+def settings(tmp_path, redis_prefix, redis_url) -> Settings:
+    return Settings(data_dir=tmp_path, redis_prefix=redis_prefix, redis_url=redis_url)
+
+
+@pytest.fixture
+def store(redis_client, keys) -> EmbeddingStore:
+    return EmbeddingStore(redis_client, keys, feed_maxlen=1000)
+
+
+@pytest.fixture
+def sequences(redis_client, keys) -> SequenceStore:
+    return SequenceStore(redis_client, keys)
+
+
+@pytest.fixture
+def planted(store) -> dict[str, np.ndarray]:
+    """u0 with three planted neighbours (n1 closest, then n2, n3) among random users."""
+    rng = np.random.default_rng(11)
+    base = rng.standard_normal(D).astype(np.float32)
+    vecs = {"u0": base}
+    for name, noise in (("n1", 0.05), ("n2", 0.2), ("n3", 0.4)):
+        vecs[name] = base + noise * rng.standard_normal(D).astype(np.float32)
+    for i in range(N_OTHERS):
+        vecs[f"o{i}"] = rng.standard_normal(D).astype(np.float32)
+    vecs = {u: v / np.linalg.norm(v) for u, v in vecs.items()}
+    store.upsert(list(vecs), np.stack(list(vecs.values())), version=3)
+    store.set_model_info(ModelInfo(3, "ckpt-3.pt", items=7, updated_at=1.7e9, loss=0.5))
+    return vecs
+
+
+def _client(settings, redis_client, store, **kw) -> TestClient:
+    app = create_app(settings, redis_client=redis_client, **kw)
+    return TestClient(app)
+
+
+def _caught_up(client: TestClient, store: EmbeddingStore) -> None:
+    follower = client.app.state.ctx.follower
+    assert follower.wait_for(store.feed_head(), timeout=5), "follower did not catch up"
+
+
+def test_similar_returns_planted_neighbours(settings, redis_client, store, planted):
+    with _client(settings, redis_client, store) as c:
+        _caught_up(c, store)
+        r = c.get("/users/u0/similar", params={"k": 3})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["user_id"] == "u0" and body["model_version"] == 3
+        assert [n["user_id"] for n in body["neighbors"]] == ["n1", "n2", "n3"]
+        scores = [n["score"] for n in body["neighbors"]]
+        want = [float(planted["u0"] @ planted[u]) for u in ("n1", "n2", "n3")]
+        np.testing.assert_allclose(scores, want, atol=1e-5)
+        assert scores == sorted(scores, reverse=True) and scores[0] > 0.9
+
+        # k larger than the population: every other user once, never itself, best first
+        r = c.get("/users/u0/similar", params={"k": 1000})
+        neighbors = r.json()["neighbors"]
+        names = [n["user_id"] for n in neighbors]
+        assert len(names) == len(planted) - 1 == len(set(names)) and "u0" not in names
+        all_scores = [n["score"] for n in neighbors]
+        assert all_scores == sorted(all_scores, reverse=True)
+
+        # default k=10 matches brute force over the other users
+        r = c.get("/users/n2/similar")
+        others = [u for u in planted if u != "n2"]
+        brute = sorted(others, key=lambda u: -float(planted["n2"] @ planted[u]))[:10]
+        assert [n["user_id"] for n in r.json()["neighbors"]] == brute
+
+
+def test_similar_for_user_not_yet_in_the_index(settings, redis_client, store, planted):
+    """A user embedded after the index loaded is queried with its vector from Redis."""
+    with _client(settings, redis_client, store, start_follower=False) as c:
+        follower = c.app.state.ctx.follower
+        follower.sync_once()
+        store.upsert(["late"], planted["n1"][None, :], version=4)  # not applied: no thread
+        assert len(follower.index) == len(planted)
+        r = c.get("/users/late/similar", params={"k": 2})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model_version"] == 4
+        assert [n["user_id"] for n in body["neighbors"]] == ["n1", "u0"]
+
+
+def test_unknown_and_not_yet_embedded_users_get_404(
+    settings, redis_client, store, sequences, planted
+):
+    sequences.apply_many(
+        "behavior-events",
+        [(0, 1, Event("fresh", "i1", "click", 1.0)), (0, 2, Event("fresh", "i2", "buy", 2.0))],
+    )
+    with _client(settings, redis_client, store) as c:
+        _caught_up(c, store)
+        for path in ("/users/fresh/similar", "/users/fresh/embedding"):
+            r = c.get(path)
+            assert r.status_code == 404
+            detail = r.json()["detail"]
+            assert "'fresh' has 2 events but no embedding yet" in detail
+            assert "model_version=3" in detail
+        for path in ("/users/nobody/similar", "/users/nobody/embedding"):
+            r = c.get(path)
+            assert r.status_code == 404
+            assert r.json()["detail"] == (
+                "user 'nobody' has no embedding yet: no events were ingested for it "
+                "(unknown user id)"
+            )
+
+
+@pytest.mark.parametrize("k", ["0", "-1", "1001", "5000", "ten"])
+def test_bad_k_is_422(settings, redis_client, store, planted, k):
+    app = create_app(settings, redis_client=redis_client, start_follower=False)
+    with TestClient(app) as c:
+        r = c.get("/users/u0/similar", params={"k": k})
+        assert r.status_code == 422
+        assert r.json()["detail"][0]["loc"] == ["query", "k"]
+
+
+def test_embedding_endpoint(settings, redis_client, store, planted):
+    with _client(settings, redis_client, store) as c:
+        r = c.get("/users/n3/embedding")
+        assert r.status_code == 200
+        body = r.json()
+        assert body["user_id"] == "n3" and body["model_version"] == 3 and body["dim"] == D
+        np.testing.assert_array_equal(np.asarray(body["embedding"], np.float32), planted["n3"])
+
+
+def test_stats(settings, redis_client, store, sequences, keys):
+    with _client(settings, redis_client, store) as c:
+        assert c.app.state.ctx.follower.ready.wait(5)
+        empty = c.get("/stats").json()
+        assert empty["model_version"] is None and empty["model_updated_at"] is None
+        assert empty["events_ingested"] == 0 and empty["index_size"] == 0
+        assert empty["index_applied_id"] == "0-0" and empty["feed_lag_s"] == 0.0
+
+        events = [(0, i, Event(f"u{i % 3}", f"i{i % 4}", "click", float(i))) for i in range(10)]
+        sequences.apply_many("behavior-events", events, dead=[(0, 10), (0, 11)])
+        # a redelivered batch: the two old offsets are skipped, the new one applied
+        sequences.apply_many(
+            "behavior-events", [*events[:2], (0, 12, Event("u0", "i0", "buy", 12.0))]
+        )
+        rng = np.random.default_rng(0)
+        vecs = rng.standard_normal((2, D)).astype(np.float32)
+        store.upsert(["u0", "u1"], vecs / np.linalg.norm(vecs, axis=1, keepdims=True), version=2)
+        store.set_model_info(ModelInfo(2, "ckpt-2.pt", items=4, updated_at=123.5, loss=1.0))
+        _caught_up(c, store)
+
+        s = c.get("/stats").json()
+        assert s["events_ingested"] == 11
+        assert s["events_dead_lettered"] == 2
+        assert s["events_duplicate_skipped"] == 2
+        assert s["users"] == 3 and s["items"] == 4
+        assert s["embedded_users"] == 2 and s["index_size"] == 2 and s["index_dim"] == D
+        assert s["model_version"] == 2 and s["model_updated_at"] == 123.5
+        assert s["index_ready"] is True
+        assert s["index_applied_id"] == s["feed_head_id"] == store.feed_head()
+        assert s["feed_lag_s"] == 0.0
+
+
+def test_healthz(settings, redis_client, store):
+    with _client(settings, redis_client, store) as c:
+        assert c.app.state.ctx.follower.ready.wait(5)
+        r = c.get("/healthz")
+        assert r.status_code == 200
+        assert r.json()["status"] == "ok" and r.json()["reasons"] == []
+
+    with _client(settings, redis_client, store, start_follower=False) as c:
+        r = c.get("/healthz")
+        assert r.status_code == 503
+        body = r.json()
+        assert body["status"] == "unavailable" and body["redis"] is True
+        assert any("follower is not running" in reason for reason in body["reasons"])
+        assert c.get("/users/x/similar").status_code == 503  # index not loaded
+
+
+def test_healthz_without_redis(settings, redis_prefix):
+    dead = redis.Redis(port=free_port(), socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
+    with TestClient(create_app(settings, redis_client=dead)) as c:
+        r = c.get("/healthz")
+        assert r.status_code == 503
+        body = r.json()
+        assert body["redis"] is False and body["index_ready"] is False
+        assert any(reason.startswith("redis does not answer") for reason in body["reasons"])
+        # /metrics still answers, flagging Redis as down
+        assert "userstream_redis_up 0.0" in c.get("/metrics").text
+
+
+def test_metrics(settings, redis_client, store, sequences, planted):
+    sequences.apply_many(
+        "behavior-events", [(0, 1, Event("u0", "i1", "click", 1.0))], dead=[(0, 2)]
+    )
+    with _client(settings, redis_client, store) as c, _client(settings, redis_client, store) as c2:
+        _caught_up(c, store)
+        _caught_up(c2, store)  # a second app in the same process has its own registry
+        for _ in range(3):
+            assert c.get("/users/u0/similar", params={"k": 2}).status_code == 200
+        c.get("/users/nobody/similar")
+        c.get("/no/such/path")
+        r = c.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        text = r.text
+        route = 'route="/users/{user_id}/similar"'
+        assert f'userstream_http_requests_total{{method="GET",{route},status="200"}} 3.0' in text
+        assert f'userstream_http_requests_total{{method="GET",{route},status="404"}} 1.0' in text
+        assert 'route="<unmatched>",status="404"' in text
+        assert f'userstream_http_request_duration_seconds_count{{method="GET",{route}}} 4.0' in text
+        assert f"userstream_index_size {float(len(planted))}" in text
+        assert "userstream_events_ingested_total 1.0" in text
+        assert "userstream_events_dead_lettered_total 1.0" in text
+        assert "userstream_model_version 3.0" in text
+        assert "userstream_follower_rebuilds_total 1.0" in text  # loaded from read_all
+        assert "userstream_follower_applied_updates_total 0.0" in text
+        assert "userstream_redis_up 1.0" in text
+        assert "userstream_index_feed_lag_seconds 0.0" in text
+
+        store.upsert(["extra", "u0"], np.stack([planted["n1"], planted["n2"]]), version=4)
+        _caught_up(c, store)
+        text = c.get("/metrics").text
+        assert "userstream_follower_applied_updates_total 2.0" in text
+        assert f"userstream_index_size {float(len(planted) + 1)}" in text
+
+        _caught_up(c2, store)
+        other = c2.get("/metrics").text
+        assert "userstream_http_requests_total{" not in other  # c's requests are not counted here
+        assert f"userstream_index_size {float(len(planted) + 1)}" in other
