@@ -1,0 +1,127 @@
+"""The Faust application of the stream worker, its readiness signal and its runner.
+
+Start reading at :func:`run_worker` (what ``python -m stream`` calls): it
+creates the topics, builds the app with :func:`create_app` and runs a Faust
+worker until SIGTERM/SIGINT (exit code 0 after a clean stop).
+
+Readiness: each time the consumer group assigns this worker its partitions,
+the worker writes a field ``{host}:{pid}`` into the Redis hash
+``{redis_prefix}stream_ready`` (value: JSON with app id, topic partitions and
+time) and logs ``stream worker ready``; it deletes the field when the
+partitions are revoked and on shutdown. A supervisor or test waits for its
+child's field (see :func:`ready_field`, :func:`read_ready`) instead of sleeping
+through the 10-30 s group join.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import faust
+import redis
+
+from stream.agents import attach_ingest_agent
+from stream.state import SequenceStore
+from stream.topics import ensure_topics_async
+from userstream.settings import Settings
+from userstream.types import Keys
+
+__all__ = ["create_app", "read_ready", "ready_field", "ready_key", "run_worker"]
+
+LOG = logging.getLogger(__name__)
+
+
+def ready_key(settings: Settings) -> str:
+    """The Redis hash of ready stream workers (field per worker process)."""
+    return f"{settings.redis_prefix}stream_ready"
+
+
+def ready_field(pid: int | None = None, host: str | None = None) -> str:
+    return f"{host or socket.gethostname()}:{os.getpid() if pid is None else pid}"
+
+
+def read_ready(client: redis.Redis, settings: Settings, pid: int) -> dict[str, Any] | None:
+    """The readiness record of worker process ``pid`` on this host, or None."""
+    raw = client.hget(ready_key(settings), ready_field(pid))
+    return None if raw is None else json.loads(raw)
+
+
+def create_app(settings: Settings) -> faust.App:
+    """A Faust app with the ingest agent; Redis (not Faust tables) holds the state."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)  # Faust creates only the leaf
+    app = faust.App(
+        settings.stream_app_id,
+        broker=f"kafka://{settings.effective_kafka}",
+        store="memory://",
+        datadir=str(settings.data_dir / "faust"),
+        autodiscover=False,
+        web_enabled=False,
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=1,
+        topic_allow_declare=False,  # stream.topics.ensure_topics creates them explicitly
+        topic_disable_leader=True,  # no tables, so no assignor leader topic
+        consumer_auto_offset_reset="earliest",
+        # Faust's 60 s default makes a dead member linger for a minute, and the
+        # embedded broker (Tansu) holds a JoinGroup for about half the session
+        # timeout: 10 s keeps failover and a fresh join quick. The env var
+        # BROKER_SESSION_TIMEOUT (read by Faust) overrides it.
+        broker_session_timeout=10.0,
+        stream_buffer_maxsize=max(4096, 2 * settings.stream_batch_max),
+    )
+    client = redis.Redis.from_url(settings.effective_redis_url)
+    store = SequenceStore(client, Keys(settings.redis_prefix), settings.sequence_length)
+    attach_ingest_agent(app, settings, store)
+    key, field = ready_key(settings), ready_field()
+
+    def _write(fn, *args) -> None:
+        try:
+            fn(*args)
+        except redis.RedisError as exc:  # readiness is a hint; never crash a rebalance on it
+            LOG.warning("could not update %s: %r", key, exc)
+
+    @app.on_partitions_assigned.connect
+    async def _ready(sender: faust.App, assigned: set, **_: Any) -> None:
+        parts = sorted(f"{tp.topic}:{tp.partition}" for tp in assigned)
+        record = {"app_id": settings.stream_app_id, "partitions": parts, "ts": time.time()}
+        await asyncio.to_thread(_write, client.hset, key, field, json.dumps(record))
+        LOG.info("stream worker ready: %d partitions assigned %s", len(parts), parts)
+
+    @app.on_partitions_revoked.connect
+    async def _revoked(sender: faust.App, revoked: set, **_: Any) -> None:
+        await asyncio.to_thread(_write, client.hdel, key, field)
+
+    @app.on_before_shutdown.connect
+    async def _shutdown(sender: faust.App, **_: Any) -> None:
+        await asyncio.to_thread(_write, client.hdel, key, field)
+
+    return app
+
+
+def run_worker(settings: Settings | None = None, loglevel: str = "info") -> None:
+    """Ensure the topics, then run the stream worker until a signal; exits the process.
+
+    Exit codes: 0 after SIGTERM/SIGINT and a clean stop, 70 when a batch could
+    not be applied (see :mod:`stream.agents`), 1 on other errors.
+    """
+    settings = settings or Settings()
+    # asyncio.run() would leave no current loop behind; Faust wants one.
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(ensure_topics_async(settings.effective_kafka, settings))
+    app = create_app(settings)
+    LOG.info(
+        "stream worker %s: %s (%d partitions) -> Redis prefix %r, dead letters -> %s",
+        settings.stream_app_id,
+        settings.events_topic,
+        settings.topic_partitions,
+        settings.redis_prefix,
+        settings.dlq_topic,
+    )
+    worker = faust.Worker(app, loop=loop, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()  # raises SystemExit

@@ -1,0 +1,191 @@
+"""Unit tests of stream.events: decoding, validation reasons, normalization."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from stream.events import (
+    Invalid,
+    dead_letter_value,
+    encode_events,
+    event_to_json,
+    parse_message,
+    split_batch,
+    to_seconds,
+)
+from userstream.types import Event
+
+TS = 1_700_000_000
+
+
+def ev(**over) -> dict:
+    base = {"user_id": "u1", "item_id": "i1", "behavior": "view", "ts": TS}
+    base.update(over)
+    return {k: v for k, v in base.items() if v is not ...}
+
+
+def one(obj) -> tuple[list[Event], list[Invalid]]:
+    return parse_message(json.dumps(obj).encode())
+
+
+def reason(obj) -> str:
+    events, bad = one(obj)
+    assert events == [] and len(bad) == 1, (events, bad)
+    return bad[0].reason
+
+
+def test_valid_event_is_normalized():
+    events, bad = one(
+        ev(
+            user_id=42,
+            item_id=7,
+            behavior="  Add-To_Cart ",
+            event_id="e1",
+            text="hi",
+            props={"a": 1},
+        )
+    )
+    assert bad == []
+    assert events == [Event("42", "7", "add-to_cart", float(TS), "e1", "hi", {"a": 1})]
+
+
+@pytest.mark.parametrize(
+    "ts, want",
+    [
+        (TS, float(TS)),
+        (TS + 0.5, TS + 0.5),
+        (TS * 1000 + 250, TS + 0.25),  # milliseconds
+        (str(TS), float(TS)),
+        ("2023-11-14T22:13:20Z", float(TS)),
+        ("2023-11-14T23:13:20+01:00", float(TS)),
+        ("2023-11-14T22:13:20", float(TS)),  # no offset: UTC
+        (0, 0.0),
+    ],
+)
+def test_timestamps(ts, want):
+    events, bad = one(ev(ts=ts))
+    assert bad == []
+    assert events[0].ts == pytest.approx(want)
+
+
+@pytest.mark.parametrize(
+    "obj, want",
+    [
+        (ev(ts=...), "missing field 'ts'"),
+        (ev(user_id=...), "missing field 'user_id'"),
+        (ev(item_id=...), "missing field 'item_id'"),
+        (ev(behavior=...), "missing field 'behavior'"),
+        (ev(ts="abc"), "ts 'abc' is not a number or ISO-8601 time"),
+        (ev(ts=-5), "ts '-5' is negative"),
+        (ev(ts=None), "ts must be a number or an ISO-8601 string, got null"),
+        (ev(ts=True), "ts must be a number or an ISO-8601 string, got boolean"),
+        (ev(ts="nan"), "ts 'nan' is not finite"),
+        (ev(user_id=""), "user_id is empty"),
+        (ev(item_id=1.5), "item_id must be a string or integer, got number"),
+        (ev(user_id=True), "user_id must be a string or integer, got boolean"),
+        (ev(user_id="a" * 257), "user_id is 257 characters long (at most 256)"),
+        (ev(item_id="a\tb"), "item_id contains the non-printable character U+0009"),
+        (ev(user_id="a\nb"), "user_id contains the non-printable character U+000A"),
+        (
+            ev(behavior="buy now!"),
+            "behavior 'buy now!' is not 1-32 characters of a-z, 0-9, '_' or '-'",
+        ),
+        (ev(behavior=""), "behavior '' is not 1-32 characters of a-z, 0-9, '_' or '-'"),
+        (
+            ev(behavior="x" * 33),
+            "behavior '" + "x" * 33 + "' is not 1-32 characters of a-z, 0-9, '_' or '-'",
+        ),
+        (ev(behavior=3), "behavior must be a string, got number"),
+        (ev(event_id=5), "event_id must be a string, got number"),
+        (ev(text="t" * 1025), "text is 1025 characters long (at most 1024)"),
+        (ev(props=[1]), "props must be a JSON object, got array"),
+        (ev(color="red", size=3), "unknown field(s) 'color', 'size'"),
+        ([1], "event must be a JSON object, got number"),
+        ("hello", "event must be a JSON object, got string"),
+    ],
+)
+def test_each_reason(obj, want):
+    assert reason(obj) == want
+
+
+def test_future_ts_rejected_but_near_future_accepted():
+    now = time.time()
+    assert reason(ev(ts=now + 2 * 86_400)).endswith("is more than one day in the future")
+    assert reason(ev(ts=int((now + 2 * 86_400) * 1000))).endswith("more than one day in the future")
+    events, bad = one(ev(ts=now + 3600))
+    assert bad == [] and events[0].ts == pytest.approx(now + 3600)
+
+
+def test_behavior_set_is_open():
+    events, _ = one(ev(behavior="Share_2"))
+    assert events[0].behavior == "share_2"
+
+
+def test_not_json_keeps_payload():
+    raw = b'{"user_id": "u1", oops'
+    events, bad = parse_message(raw)
+    assert events == [] and len(bad) == 1
+    assert bad[0].reason.startswith("message is not valid JSON: ")
+    assert bad[0].payload == raw.decode()
+
+
+def test_bad_utf8_and_empty_messages():
+    _, bad = parse_message(b"\xff\xfe{}")
+    assert bad[0].reason.startswith("message is not valid UTF-8")
+    assert parse_message(None)[1][0].reason == "message has no value"
+    assert parse_message(b"[]")[1][0].reason == "message is an empty JSON array"
+
+
+def test_single_invalid_payload_is_the_original_text():
+    raw = '{ "user_id" : "u1",\n "item_id": "i1", "behavior": "view" }'
+    _, bad = parse_message(raw.encode())
+    assert bad == [Invalid("missing field 'ts'", raw)]
+
+
+def test_array_mixes_valid_and_invalid_and_keeps_each_elements_text():
+    good1 = '{"user_id":"u1","item_id":"a","behavior":"view","ts":1}'
+    bad1 = '{"user_id":"u1", "item_id":"b","behavior":"view"}'
+    good2 = '{"user_id":"u1","item_id":"c","behavior":"CLICK","ts":2}'
+    bad2 = '{"user_id":"u1","item_id":"d","behavior":"no way","ts":3,"nested":[1,{"x":"]"}]}'
+    raw = f"[ {good1},\n{bad1} ,{good2},  {bad2}, 7 ]"
+    events, bad = parse_message(raw.encode())
+    assert [e.item_id for e in events] == ["a", "c"]
+    assert events[1].behavior == "click"
+    assert [b.payload for b in bad] == [bad1, bad2, "7"]
+    assert bad[0].reason == "missing field 'ts'"
+    assert bad[1].reason == "unknown field(s) 'nested'"
+    assert bad[2].reason == "event must be a JSON object, got number"
+
+
+def test_split_batch_tags_offsets_and_keys():
+    msgs = [
+        (0, 10, b"u1", encode_events([ev(item_id="a"), ev(item_id="b")])),
+        (1, 3, b"u2", b"nope"),
+        (0, 11, b"u1", encode_events([ev(item_id="c"), ev(ts=...)])),
+    ]
+    events, dead = split_batch(msgs)
+    assert [(p, o, e.item_id) for p, o, e in events] == [(0, 10, "a"), (0, 10, "b"), (0, 11, "c")]
+    assert [(p, o, k) for p, o, k, _ in dead] == [(1, 3, b"u2"), (0, 11, b"u1")]
+    assert dead[1][3].reason == "missing field 'ts'"
+    record = json.loads(dead_letter_value(dead[0][3], "topic", 1, 3, 123.0))
+    assert record["payload"] == "nope" and record["offset"] == 3 and record["topic"] == "topic"
+    assert record["reason"].startswith("message is not valid JSON")
+
+
+def test_encoding_round_trip():
+    e = Event("u1", "i1", "view", 12.5, None, "q", {"k": "v"})
+    assert json.loads(event_to_json(e)) == {
+        "user_id": "u1",
+        "item_id": "i1",
+        "behavior": "view",
+        "ts": 12.5,
+        "text": "q",
+        "props": {"k": "v"},
+    }
+    assert parse_message(encode_events([e]))[0] == [e]
+    assert parse_message(encode_events([e, e]))[0] == [e, e]
+    with pytest.raises(ValueError, match="not a number"):
+        to_seconds("yesterday")
