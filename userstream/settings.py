@@ -82,7 +82,9 @@ class Settings(BaseSettings):
     )
     mlm_weight: float = Field(1.0, ge=0)
     next_weight: float = Field(1.0, ge=0)
-    contrastive_weight: float = Field(0.1, ge=0)
+    contrastive_weight: float = Field(
+        1.0, ge=0, description="high enough that user embeddings do not collapse (see docs)"
+    )
 
     # --- training worker ---------------------------------------------------
     train_interval_s: float = Field(10.0, gt=0, description="T: train at least this often")
