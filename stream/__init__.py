@@ -6,7 +6,7 @@ then :mod:`stream.agents` (the thin ingest loop and its delivery guarantees),
 (the exactly-once Redis write). Producers: :mod:`stream.replay` (data sets and
 any event iterable), :mod:`stream.datasets` (readers), :mod:`stream.generator`
 (synthetic clickstream with planted groups). Run a worker with
-``python -m stream``.
+``userstream stream-worker``.
 
 Only light modules are imported here; Faust and aiokafka load on first use of
 :func:`create_app` / :func:`run_worker` / :func:`replay` / :func:`ensure_topics`.

@@ -1,6 +1,6 @@
 """The Faust application of the stream worker, its readiness signal and its runner.
 
-Start reading at :func:`run_worker` (what ``python -m stream`` calls): it
+Start reading at :func:`run_worker` (what ``userstream stream-worker`` calls): it
 creates the topics, builds the app with :func:`create_app` and runs a Faust
 worker until SIGTERM/SIGINT (exit code 0 after a clean stop).
 

@@ -66,7 +66,7 @@ def settings(tmp_path, broker, redis_url, redis_prefix) -> Settings:
 
 
 class Worker:
-    """``python -m stream`` with the test's settings in its environment."""
+    """``userstream stream-worker`` with the test's settings in its environment."""
 
     def __init__(self, settings: Settings, log: Path) -> None:
         env = {k: v for k, v in os.environ.items() if k != "USERSTREAM_CONFIG"}
@@ -87,7 +87,7 @@ class Worker:
         self.log = log
         self._fh = open(log, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stream", "--loglevel", "info"],
+            [sys.executable, "-m", "userstream", "stream-worker"],
             cwd=ROOT,
             env=env,
             stdout=self._fh,

@@ -149,6 +149,13 @@ class Stack:
                     str(self.demo_users),
                     "--events",
                     "0",
+                    # interests drift and new items keep appearing, as in a real shop
+                    "--drift-every",
+                    "20000",
+                    "--drift-prob",
+                    "0.1",
+                    "--new-items-rate",
+                    "0.005",
                 ],
                 essential=False,
             )
