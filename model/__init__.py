@@ -9,6 +9,11 @@ Redis). ``model/vocab.py`` explains what bounds memory as items keep arriving;
 ``model/augment.py`` makes the contrastive views; ``model/embedding_store.py``
 is the Redis side that ``serving/`` reads.
 
+Offline (``userstream train`` / ``evaluate``): ``model/split.py`` (leave-one-out),
+``model/offline.py`` (epochs, early stopping on validation), ``model/evaluate.py``
+and ``model/metrics.py`` (PROTOCOL section 1), ``model/recommend.py`` (the
+next-item ranking the API serves), ``model/finetune.py`` (a supervised head).
+
 The names below are imported lazily (PEP 562): ``serving/`` imports
 ``model.embedding_store`` and should not pay for importing torch (~1.5 s).
 """

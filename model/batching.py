@@ -21,7 +21,7 @@ import torch
 from model.vocab import BehaviorVocab, ItemVocab
 from userstream.types import Behavior
 
-__all__ = ["Batch", "gap_buckets", "make_batch"]
+__all__ = ["Batch", "collate", "encode_sequence", "gap_buckets", "make_batch"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,11 @@ class Batch:
 
     def select(self, index: torch.Tensor) -> Batch:
         return Batch(self.items[index], self.behaviors[index], self.gaps[index])
+
+    def columns(self, start: int | None = None, stop: int | None = None) -> Batch:
+        """Time slice ``[:, start:stop]`` (left padding: ``columns(-n)`` = the last n)."""
+        cut = slice(start, stop)
+        return Batch(self.items[:, cut], self.behaviors[:, cut], self.gaps[:, cut])
 
 
 def gap_buckets(ts: np.ndarray, n_buckets: int) -> np.ndarray:
@@ -79,3 +84,34 @@ def make_batch(
     return Batch(
         torch.from_numpy(item_ids), torch.from_numpy(behavior_ids), torch.from_numpy(gap_ids)
     )
+
+
+def encode_sequence(
+    seq: Sequence[Behavior], items: ItemVocab, behaviors: BehaviorVocab, n_gap_buckets: int
+) -> np.ndarray:
+    """A whole sequence -> (L, 3) int64 rows of (item row, behavior id, gap bucket).
+
+    Slicing the result and :func:`collate` give the same tensors as
+    :func:`make_batch` on the same behaviors (gaps use the step before a slice).
+    """
+    out = np.empty((len(seq), 3), dtype=np.int64)
+    if not seq:
+        return out
+    out[:, 0] = items.rows_for([x.item_id for x in seq])
+    out[:, 1] = behaviors.ids_for([x.behavior for x in seq])
+    ts = np.fromiter((x.ts for x in seq), dtype=np.float64, count=len(seq))
+    out[:, 2] = gap_buckets(ts, n_gap_buckets)
+    return out
+
+
+def collate(rows: Sequence[np.ndarray], length: int | None = None) -> Batch:
+    """(L_b, 3) arrays from :func:`encode_sequence` -> a Batch left-padded to the
+    longest one (or to ``length``, keeping the last ``length`` steps of longer ones)."""
+    T = length if length is not None else max((len(r) for r in rows), default=1)
+    out = np.zeros((len(rows), max(T, 1), 3), dtype=np.int64)  # (B, T, 3)
+    for b, r in enumerate(rows):
+        r = r[-T:] if T else r[:0]
+        if len(r):
+            out[b, out.shape[1] - len(r) :] = r
+    t = torch.from_numpy(out)
+    return Batch(t[..., 0].contiguous(), t[..., 1].contiguous(), t[..., 2].contiguous())

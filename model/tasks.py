@@ -3,14 +3,19 @@
 * :func:`cloze_loss` — masked behavior modeling (BERT4Rec): hide ~20% of the
   items, predict them from both sides.
 * :func:`next_item_loss` — autoregressive next-behavior prediction (SASRec):
-  causal pass, predict the item at t+1 from position t, plus a small term for
-  the next behavior TYPE.
+  causal pass, predict the item at t+1 from position t (full-softmax
+  cross-entropy at every real position), plus a small term for the next
+  behavior TYPE.
 * :func:`contrastive_loss` — InfoNCE between two augmented views of each
   sequence on the pooled user embedding (CL4SRec), in-batch negatives.
 
 Random choices draw from an optional CPU ``torch.Generator`` so runs are
 reproducible; masks are made on CPU and moved to the batch's device.
 ``n_valid`` is the number of item rows in use (``len(ItemVocab)``).
+
+A batch may be one step longer than ``max_len`` (the offline trainer feeds
+windows of ``max_len + 1``): next-item prediction reads all but the last step,
+the bidirectional tasks read the last ``max_len``.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ def cloze_loss(
     mask_prob: float = 0.2,
 ) -> torch.Tensor:
     """Cross-entropy of masked items over item rows (bidirectional pass)."""
+    batch = batch.columns(-encoder.config.max_len)
     items = batch.items  # (B, T)
     real = (items != PAD).cpu()  # (B, T)
     rand = torch.rand(items.shape, generator=generator)  # (B, T)
@@ -73,19 +79,24 @@ def next_item_loss(
     """Predict item (and behavior type) at t+1 from causal state at t.
 
     Only pairs of two real positions count, so sequences with fewer than two
-    behaviors contribute nothing.
+    behaviors contribute nothing. The input drops the last step, so the state
+    that predicts the most recent behavior sits in the LAST slot (position id
+    ``max_len - 1``), exactly where the query sits when ranking or serving.
     """
     items = batch.items  # (B, T)
     pair = (items[:, :-1] != PAD) & (items[:, 1:] != PAD)  # (B, T-1)
     if not bool(pair.any()):
         return _zero(encoder)
-    h = encoder(items, batch.behaviors, batch.gaps, causal=True)  # (B, T, H)
-    h_prev = h[:, :-1][pair]  # (P, H)
-    loss = F.cross_entropy(encoder.item_logits(h_prev, n_valid), items[:, 1:][pair])
+    keep = min(items.shape[1] - 1, encoder.config.max_len)
+    inputs = batch.columns(None, -1).columns(-keep)  # (B, T'): steps with a successor
+    targets = batch.columns(1).columns(-keep)  # (B, T'): their successors
+    pair = pair[:, -keep:]  # (B, T')
+    h = encoder(inputs.items, inputs.behaviors, inputs.gaps, causal=True)  # (B, T', H)
+    h_prev = h[pair]  # (P, H)
+    loss = F.cross_entropy(encoder.item_logits(h_prev, n_valid), targets.items[pair])
     if behavior_weight > 0:
-        behavior_target = batch.behaviors[:, 1:][pair]  # (P,)
         loss = loss + behavior_weight * F.cross_entropy(
-            encoder.behavior_logits(h_prev), behavior_target
+            encoder.behavior_logits(h_prev), targets.behaviors[pair]
         )
     return loss
 
@@ -97,6 +108,7 @@ def contrastive_loss(
     temperature: float = 0.2,
 ) -> torch.Tensor:
     """Symmetric InfoNCE between two augmented views; other users are negatives."""
+    batch = batch.columns(-encoder.config.max_len)
     keep = (batch.items != PAD).any(dim=1)  # (B,)
     if int(keep.sum()) < 2:
         return _zero(encoder)

@@ -5,10 +5,14 @@ One cycle (:meth:`TrainingWorker.run_cycle`):
 1. take the dirty users (changed since the last cycle) and read their sequences;
 2. train on them plus a replay sample of older users (a reservoir, Algorithm R),
    so the model does not forget users who are quiet right now;
-3. write a versioned checkpoint (with the reservoir);
-4. re-embed the dirty users plus up to ``refresh_budget`` other users, taken
+3. feed the cycle's loss to the :class:`~model.drift.DriftMonitor` (ADWIN): a
+   significant rise is a drift, counted and answered by a catch-up cycle
+   (``catchup_factor`` x the usual steps) next time;
+4. write a versioned checkpoint (with the reservoir and the drift count);
+5. re-embed the dirty users plus up to ``refresh_budget`` other users, taken
    round robin over all users, so embeddings from older model versions get
-   refreshed; upsert them and publish the model info.
+   refreshed; upsert them and publish the model info (and field ``drifts``
+   of the model hash).
 
 If the cycle fails, the dirty users it took are put back in the dirty set.
 :meth:`run_forever` runs a cycle every ``train_interval_s`` or as soon as
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 
 import redis
 
+from model.drift import DriftMonitor
 from model.embedding_store import EmbeddingStore, ModelInfo
 from model.trainer import Trainer
 from stream.state import SequenceStore
@@ -113,6 +118,7 @@ class TrainingWorker:
         embeddings: EmbeddingStore,
         trainer: Trainer | None = None,
         max_dirty: int = MAX_DIRTY_PER_CYCLE,
+        drift: DriftMonitor | None = None,
     ) -> None:
         self.settings = settings
         self.sequences = sequences
@@ -122,6 +128,8 @@ class TrainingWorker:
         self.reservoir = Reservoir(settings.reservoir_size, settings.seed)
         if "reservoir" in self.trainer.extra:
             self.reservoir.load_state_dict(self.trainer.extra["reservoir"])
+        self.drift = drift if drift is not None else DriftMonitor()
+        self.drift.count = max(self.drift.count, int(self.trainer.extra.get("drifts", 0)))
         self._refresh_iter: Iterator[str] | None = None
 
     # --- one cycle -----------------------------------------------------------
@@ -142,8 +150,9 @@ class TrainingWorker:
         dirty_seqs = self.sequences.read_many(dirty)
         kept = [(u, q) for u, q in zip(dirty, dirty_seqs, strict=True) if q]
         dirty_set = set(dirty)
+        steps = self.drift.catchup_steps(s.train_steps)  # more steps right after a drift
         # replay: about as many older users as dirty ones, bounded by what K steps can use
-        n_replay = min(len(kept), s.train_steps * s.train_batch_size)
+        n_replay = min(len(kept), steps * s.train_batch_size)
         replay = self.reservoir.sample(n_replay, exclude=dirty_set)
         replay_seqs = [q for q in self.sequences.read_many(replay) if q]
         self.reservoir.add_many([u for u, _ in kept])
@@ -151,8 +160,11 @@ class TrainingWorker:
             return self._idle_report()
 
         t_train = time.perf_counter()
-        stats = self.trainer.learn_many([q for _, q in kept] + replay_seqs, steps=s.train_steps)
-        path = self.trainer.save(extra={"reservoir": self.reservoir.state_dict()})
+        stats = self.trainer.learn_many([q for _, q in kept] + replay_seqs, steps=steps)
+        self.drift.update("loss", stats["loss"])
+        path = self.trainer.save(
+            extra={"reservoir": self.reservoir.state_dict(), "drifts": self.drift.count}
+        )
         train_s = time.perf_counter() - t_train
 
         t_embed = time.perf_counter()
@@ -170,6 +182,9 @@ class TrainingWorker:
                 version, str(path), self.trainer.items.num_admitted, time.time(), stats["loss"]
             )
         )
+        # not a ModelInfo field (serving reads the hash field by name): keeps the
+        # EmbeddingStore API unchanged
+        self.embeddings.r.hset(self.embeddings.keys.model, "drifts", self.drift.count)
         embed_s = time.perf_counter() - t_embed
         report = CycleReport(
             version=version,

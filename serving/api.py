@@ -23,6 +23,7 @@ from model.embedding_store import EmbeddingStore
 from serving.context import ServingContext
 from serving.follower import IndexFollower
 from serving.metrics import RequestMetricsMiddleware, ServingMetrics
+from serving.recommender import Recommender
 from serving.routes import api_router
 from stream.state import SequenceStore
 from userstream.settings import Settings
@@ -83,6 +84,7 @@ def create_app(
         follower=follower,
         metrics=metrics,
         follower_started=start_follower,
+        recommender=Recommender(settings.checkpoint_dir, embeddings),
     )
 
     @asynccontextmanager

@@ -9,6 +9,7 @@ import redis
 from model.embedding_store import EmbeddingStore
 from serving.follower import IndexFollower
 from serving.metrics import ServingMetrics
+from serving.recommender import Recommender
 from stream.state import SequenceStore
 from userstream.settings import Settings
 from userstream.types import Keys
@@ -28,3 +29,4 @@ class ServingContext:
     follower: IndexFollower
     metrics: ServingMetrics
     follower_started: bool
+    recommender: Recommender

@@ -14,12 +14,24 @@ import redis
 
 from serving.context import ServingContext
 from serving.follower import feed_lag_s
-from serving.schemas import Health, Neighbor, SimilarUsers, Stats, UserEmbedding
+from serving.recommender import ModelNotReady
+from serving.schemas import (
+    Health,
+    Neighbor,
+    Recommendations,
+    RecommendedItem,
+    SimilarUsers,
+    Stats,
+    UserEmbedding,
+)
 
 __all__ = [
     "IndexNotReady",
+    "ModelNotReady",
     "NoEmbedding",
+    "UnknownUser",
     "health",
+    "recommendations",
     "similar_users",
     "stats",
     "user_embedding",
@@ -46,6 +58,10 @@ class NoEmbedding(LookupError):
         super().__init__(msg)
         self.user_id = user_id
         self.events = events
+
+
+class UnknownUser(LookupError):
+    """No behaviors are stored for the user."""
 
 
 class IndexNotReady(RuntimeError):
@@ -111,6 +127,23 @@ def user_embedding(ctx: ServingContext, user_id: str) -> UserEmbedding:
         model_version=ctx.embeddings.version_of(user_id),
         dim=int(vector.shape[0]),
         embedding=vector.astype(np.float64).tolist(),
+    )
+
+
+def recommendations(
+    ctx: ServingContext, user_id: str, k: int, exclude_seen: bool = True
+) -> Recommendations:
+    """Next items for the user's stored sequence, scored by the newest checkpoint."""
+    seq = ctx.sequences.read_many([user_id])[0]
+    if not seq:
+        raise UnknownUser(f"user {user_id!r} has no stored behaviors (unknown user id)")
+    model = ctx.recommender.current()
+    recs = model.recommend_many([seq], k, exclude_seen)[0]
+    return Recommendations(
+        user_id=user_id,
+        model_version=model.version,
+        exclude_seen=exclude_seen,
+        items=[RecommendedItem(item_id=r.item_id, score=r.score) for r in recs],
     )
 
 

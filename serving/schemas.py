@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-__all__ = ["Health", "Neighbor", "SimilarUsers", "Stats", "UserEmbedding"]
+__all__ = [
+    "Health",
+    "Neighbor",
+    "RecommendedItem",
+    "Recommendations",
+    "SimilarUsers",
+    "Stats",
+    "UserEmbedding",
+]
 
 
 class Neighbor(BaseModel):
@@ -16,6 +24,18 @@ class SimilarUsers(BaseModel):
     user_id: str
     model_version: int | None = Field(description="model version of the query user's embedding")
     neighbors: list[Neighbor] = Field(description="most similar other users, best first")
+
+
+class RecommendedItem(BaseModel):
+    item_id: str
+    score: float = Field(description="encoder score (inner product with the item embedding)")
+
+
+class Recommendations(BaseModel):
+    user_id: str
+    model_version: int = Field(description="version of the checkpoint that scored the items")
+    exclude_seen: bool
+    items: list[RecommendedItem] = Field(description="most likely next items, best first")
 
 
 class UserEmbedding(BaseModel):

@@ -1,0 +1,225 @@
+"""PROTOCOL section 3 persona probe on MovieLens 100K: gender, age bucket and
+occupation from FROZEN user embeddings (logistic regression, 5-fold CV),
+against a bag-of-items SVD baseline of the same dimension; plus a fine-tuned
+classifier (``model.finetune``: a head on a copy of the encoder), same folds.
+
+    python benchmarks/persona_probe.py [--threads 1] [--max-minutes 6]
+
+The encoder is trained self-supervised with ``model.offline`` on the ratings
+(selection on valid NDCG@10, so the probe never sees attributes while
+pre-training). ``--max-len 200`` (default here) lets it read most of a
+MovieLens history (median ~65 ratings), as the SVD reads all of it. Embeddings
+probed: ``Trainer.embed_many`` (what the API serves) and, as a second row, the
+causal state of the last step (the next-item query).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import OUT, data_path, threads, write_json
+
+AGE_EDGES = (18, 25, 35, 45, 50, 56)  # MovieLens 1M buckets: <18, 18-24, ..., 56+
+
+
+def read_users(path) -> dict[str, dict[str, str]]:
+    rows = path.read_text(encoding="utf-8").splitlines()
+    header = [h.split(":")[0] for h in rows[0].split("\t")]
+    return {r.split("\t")[0]: dict(zip(header, r.split("\t"), strict=True)) for r in rows[1:] if r}
+
+
+def scores(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+
+    pred = proba.argmax(1)
+    if proba.shape[1] == 2:
+        auc = roc_auc_score(y, proba[:, 1])
+    else:
+        auc = roc_auc_score(
+            y, proba, multi_class="ovr", average="macro", labels=np.arange(proba.shape[1])
+        )
+    return {
+        "accuracy": float(accuracy_score(y, pred)),
+        "macro_f1": float(f1_score(y, pred, average="macro")),
+        "auc": float(auc),
+    }
+
+
+def probe(X: np.ndarray, y: np.ndarray, folds) -> dict[str, float]:
+    """Out-of-fold probabilities of a standardized logistic regression."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    n_classes = int(y.max()) + 1
+    proba = np.zeros((len(y), n_classes))
+    for train, test in folds:
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.1))
+        clf.fit(X[train], y[train])
+        proba[np.ix_(test, clf[-1].classes_)] = clf.predict_proba(X[test])
+    return scores(y, proba)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-minutes", type=float, default=6.0, help="pre-training budget")
+    p.add_argument("--max-len", type=int, default=200)
+    p.add_argument("--finetune-epochs", type=int, default=4)
+    p.add_argument(
+        "--pretrained", help="reuse the checkpoint folder of an earlier run (skips pre-training)"
+    )
+    p.add_argument("--out", default=str(OUT / "persona_probe"))
+    args = p.parse_args()
+    threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    import torch
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.model_selection import StratifiedKFold
+
+    from model.batching import collate
+    from model.datasets import load_sequences
+    from model.evaluate import encode_many
+    from model.finetune import FinetuneConfig, finetune_classifier, predict_proba
+    from model.offline import OfflineConfig, train_offline
+    from model.split import leave_one_out
+    from model.trainer import Trainer
+    from userstream.settings import Settings
+
+    t_start = time.perf_counter()
+    seqs = load_sequences(data_path("ml-100k", "ml-100k.inter"), "movielens")
+    people = read_users(data_path("ml-100k", "ml-100k.user"))
+    users = [u for u in seqs if u in people]
+    split = leave_one_out({u: seqs[u] for u in users})
+
+    # --- self-supervised pre-training (no attributes involved) ------------------
+    if args.pretrained:
+        log = json.loads((Path(args.pretrained) / "train_log.json").read_text())
+        checkpoint = Trainer.latest_checkpoint(args.pretrained)
+        pretrain = {k: log[k] for k in ("config", "best_epoch", "best_valid", "seconds", "stopped")}
+        pretrain["reused_from"] = str(checkpoint)
+    else:
+        config = OfflineConfig(max_len=args.max_len, max_minutes=args.max_minutes, patience=8)
+        result = train_offline(split, config, args.out, progress=False)
+        checkpoint = result.checkpoint
+        pretrain = {"config": dataclasses.asdict(result.config), "best_epoch": result.best_epoch,
+                    "epochs_run": len(result.history), "best_valid": result.best_valid,
+                    "seconds": result.seconds, "stopped": result.stopped}  # fmt: skip
+    trainer = Trainer.load(
+        checkpoint, Settings(device="cpu", sequence_length=max(200, args.max_len))
+    )
+    full = [seqs[u] for u in users]
+    served = trainer.embed_many(full)  # (U, H): what /users/{id}/embedding returns
+    encoded = encode_many(trainer, full)
+    with torch.inference_mode():
+        trainer.encoder.eval()
+        T = trainer.config.max_len
+        last = np.concatenate([
+            trainer.encoder(*(lambda b: (b.items, b.behaviors, b.gaps))(collate(encoded[i : i + 256], T)), causal=True)[:, -1].numpy()
+            for i in range(0, len(encoded), 256)
+        ])  # fmt: skip
+    H = served.shape[1]
+
+    # --- bag-of-items SVD baseline, same dimension ------------------------------
+    items = sorted({b.item_id for s in full for b in s})
+    col = {i: k for k, i in enumerate(items)}
+    bag = np.zeros((len(users), len(items)), dtype=np.float32)
+    for r, s in enumerate(full):
+        bag[r, [col[b.item_id] for b in s]] = 1.0
+    svd = TruncatedSVD(n_components=H, random_state=0).fit_transform(bag)  # (U, H)
+
+    # --- labels -----------------------------------------------------------------
+    gender = np.array([people[u]["gender"] == "F" for u in users], dtype=np.int64)
+    age = np.digitize([int(people[u]["age"]) for u in users], AGE_EDGES)
+    occ_names = sorted({people[u]["occupation"] for u in users})
+    occupation = np.array([occ_names.index(people[u]["occupation"]) for u in users])
+    attrs = {"gender": gender, "age_bucket": age, "occupation": occupation}
+
+    rows = []
+    ft_config = FinetuneConfig(epochs=args.finetune_epochs)
+    for name, y in attrs.items():
+        folds = list(StratifiedKFold(5, shuffle=True, random_state=0).split(np.zeros(len(y)), y))
+        majority = np.bincount(y).argmax()
+        base = scores(
+            y, np.eye(int(y.max()) + 1)[np.full(len(y), majority)] * 0.999 + 0.001 / (y.max() + 1)
+        )
+        rows.append({"attribute": name, "method": "majority class", **base})
+        rows.append(
+            {"attribute": name, "method": f"SVD bag-of-items ({H})", **probe(svd, y, folds)}
+        )
+        rows.append(
+            {
+                "attribute": name,
+                "method": f"ours: served embedding ({H})",
+                **probe(served, y, folds),
+            }
+        )
+        rows.append(
+            {"attribute": name, "method": f"ours: last causal state ({H})", **probe(last, y, folds)}
+        )
+        t0 = time.perf_counter()
+        n_classes = int(y.max()) + 1
+        proba = np.zeros((len(y), n_classes))
+        for train, test in folds:
+            clf = finetune_classifier(
+                trainer.encoder, [encoded[i] for i in train], y[train], n_classes, ft_config
+            )
+            proba[test] = predict_proba(clf, [encoded[i] for i in test])
+        rows.append({"attribute": name, "method": "ours: fine-tuned encoder + head", **scores(y, proba),
+                     "seconds": time.perf_counter() - t0})  # fmt: skip
+        for r in rows[-5:]:
+            print(f"{name:<11} {r['method']:<34} acc {r['accuracy']:.3f} macroF1 {r['macro_f1']:.3f} AUC {r['auc']:.3f}", flush=True)  # fmt: skip
+
+    payload = {
+        "data": "ml-100k",
+        "users": len(users),
+        "dim": H,
+        "pretrain": pretrain,
+        "finetune": dataclasses.asdict(ft_config),
+        "cv": "StratifiedKFold(5, shuffle, seed 0); LogisticRegression(C=0.1) on standardized features",
+        "rows": rows,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    out = write_json("persona_probe", payload)
+    _plot(rows, f"{args.out}/persona_probe.png")
+    print(f"\nPersona probe, MovieLens 100K, {len(users)} users, 5-fold CV; {out}")
+    print(f"{'attribute':<11} {'method':<34} {'acc':>6} {'macroF1':>8} {'AUC':>6}")
+    for r in rows:
+        print(
+            f"{r['attribute']:<11} {r['method']:<34} {r['accuracy']:>6.3f} {r['macro_f1']:>8.3f} {r['auc']:>6.3f}"
+        )
+
+
+def _plot(rows, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attrs = list(dict.fromkeys(r["attribute"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    w = 0.8 / len(methods)
+    for k, m in enumerate(methods):
+        vals = [
+            next(r["auc"] for r in rows if r["attribute"] == a and r["method"] == m) for a in attrs
+        ]
+        ax.bar(np.arange(len(attrs)) + k * w, vals, w, label=m)
+    ax.set_xticks(np.arange(len(attrs)) + 0.4 - w / 2, attrs)
+    ax.set_ylabel("AUC (5-fold CV)")
+    ax.set_ylim(0.4, None)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

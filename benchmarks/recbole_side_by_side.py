@@ -1,0 +1,382 @@
+"""RecBole SASRec (CE loss) next to our encoder on EXACTLY the same Beauty split,
+both scored with OUR protocol (PROTOCOL section 1), plus training throughput.
+
+    python benchmarks/recbole_side_by_side.py [--recbole-python PY] [--steps 100]
+        [--repeats 3] [--recbole-epochs 0] [--threads 1]
+
+RecBole runs in its OWN virtual environment (``benchmarks/requirements-recbole.txt``
+says how to make it); this script re-runs itself there with ``--worker``.
+
+Same split: RecBole's ``LS: valid_and_test`` with time order on the per-user
+chronological sequences (timestamps = position) is the leave-one-out split of
+``model.split``; its training set is every prefix of s_1..s_{n-2} (one 50-step
+sequence per target). Same config: hidden 64, 2 layers, 2 heads, max length 50,
+dropout 0.5, lr 1e-3, RecBole batch 256 sequences.
+
+Throughput (PROTOCOL section 4, same process settings, medians of ``--repeats``
+timed runs of ``--steps`` optimizer steps each, data loading included):
+* RecBole: sequences/s = targets/s (one target per prefix sequence).
+* ours: windows/s and targets/s, with our default objective (next + cloze +
+  contrastive) and with next-item alone; a window is a user's sequence (up to
+  51 steps) whose every prefix is a target.
+The headline ratio is targets/s (the same training signal per second); the
+sequences/s ratio is reported too.
+
+Quality: ``--recbole-epochs N`` trains RecBole N epochs (selection on OUR valid
+NDCG@10, test read once) -- about 200 s per epoch on 2 free cores. Our quality
+is read from the newest ``beauty_quality`` JSON when there is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+CONFIG = {
+    "hidden_size": 64,
+    "inner_size": 256,
+    "n_layers": 2,
+    "n_heads": 2,
+    "hidden_dropout_prob": 0.5,
+    "attn_dropout_prob": 0.5,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-12,
+    "initializer_range": 0.02,
+    "loss_type": "CE",
+    "MAX_ITEM_LIST_LENGTH": 50,
+    "learning_rate": 1e-3,
+    "train_batch_size": 256,
+}
+
+
+# --- the RecBole side (runs inside the RecBole venv) ---------------------------------
+def _numpy2_shims() -> None:
+    """RecBole 1.2.1's Config assigns np.float = np.float_ etc.; numpy 2 removed them."""
+    import numpy as np
+
+    for old, new in (("float_", np.float64), ("complex_", np.complex128), ("unicode_", np.str_), ("bool8", np.bool_)):  # fmt: skip
+        if not hasattr(np, old):
+            setattr(np, old, new)
+
+
+def write_atomic(seqs: dict[str, list[str]], folder: Path) -> Path:
+    """Sequences -> RecBole atomic ``.inter`` (timestamps = position in the sequence)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{folder.name}.inter"
+    with path.open("w") as fh:
+        fh.write("user_id:token\titem_id:token\ttimestamp:float\n")
+        for u, items in seqs.items():
+            for t, i in enumerate(items):
+                fh.write(f"{u}\t{i}\t{t}\n")
+    return path
+
+
+def recbole_worker(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    _numpy2_shims()
+    from recbole.config import Config
+    from recbole.data import create_dataset, data_preparation
+    from recbole.model.sequential_recommender import SASRec
+    from recbole.utils import init_seed
+
+    from model.metrics import metric_sums, pessimistic_ranks
+
+    data_dir = Path(args.data_dir)
+    cfg = Config(
+        model="SASRec",
+        dataset=data_dir.name,
+        config_dict={
+            **CONFIG,
+            "data_path": str(data_dir.parent),
+            "USER_ID_FIELD": "user_id",
+            "ITEM_ID_FIELD": "item_id",
+            "TIME_FIELD": "timestamp",
+            "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+            "eval_args": {
+                "split": {"LS": "valid_and_test"},
+                "order": "TO",
+                "mode": "full",
+                "group_by": "user",
+            },
+            "train_neg_sample_args": None,
+            "eval_batch_size": 1024,
+            "use_gpu": False,
+            "device": "cpu",
+            "seed": 0,
+            "reproducibility": True,
+            "show_progress": False,
+            "checkpoint_dir": str(data_dir.parent / "saved"),
+            "metrics": ["Hit", "NDCG"],
+            "topk": [10],
+            "valid_metric": "NDCG@10",
+        },
+    )
+    init_seed(cfg["seed"], cfg["reproducibility"])
+    logging.getLogger().setLevel(logging.WARNING)
+    t0 = time.perf_counter()
+    dataset = create_dataset(cfg)
+    train_data, valid_data, test_data = data_preparation(cfg, dataset)
+    prep_s = time.perf_counter() - t0
+    model = SASRec(cfg, train_data.dataset)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["learning_rate"])
+    n_train = len(train_data.dataset)
+
+    def train_steps(n: int | None) -> tuple[int, float]:
+        model.train()
+        seen, t = 0, time.perf_counter()
+        for k, inter in enumerate(train_data):
+            if n is not None and k >= n:
+                break
+            loss = model.calculate_loss(inter)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            seen += len(inter)
+        return seen, time.perf_counter() - t
+
+    train_steps(5)  # warm-up
+    runs = []
+    for _ in range(args.repeats):
+        seen, s = train_steps(args.steps)
+        runs.append(seen / s)
+    out = {
+        "recbole_version": __import__("recbole").__version__,
+        "config": CONFIG,
+        "train_sequences_per_epoch": n_train,
+        "prep_s": prep_s,
+        "sequences_per_s_runs": runs,
+        "sequences_per_s": statistics.median(runs),
+        "steps": args.steps,
+        "threads": args.threads,
+    }
+
+    # OUR protocol: every input history item masked (not only the last 50), target kept
+    tok = dataset.field2token_id["item_id"]
+    seqs = json.loads((data_dir / "sequences.json").read_text())
+
+    @torch.inference_mode()
+    def score(loader, part: str) -> dict[str, float]:
+        model.eval()
+        sums, n = {}, 0
+        uid2tok = dataset.field2id_token["user_id"]
+        for batch in loader:
+            inter = batch[0]
+            scores = model.full_sort_predict(inter).view(len(inter), -1).float()  # (B, n_items)
+            scores[:, 0] = -torch.inf  # padding id
+            target = inter["item_id"]
+            exclude = torch.zeros_like(scores, dtype=torch.bool)
+            for b, u in enumerate(inter["user_id"].tolist()):
+                full = seqs[uid2tok[u]]
+                hist = full[:-2] if part == "valid" else full[:-1]
+                exclude[b, [tok[i] for i in hist]] = True
+            ranks = pessimistic_ranks(scores, target, exclude)
+            for k, v in metric_sums(ranks).items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += len(ranks)
+        return {k: v / n for k, v in sums.items()} | {"users": n}
+
+    if args.recbole_epochs > 0:
+        best, best_state, history = -1.0, None, []
+        for epoch in range(1, args.recbole_epochs + 1):
+            seen, s = train_steps(None)
+            valid = score(valid_data, "valid")
+            history.append(
+                {
+                    "epoch": epoch,
+                    "train_s": s,
+                    "sequences_per_s": seen / s,
+                    **{f"valid_{k}": v for k, v in valid.items()},
+                }
+            )
+            print(
+                f"recbole epoch {epoch}: {s:.0f}s, valid NDCG@10 {valid['NDCG@10']:.4f}", flush=True
+            )
+            if valid["NDCG@10"] > best:
+                best, best_state = (
+                    valid["NDCG@10"],
+                    {k: v.clone() for k, v in model.state_dict().items()},
+                )
+        model.load_state_dict(best_state)
+        out["epochs"] = args.recbole_epochs
+        out["history"] = history
+        out["valid"] = score(valid_data, "valid")
+        out["test"] = score(test_data, "test")
+    Path(args.worker_out).write_text(json.dumps(out, indent=2))
+
+
+# --- our side (the project's venv) ---------------------------------------------------
+def ours_throughput(split, steps: int, repeats: int, weights: tuple[float, float, float]) -> dict:
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from model.batching import collate
+    from model.evaluate import encode_many
+    from model.offline import (
+        OfflineConfig,
+        _bucketed_batches,
+        _make_trainer,
+        derive_batch_size,
+        windows,
+    )
+    from model.tasks import total_loss
+    from userstream.settings import Settings
+
+    nxt, mlm, con = weights
+    config = OfflineConfig(dropout=0.5, next_weight=nxt, mlm_weight=mlm, contrastive_weight=con)
+    trainer = _make_trainer(
+        split, config, Settings(device="cpu"), ROOT / "benchmarks/out/recbole/ours-tmp"
+    )
+    encoded = encode_many(trainer, split.full)
+    w = windows([e[:-2] for e in encoded], config.max_len)
+    lengths = np.array([len(x) for x in w])
+    targets_per_window = float((lengths - 1).sum() / len(w))
+    bs = derive_batch_size(targets_per_window)
+    rng = np.random.default_rng(0)
+    n_valid = len(trainer.items)
+    enc = trainer.encoder
+    enc.train()
+
+    def run(n: int) -> tuple[int, int, float]:
+        batches = _bucketed_batches(lengths, bs, rng)[:n]
+        t = time.perf_counter()
+        nw = nt = 0
+        for idx in batches:
+            batch = collate([w[i] for i in idx])
+            loss, _ = total_loss(enc, batch, n_valid, trainer.weights, trainer.generator)
+            trainer.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(enc.parameters(), 1.0)
+            trainer.optimizer.step()
+            nw += len(idx)
+            nt += int((lengths[idx] - 1).sum())
+        return nw, nt, time.perf_counter() - t
+
+    run(5)
+    # steps scaled so both sides process about the same number of targets per timed run
+    n = max(10, round(steps * 256 / (bs * targets_per_window)))
+    wins, tgts = [], []
+    for _ in range(repeats):
+        nw, nt, s = run(n)
+        wins.append(nw / s)
+        tgts.append(nt / s)
+    return {
+        "weights": {"next": nxt, "mlm": mlm, "contrastive": con},
+        "batch_windows": bs,
+        "steps": n,
+        "windows_per_s_runs": wins,
+        "targets_per_s_runs": tgts,
+        "windows_per_s": statistics.median(wins),
+        "targets_per_s": statistics.median(tgts),
+        "train_windows_per_epoch": len(w),
+        "train_targets_per_epoch": int((lengths - 1).sum()),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--recbole-python", default=str(ROOT / "benchmarks/out/recbole-venv/bin/python"))
+    p.add_argument("--steps", type=int, default=100, help="RecBole steps per timed run")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--recbole-epochs", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--worker", choices=["recbole"], help=argparse.SUPPRESS)
+    p.add_argument("--data-dir", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker == "recbole":
+        recbole_worker(args)
+        return
+
+    from _common import OUT, data_path, threads, write_json
+
+    threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from model.datasets import load_sequences
+    from model.split import leave_one_out
+
+    path = data_path("beauty", "Beauty.txt")
+    seqs = load_sequences(path, "amazon-seq")
+    split = leave_one_out(seqs)
+    work = OUT / "recbole"
+    data_dir = work / "beauty"
+    ids = {u: [b.item_id for b in s] for u, s in zip(split.users, split.full, strict=True)}
+    write_atomic(ids, data_dir)
+    (data_dir / "sequences.json").write_text(json.dumps(ids))
+
+    t0 = time.perf_counter()
+    ours = {
+        "default (next+mlm+contrastive)": ours_throughput(
+            split, args.steps, args.repeats, (1.0, 0.1, 0.05)
+        ),
+        "next only": ours_throughput(split, args.steps, args.repeats, (1.0, 0.0, 0.0)),
+    }
+    worker_out = work / "recbole_worker.json"
+    cmd = [args.recbole_python, __file__, "--worker", "recbole", "--data-dir", str(data_dir),
+           "--worker-out", str(worker_out), "--steps", str(args.steps), "--repeats", str(args.repeats),
+           "--recbole-epochs", str(args.recbole_epochs), "--threads", str(args.threads)]  # fmt: skip
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    theirs = json.loads(worker_out.read_text())
+    ours_again = ours_throughput(split, args.steps, args.repeats, (1.0, 0.1, 0.05))  # drift check
+    ours["default (next+mlm+contrastive), after RecBole"] = ours_again
+
+    rb = theirs["sequences_per_s"]
+    ratios = {
+        name: {
+            "targets_per_s_ratio": o["targets_per_s"] / rb,
+            "sequences_per_s_ratio": o["windows_per_s"] / rb,
+        }
+        for name, o in ours.items()
+    }
+    quality = sorted((OUT).glob("beauty_quality-*.json"))
+    ours_quality = json.loads(quality[-1].read_text()) if quality else None
+    payload = {
+        "data": str(path),
+        "config": CONFIG,
+        "ours": ours,
+        "recbole": theirs,
+        "ratios_ours_over_recbole": ratios,
+        "ours_quality": None
+        if ours_quality is None
+        else {
+            "test": ours_quality["test"],
+            "valid": ours_quality["valid"],
+            "best_epoch": ours_quality["best_epoch"],
+            "source": str(quality[-1]),
+        },  # fmt: skip
+        "recbole_quality_reference": "../shared/notes/recbole-here.md: 12 epochs, masked protocol, "
+        "test HR@10 0.0859 NDCG@10 0.0523 HR@20 0.1185 NDCG@20 0.0606 (not re-run here unless "
+        "--recbole-epochs > 0; see recbole.test)",
+        "wall_s": time.perf_counter() - t0,
+    }
+    out = write_json("recbole_side_by_side", payload)
+    print(f"\nThroughput on Beauty ({args.threads} thread(s), medians of {args.repeats}); {out}")
+    print(
+        f"RecBole SASRec-CE: {rb:8.1f} sequences/s = targets/s ({theirs['steps']} steps x batch 256)"
+    )
+    for name, o in ours.items():
+        r = ratios[name]
+        print(f"ours, {name}: {o['windows_per_s']:8.1f} windows/s, {o['targets_per_s']:8.1f} targets/s "
+              f"-> ratio targets/s {r['targets_per_s_ratio']:.2f}, sequences/s {r['sequences_per_s_ratio']:.2f}")  # fmt: skip
+    if "test" in theirs:
+        print(f"RecBole after {theirs['epochs']} epochs, our protocol: test {theirs['test']}")
+    if ours_quality:
+        print(f"ours (beauty_quality): test {ours_quality['test']}")
+
+
+if __name__ == "__main__":
+    main()

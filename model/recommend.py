@@ -1,0 +1,121 @@
+"""Next-item scores from the encoder: the ranking used by ``evaluate`` and by the API.
+
+The query is the causal state of the LAST slot (the most recent behavior), the
+same state :func:`model.tasks.next_item_loss` trains to predict what comes next.
+Scores are inner products with the item table, restricted to the catalogue
+(admitted items; PAD, MASK and hash buckets are never recommended).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.batching import Batch, collate, encode_sequence
+from model.encoder import EncoderConfig, SequenceEncoder
+from model.vocab import BehaviorVocab, ItemVocab
+from userstream.types import Behavior
+
+__all__ = [
+    "NextItemModel",
+    "Recommendation",
+    "catalogue_rows",
+    "next_item_scores",
+    "recommend_many",
+]
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Recommendation:
+    item_id: str
+    score: float
+
+
+def catalogue_rows(items: ItemVocab) -> tuple[int, int]:
+    """[first, stop) rows of the admitted items: column j of the scores is row first + j."""
+    return items.first_item_row, len(items)
+
+
+@torch.inference_mode()
+def next_item_scores(encoder: SequenceEncoder, batch: Batch, items: ItemVocab) -> torch.Tensor:
+    """(B, T) left-padded batch -> (B, N) scores of the N catalogue items."""
+    encoder.eval()
+    h = encoder(batch.items, batch.behaviors, batch.gaps, causal=True)[:, -1]  # (B, H)
+    first, stop = catalogue_rows(items)
+    return h @ encoder.item_emb.weight[first:stop].T  # (B, N)
+
+
+@torch.inference_mode()
+def recommend_many(
+    encoder: SequenceEncoder,
+    items: ItemVocab,
+    behaviors: BehaviorVocab,
+    sequences: Sequence[Sequence[Behavior]],
+    k: int,
+    exclude_seen: bool = True,
+) -> list[list[Recommendation]]:
+    """Top-``k`` next items per sequence, best first (items already in the
+    sequence left out when ``exclude_seen``). Empty sequences get ``[]``."""
+    c = encoder.config
+    device = encoder.item_emb.weight.device
+    encoded = [encode_sequence(s, items, behaviors, c.n_gap_buckets) for s in sequences]
+    out: list[list[Recommendation]] = [[] for _ in sequences]
+    todo = [i for i, e in enumerate(encoded) if len(e)]
+    if not todo:
+        return out
+    batch = collate([encoded[i] for i in todo], min(c.max_len, max(len(encoded[i]) for i in todo)))
+    scores = next_item_scores(encoder, batch.to(device), items).float().cpu()  # (B, N)
+    first, _ = catalogue_rows(items)
+    if exclude_seen:
+        for b, i in enumerate(todo):
+            cols = torch.from_numpy(encoded[i][:, 0]) - first
+            cols = cols[(cols >= 0) & (cols < scores.shape[1])]
+            scores[b, cols] = float("-inf")
+    top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+    for b, i in enumerate(todo):
+        for score, col in zip(top.values[b].tolist(), top.indices[b].tolist(), strict=True):
+            if score == float("-inf"):
+                break
+            out[i].append(Recommendation(str(items.item_of(first + col)), float(score)))
+    return out
+
+
+@dataclass(frozen=True)
+class NextItemModel:
+    """Just what ranking needs from a ``Trainer`` checkpoint (no optimizer state
+    is kept): the encoder in eval mode, the vocabularies, the version."""
+
+    encoder: SequenceEncoder
+    items: ItemVocab
+    behaviors: BehaviorVocab
+    version: int
+    path: str
+
+    @classmethod
+    def load(cls, path: str | Path) -> NextItemModel:
+        t0 = time.perf_counter()
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        encoder = SequenceEncoder(EncoderConfig(**payload["config"]))
+        encoder.load_state_dict(payload["model"])
+        encoder.eval()
+        items = ItemVocab()
+        items.load_state_dict(payload["items"])
+        behaviors = BehaviorVocab(int(payload["behaviors"]["capacity"]))
+        behaviors.load_state_dict(payload["behaviors"])
+        version = int(payload["version"])
+        LOG.info(
+            "next-item model v%d loaded from %s in %.3fs", version, path, time.perf_counter() - t0
+        )
+        return cls(encoder, items, behaviors, version, str(path))
+
+    def recommend_many(
+        self, sequences: Sequence[Sequence[Behavior]], k: int, exclude_seen: bool = True
+    ) -> list[list[Recommendation]]:
+        return recommend_many(self.encoder, self.items, self.behaviors, sequences, k, exclude_seen)
