@@ -33,6 +33,7 @@ class ModelInfo:
     items: int
     updated_at: float
     loss: float
+    drifts: int = 0  # drifts detected by the training worker's DriftMonitor so far
 
 
 def _s(x: bytes | str) -> str:
@@ -107,6 +108,7 @@ class EmbeddingStore:
                 "items": info.items,
                 "updated_at": info.updated_at,
                 "loss": info.loss,
+                "drifts": info.drifts,
             },
         )
 
@@ -121,6 +123,7 @@ class EmbeddingStore:
             items=int(raw.get("items", 0)),
             updated_at=float(raw.get("updated_at", 0.0)),
             loss=float(raw.get("loss", "nan")),
+            drifts=int(raw.get("drifts", 0)),
         )
 
     def get(self, user_id: str) -> np.ndarray | None:

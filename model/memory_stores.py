@@ -10,7 +10,7 @@ one at a time between predictions: about 100 µs per event through Redis
 against a few µs here, for the same state.
 
 :class:`MemoryEmbeddingStore` keeps what the worker writes (embeddings, model
-info, extra model-hash fields such as ``drifts``) in dicts.
+info) in dicts.
 """
 
 from __future__ import annotations
@@ -132,26 +132,11 @@ class MemorySequenceStore:
         return dict(self._counters)
 
 
-class _Hash:
-    """The one Redis call the worker makes on ``EmbeddingStore.r`` directly."""
-
-    def __init__(self) -> None:
-        self.hashes: dict[str, dict[str, object]] = {}
-
-    def hset(self, name: str, key: str | None = None, value: object = None, mapping=None) -> int:
-        h = self.hashes.setdefault(name, {})
-        if key is not None:
-            h[key] = value
-        h.update(mapping or {})
-        return 1
-
-
 class MemoryEmbeddingStore:
     """What :class:`~model.embedding_store.EmbeddingStore` stores, in dicts."""
 
     def __init__(self, keys: Keys | None = None) -> None:
         self.keys = keys or Keys("bench:")
-        self.r = _Hash()
         self.vectors: dict[str, np.ndarray] = {}
         self.versions: dict[str, int] = {}
         self.info: ModelInfo | None = None
@@ -166,9 +151,6 @@ class MemoryEmbeddingStore:
 
     def model_info(self) -> ModelInfo | None:
         return self.info
-
-    def model_fields(self) -> dict[str, object]:
-        return dict(self.r.hashes.get(self.keys.model, {}))
 
     def get(self, user_id: str) -> np.ndarray | None:
         return self.vectors.get(user_id)

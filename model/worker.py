@@ -179,12 +179,14 @@ class TrainingWorker:
             n += self._embed_and_upsert(users, self.sequences.read_many(users), version)
         self.embeddings.set_model_info(
             ModelInfo(
-                version, str(path), self.trainer.items.num_admitted, time.time(), stats["loss"]
+                version,
+                str(path),
+                self.trainer.items.num_admitted,
+                time.time(),
+                stats["loss"],
+                drifts=self.drift.count,
             )
         )
-        # not a ModelInfo field (serving reads the hash field by name): keeps the
-        # EmbeddingStore API unchanged
-        self.embeddings.r.hset(self.embeddings.keys.model, "drifts", self.drift.count)
         embed_s = time.perf_counter() - t_embed
         report = CycleReport(
             version=version,

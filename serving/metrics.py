@@ -91,6 +91,11 @@ class _StateCollector(Collector):
             "Latest model version (0 before the first)",
             value=0 if info is None else info.version,
         )
+        yield CounterMetricFamily(
+            "userstream_drifts_detected",
+            "Concept drifts the training worker detected (ADWIN on loss and hit rate)",
+            value=0 if info is None else info.drifts,
+        )
         yield GaugeMetricFamily(
             "userstream_index_feed_lag_seconds",
             "Feed time between the newest update and the last one applied to the index",

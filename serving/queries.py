@@ -164,6 +164,7 @@ def stats(ctx: ServingContext) -> Stats:
         embedded_users=ctx.embeddings.count(),
         model_version=None if info is None else info.version,
         model_updated_at=None if info is None else info.updated_at,
+        drifts_detected=0 if info is None else info.drifts,
         index_size=len(index),
         index_dim=index.dim,
         index_ready=ready,

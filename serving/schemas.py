@@ -54,6 +54,7 @@ class Stats(BaseModel):
     embedded_users: int = Field(description="users with an embedding in Redis")
     model_version: int | None = Field(description="latest model version; null before the first")
     model_updated_at: float | None = Field(description="unix time of the latest model version")
+    drifts_detected: int = Field(0, description="concept drifts the training worker detected")
     index_size: int = Field(description="vectors in this replica's FAISS index")
     index_dim: int | None
     index_ready: bool

@@ -262,7 +262,7 @@ def test_worker_publishes_drifts_and_catches_up(tmp_path):
             drift.count, drift._pending_catchup = 1, True  # as if the hit rate had dropped
         worker.run_cycle()
     assert counted == [3, 9, 3]
-    assert emb.model_fields()["drifts"] == 1
+    assert emb.model_info().drifts == 1
     assert worker.trainer.extra["drifts"] == 1  # saved with the checkpoint, survives restarts
 
 

@@ -228,6 +228,7 @@ def test_metrics(settings, redis_client, store, sequences, planted):
         assert "userstream_events_ingested_total 1.0" in text
         assert "userstream_events_dead_lettered_total 1.0" in text
         assert "userstream_model_version 3.0" in text
+        assert "userstream_drifts_detected_total 0.0" in text
         assert "userstream_follower_rebuilds_total 1.0" in text  # loaded from read_all
         assert "userstream_follower_applied_updates_total 0.0" in text
         assert "userstream_redis_up 1.0" in text
