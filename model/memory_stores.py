@@ -20,11 +20,10 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 
 from model.embedding_store import ModelInfo
+from stream.state import AppliedBatch, OffsetEvent, plan_batch
 from userstream.types import Behavior, Keys
 
 __all__ = ["MemoryEmbeddingStore", "MemorySequenceStore"]
-
-OffsetEvent = tuple  # (partition, offset, Event), as in stream.state
 
 
 class MemorySequenceStore:
@@ -52,48 +51,28 @@ class MemorySequenceStore:
                 out[int(p)] = v
         return out
 
-    def apply_many(self, topic: str, events: Sequence[OffsetEvent], dead=()):
-        from stream.state import AppliedBatch  # the same result type
-
+    def apply_many(self, topic: str, events: Sequence[OffsetEvent], dead=()) -> AppliedBatch:
         if not events and not dead:
             return AppliedBatch(0, 0, 0)
-        done = self.applied_offsets(topic)
-        n_dead = 0
-        last: dict[int, int] = {}
-        for partition, offset in dead:
-            if offset <= done.get(partition, -1):
-                continue
-            n_dead += 1
-            last[partition] = max(offset, last.get(partition, -1))
-        per_user: dict[str, list[Behavior]] = {}
-        skipped = 0
-        for partition, offset, ev in events:
-            if offset <= done.get(partition, -1):
-                skipped += 1
-                continue
-            if offset > last.get(partition, -1):
-                last[partition] = offset
-            # the Redis encoding keeps ts to the millisecond: keep the same value here
-            per_user.setdefault(ev.user_id, []).append(
-                Behavior(ev.item_id, ev.behavior, float(f"{ev.ts:.3f}"))
-            )
-            self._items.add(ev.item_id)
-            self._behaviors[ev.behavior] = self._behaviors.get(ev.behavior, 0) + 1
-        applied = len(events) - skipped
-        self._counters["events_duplicate_skipped"] += skipped
-        if applied == 0 and n_dead == 0:
-            return AppliedBatch(0, skipped, 0)
-        for user, entries in per_user.items():
+        plan = plan_batch(events, dead, self.applied_offsets(topic))
+        self._counters["events_duplicate_skipped"] += plan.skipped
+        if plan.applied == 0 and plan.dead == 0:
+            return AppliedBatch(0, plan.skipped, 0)
+        for user, evs in plan.per_user.items():
             seq = self._seqs.setdefault(user, [])
-            seq.extend(entries)
+            # the Redis encoding keeps ts to the millisecond: keep the same value here
+            seq.extend(Behavior(e.item_id, e.behavior, float(f"{e.ts:.3f}")) for e in evs)
             if len(seq) > self.max_len:
                 del seq[: len(seq) - self.max_len]
             self._dirty[user] = None
-        self._counters["events_ingested"] += applied
-        self._counters["events_dead_lettered"] += n_dead
-        for p, o in last.items():
+        self._items |= plan.items
+        for name, n in plan.behaviors.items():
+            self._behaviors[name] = self._behaviors.get(name, 0) + n
+        self._counters["events_ingested"] += plan.applied
+        self._counters["events_dead_lettered"] += plan.dead
+        for p, o in plan.last.items():
             self._offsets[f"{topic}:{p}"] = o
-        return AppliedBatch(applied, skipped, len(per_user), n_dead)
+        return AppliedBatch(plan.applied, plan.skipped, len(plan.per_user), plan.dead)
 
     def count(self, name: str, n: int = 1) -> None:
         self._counters[name] = self._counters.get(name, 0) + n

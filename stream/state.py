@@ -16,7 +16,7 @@ import redis
 
 from userstream.types import Behavior, Event, Keys, decode_behavior, encode_behavior
 
-__all__ = ["AppliedBatch", "SequenceStore", "OffsetEvent"]
+__all__ = ["AppliedBatch", "BatchPlan", "OffsetEvent", "SequenceStore", "plan_batch"]
 
 LOG = logging.getLogger(__name__)
 
@@ -55,6 +55,41 @@ class AppliedBatch:
     dead_lettered: int = 0  # invalid events counted
 
 
+@dataclass(slots=True)
+class BatchPlan:
+    """What one batch changes, after dropping everything already applied."""
+
+    per_user: dict[str, list[Event]]  # new events per user, in order
+    items: set[str]
+    behaviors: dict[str, int]  # behavior name -> count
+    last: dict[int, int]  # partition -> highest offset in the batch (events and dead)
+    applied: int
+    skipped: int  # at or below the stored offset: applied before
+    dead: int  # dead-lettered events not counted before
+
+
+def plan_batch(
+    events: Sequence[OffsetEvent], dead: Sequence[tuple[int, int]], done: dict[int, int]
+) -> BatchPlan:
+    """The pure part of :meth:`SequenceStore.apply_many` (``done``: applied offsets)."""
+    plan = BatchPlan({}, set(), {}, {}, 0, 0, 0)
+    last = plan.last
+    for partition, offset in dead:
+        if offset > done.get(partition, -1):
+            plan.dead += 1
+            last[partition] = max(offset, last.get(partition, -1))
+    for partition, offset, ev in events:
+        if offset <= done.get(partition, -1):
+            plan.skipped += 1
+            continue
+        last[partition] = max(offset, last.get(partition, -1))
+        plan.per_user.setdefault(ev.user_id, []).append(ev)
+        plan.items.add(ev.item_id)
+        plan.behaviors[ev.behavior] = plan.behaviors.get(ev.behavior, 0) + 1
+    plan.applied = len(events) - plan.skipped
+    return plan
+
+
 class SequenceStore:
     """Reads and writes the rolling sequences of the last ``max_len`` behaviors per user."""
 
@@ -89,59 +124,36 @@ class SequenceStore:
         """
         if not events and not dead:
             return AppliedBatch(0, 0, 0)
-        done = self.applied_offsets(topic)
-        n_dead = 0
-        last: dict[int, int] = {}
-        for partition, offset in dead:
-            if offset <= done.get(partition, -1):
-                continue
-            n_dead += 1
-            last[partition] = max(offset, last.get(partition, -1))
-        per_user: dict[str, list[str]] = {}
-        items: set[str] = set()
-        behaviors: dict[str, int] = {}
-        skipped = 0
-        for partition, offset, ev in events:
-            if offset <= done.get(partition, -1):
-                skipped += 1
-                continue
-            if offset > last.get(partition, -1):
-                last[partition] = offset
-            per_user.setdefault(ev.user_id, []).append(
-                encode_behavior(ev.item_id, ev.behavior, ev.ts)
-            )
-            items.add(ev.item_id)
-            behaviors[ev.behavior] = behaviors.get(ev.behavior, 0) + 1
-        applied = len(events) - skipped
-        if applied == 0 and n_dead == 0:
+        plan = plan_batch(events, dead, self.applied_offsets(topic))
+        if plan.applied == 0 and plan.dead == 0:
             # a wholly redelivered batch: nothing to write but the metric
-            if skipped:
-                self.r.hincrby(self.keys.counters, "events_duplicate_skipped", skipped)
-            return AppliedBatch(0, skipped, 0)
+            if plan.skipped:
+                self.r.hincrby(self.keys.counters, "events_duplicate_skipped", plan.skipped)
+            return AppliedBatch(0, plan.skipped, 0)
         pipe = self.r.pipeline(transaction=True)
-        if per_user:
+        if plan.per_user:
             seq_keys: list[str] = []
             args: list[int | str] = [self.max_len]
-            for user, entries in per_user.items():
-                kept = entries[-self.max_len :]  # older ones would be trimmed anyway
+            for user, evs in plan.per_user.items():
+                kept = evs[-self.max_len :]  # older ones would be trimmed anyway
                 seq_keys.append(self.keys.seq(user))
                 args.append(len(kept))
-                args.extend(kept)
+                args.extend(encode_behavior(e.item_id, e.behavior, e.ts) for e in kept)
             self._append(keys=seq_keys, args=args, client=pipe)
-            pipe.sadd(self.keys.users, *per_user)
-            pipe.sadd(self.keys.dirty, *per_user)
-            pipe.sadd(self.keys.items, *items)
-        for name, n in behaviors.items():
+            pipe.sadd(self.keys.users, *plan.per_user)
+            pipe.sadd(self.keys.dirty, *plan.per_user)
+            pipe.sadd(self.keys.items, *plan.items)
+        for name, n in plan.behaviors.items():
             pipe.hincrby(self.keys.behaviors, name, n)
-        if applied:
-            pipe.hincrby(self.keys.counters, "events_ingested", applied)
-        if n_dead:
-            pipe.hincrby(self.keys.counters, "events_dead_lettered", n_dead)
-        if skipped:
-            pipe.hincrby(self.keys.counters, "events_duplicate_skipped", skipped)
-        pipe.hset(self.keys.offsets, mapping={f"{topic}:{p}": o for p, o in last.items()})
+        if plan.applied:
+            pipe.hincrby(self.keys.counters, "events_ingested", plan.applied)
+        if plan.dead:
+            pipe.hincrby(self.keys.counters, "events_dead_lettered", plan.dead)
+        if plan.skipped:
+            pipe.hincrby(self.keys.counters, "events_duplicate_skipped", plan.skipped)
+        pipe.hset(self.keys.offsets, mapping={f"{topic}:{p}": o for p, o in plan.last.items()})
         pipe.execute()
-        return AppliedBatch(applied, skipped, len(per_user), n_dead)
+        return AppliedBatch(plan.applied, plan.skipped, len(plan.per_user), plan.dead)
 
     def count(self, name: str, n: int = 1) -> None:
         self.r.hincrby(self.keys.counters, name, n)

@@ -96,3 +96,21 @@ def test_long_batches_of_one_user_keep_order_and_bound(redis_client, keys):
     store.apply_many(T, [(0, i, e("u1", f"i{i}", float(i))) for i in range(2100, 5200)])
     assert [b.item_id for b in store.read_many(["u1"])[0]] == [f"i{i}" for i in range(2700, 5200)]
     assert store.counters()["events_ingested"] == 5200
+
+
+def test_plan_batch_drops_applied_offsets_and_keeps_order():
+    from stream.state import plan_batch
+    from userstream.types import Event
+
+    evs = [
+        (0, 5, Event("a", "i1", "view", 1.0)),  # applied before (stored offset 5)
+        (0, 6, Event("a", "i2", "click", 2.0)),
+        (1, 3, Event("b", "i3", "view", 3.0)),
+        (0, 6, Event("a", "i4", "view", 4.0)),  # same message (array): same offset
+    ]
+    plan = plan_batch(evs, dead=[(1, 4), (0, 2)], done={0: 5, 1: 2})
+    assert [e.item_id for e in plan.per_user["a"]] == ["i2", "i4"]
+    assert [e.item_id for e in plan.per_user["b"]] == ["i3"]
+    assert (plan.applied, plan.skipped, plan.dead) == (3, 1, 1)
+    assert plan.last == {0: 6, 1: 4}
+    assert plan.items == {"i2", "i3", "i4"} and plan.behaviors == {"click": 1, "view": 2}
