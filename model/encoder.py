@@ -145,7 +145,12 @@ class SequenceEncoder(nn.Module):
     ) -> torch.Tensor:
         """THE user embedding: mean of bidirectional states over real positions,
         L2-normalized. (B, T) -> (B, H). An empty sequence gives the zero vector."""
-        h = self(items, behaviors, gaps, causal=False)  # (B, T, H)
+        return self.pool(self(items, behaviors, gaps, causal=False), items)  # (B, H)
+
+    @staticmethod
+    def pool(h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Mean of states (B, T, H) over real positions of ``items`` (B, T),
+        L2-normalized -> (B, H)."""
         real = (items != PAD).unsqueeze(-1).to(h.dtype)  # (B, T, 1)
         pooled = (h * real).sum(1) / real.sum(1).clamp(min=1.0)  # (B, H)
         return F.normalize(pooled, dim=-1)  # (B, H)

@@ -5,8 +5,10 @@ holds every item of the data set, then trains the self-supervised objective
 (next-behavior + masked behavior + contrastive, weights in
 :class:`OfflineConfig`) on every prefix of each user's training sequence,
 checks validation NDCG@10 after each epoch, keeps the best checkpoint (the
-``latest`` pointer names it) and stops after ``patience`` epochs without
-improvement. The test split is never read here.
+``latest`` pointer names it), multiplies the learning rate by ``lr_decay``
+after every ``lr_patience`` epochs without improvement (reduce-on-plateau) and
+stops after ``patience`` epochs without improvement. The test split is never
+read here.
 
 Every prefix: a sequence is cut into windows of ``max_len + 1`` steps
 (overlapping by one), and next-item cross-entropy is taken at every real
@@ -48,6 +50,8 @@ SELECT_ON = "NDCG@10"
 class OfflineConfig:
     max_epochs: int = 200
     patience: int = 10  # epochs without a better valid NDCG@10 before stopping
+    lr_patience: int = 3  # epochs without a better valid NDCG@10 before the lr is cut
+    lr_decay: float = 0.5  # factor applied to the learning rate at each cut
     batch_size: int | None = None  # windows per step; None: derived (derive_batch_size)
     learning_rate: float = 1e-3
     max_len: int = 50
@@ -268,6 +272,7 @@ def train_offline(
         )
         row = {"epoch": epoch, **{k: v / len(batches) for k, v in sums.items()}}
         row.update({f"valid_{k}": v for k, v in valid.items()})
+        row["lr"] = trainer.optimizer.param_groups[0]["lr"]
         row["train_s"] = train_s
         row["valid_s"] = time.perf_counter() - t0 - train_s
         row["windows_per_s"] = len(train_windows) / train_s
@@ -291,7 +296,13 @@ def train_offline(
         if on_epoch is not None:
             on_epoch(row)
         (out / "train_log.json").write_text(json.dumps(result.to_json(), indent=2))
-        if epoch - result.best_epoch >= config.patience:
+        stale = epoch - result.best_epoch
+        if stale and config.lr_patience and stale % config.lr_patience == 0:
+            for group in trainer.optimizer.param_groups:
+                group["lr"] *= config.lr_decay
+            LOG.info("no better valid %s for %d epochs: lr -> %.2e", SELECT_ON, stale,
+                     trainer.optimizer.param_groups[0]["lr"])  # fmt: skip
+        if stale >= config.patience:
             result.stopped = f"no better valid {SELECT_ON} for {config.patience} epochs"
             break
         if config.max_minutes is not None and result.seconds > 60 * config.max_minutes:

@@ -16,7 +16,7 @@ import torch
 
 from model.batching import gap_buckets, make_batch
 from model.encoder import EncoderConfig, SequenceEncoder
-from model.tasks import cloze_loss, contrastive_loss, next_item_loss, total_loss
+from model.tasks import LossWeights, cloze_loss, contrastive_loss, next_item_loss, total_loss
 from model.trainer import Trainer
 from model.vocab import MASK, PAD, UNKNOWN_BEHAVIOR, BehaviorVocab, ItemVocab
 from userstream.settings import Settings
@@ -282,6 +282,48 @@ def test_losses_handle_degenerate_batches():
     loss.backward()
     assert set(parts) == {"mlm", "next", "contrastive", "loss"}
     assert np.isfinite(parts["loss"])
+
+
+def test_total_loss_shares_the_cloze_pass_with_the_contrastive_task(monkeypatch):
+    """All three tasks: 3 encoder passes (causal, masked view, one augmented view),
+    and the contrastive part still learns (lower after training on its own)."""
+    seqs, _ = planted()
+    items, _, batch = vocab_batch(seqs)
+    enc = tiny_encoder()
+    calls = []
+    original = SequenceEncoder.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs.get("causal", False))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SequenceEncoder, "forward", counting)
+    weights = LossWeights(mlm=1.0, next=1.0, contrastive=1.0)
+    _, parts = total_loss(enc, batch, len(items), weights, torch.Generator().manual_seed(0))
+    assert sorted(calls) == [False, False, True] and set(parts) >= {"mlm", "contrastive"}
+    calls.clear()
+    total_loss(enc, batch, len(items), LossWeights(0.0, 0.0, 1.0))
+    assert calls == [False, False]  # without cloze: two augmented views
+
+    opt = torch.optim.AdamW(enc.parameters(), lr=3e-3)
+
+    def contrastive_part(gen) -> float:
+        return total_loss(enc, batch, len(items), weights, gen)[1]["contrastive"]
+
+    enc.eval()
+    with torch.no_grad():
+        initial = contrastive_part(torch.Generator().manual_seed(123))
+    gen = torch.Generator().manual_seed(1)
+    enc.train()
+    for _ in range(100):
+        loss, _ = total_loss(enc, batch, len(items), weights, gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    enc.eval()
+    with torch.no_grad():
+        final = contrastive_part(torch.Generator().manual_seed(123))
+    assert final < initial * 0.7, (initial, final)
 
 
 # --- trainer ---------------------------------------------------------------------

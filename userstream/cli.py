@@ -295,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--out", default="benchmarks/out/train", help="checkpoint, log, curves")
     tp.add_argument("--max-epochs", type=int, dest="max_epochs")
     tp.add_argument("--patience", type=int, help="epochs without better valid NDCG@10")
+    tp.add_argument(
+        "--lr-patience",
+        type=int,
+        dest="lr_patience",
+        help="epochs without better valid NDCG@10 before the lr is cut (0: never)",
+    )
+    tp.add_argument("--lr-decay", type=float, dest="lr_decay", help="factor of each lr cut")
     tp.add_argument("--batch-size", type=int, dest="batch_size")
     tp.add_argument("--learning-rate", type=float, dest="learning_rate")
     tp.add_argument("--max-len", type=int, dest="max_len")
