@@ -151,8 +151,8 @@ class TrainingWorker:
         kept = [(u, q) for u, q in zip(dirty, dirty_seqs, strict=True) if q]
         dirty_set = set(dirty)
         steps = self.drift.catchup_steps(s.train_steps)  # more steps right after a drift
-        # replay: about as many older users as dirty ones, bounded by what K steps can use
-        n_replay = min(len(kept), steps * s.train_batch_size)
+        # replay: replay_ratio older users per dirty one, bounded by what K steps can use
+        n_replay = min(round(s.replay_ratio * len(kept)), steps * s.train_batch_size)
         replay = self.reservoir.sample(n_replay, exclude=dirty_set)
         replay_seqs = [q for q in self.sequences.read_many(replay) if q]
         self.reservoir.add_many([u for u, _ in kept])

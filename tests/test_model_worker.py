@@ -121,6 +121,20 @@ def test_cycles_embed_everybody_and_separate_the_planted_groups(tmp_path, keys, 
     assert not idle.ran and idle.version == 3 and emb_store.model_info().version == 3
 
 
+@pytest.mark.parametrize(("ratio", "replayed"), [(0.0, 0), (0.5, 2), (2.0, 8), (10.0, 16)])
+def test_replay_ratio_sets_older_users_per_dirty_user(tmp_path, keys, stores, ratio, replayed):
+    """ratio x dirty users are replayed, at most what is not dirty (16 here)."""
+    seq_store, emb_store = stores
+    s = make_settings(tmp_path, keys, replay_ratio=ratio, train_steps=1, refresh_budget=0)
+    feed = Feed(seq_store, n_users=20)
+    feed.write(feed.users, per_user=4)
+    worker = TrainingWorker(s, seq_store, emb_store)
+    worker.run_cycle()
+    feed.write(feed.users[:4], per_user=2)
+    report = worker.run_cycle()
+    assert (report.dirty_users, report.replay_users) == (4, replayed)
+
+
 def test_without_refresh_budget_only_dirty_users_are_re_embedded(tmp_path, keys, stores):
     seq_store, emb_store = stores
     s = make_settings(tmp_path, keys, refresh_budget=0, train_steps=2)

@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     train_batch_size: int = Field(128, ge=2)
     learning_rate: float = Field(1e-3, gt=0)
     reservoir_size: int = Field(10_000, ge=0, description="older users kept for replay")
+    replay_ratio: float = Field(
+        1.0, ge=0, description="replayed older users per dirty user in a cycle"
+    )
     refresh_budget: int = Field(
         4096, ge=0, description="extra not-dirty users re-embedded per cycle (round robin)"
     )
