@@ -98,8 +98,19 @@ def run_prequential_cli(args: Any) -> int:
         if done % 10_000 == 0:
             LOG.info("%d / %d events (%.0fs)", done, total, time.perf_counter() - t0)
 
-    result = run_prequential(events, settings, config, progress=progress)
-    print(table(result))
+    extra = {}
+    if args.via_kafka:
+        from model.prequential_kafka import compare_via_kafka
+        from model.prequential_report import via_kafka_table
+
+        result, _, via = compare_via_kafka(events, settings, config, progress=progress)
+        print(table(result))
+        print("\nin process vs via Kafka (broker, stream worker, Redis) on the same events:")
+        print(via_kafka_table(via, config.k))
+        extra["via_kafka"] = via
+    else:
+        result = run_prequential(events, settings, config, progress=progress)
+        print(table(result))
     if args.report:
         report = Path(args.report)
         write_report(
@@ -110,6 +121,7 @@ def run_prequential_cli(args: Any) -> int:
             data=source,
             format=args.format,
             command=" ".join(sys.argv),
+            **extra,
         )
         print(f"report {report}, plot {report.with_suffix('.png')}")
     return 0

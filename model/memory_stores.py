@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 
 from model.embedding_store import ModelInfo
-from stream.state import AppliedBatch, OffsetEvent, plan_batch
+from stream.state import AppliedBatch, OffsetEvent, plan_batch, stored_behavior
 from userstream.types import Behavior, Keys
 
 __all__ = ["MemoryEmbeddingStore", "MemorySequenceStore"]
@@ -60,8 +60,7 @@ class MemorySequenceStore:
             return AppliedBatch(0, plan.skipped, 0)
         for user, evs in plan.per_user.items():
             seq = self._seqs.setdefault(user, [])
-            # the Redis encoding keeps ts to the millisecond: keep the same value here
-            seq.extend(Behavior(e.item_id, e.behavior, float(f"{e.ts:.3f}")) for e in evs)
+            seq.extend(stored_behavior(e) for e in evs)
             if len(seq) > self.max_len:
                 del seq[: len(seq) - self.max_len]
             self._dirty[user] = None
@@ -86,10 +85,13 @@ class MemorySequenceStore:
         return self._seqs.get(user_id, [])[-n:]
 
     def take_dirty(self, max_users: int) -> list[str]:
-        taken = list(self._dirty)[:max_users]
+        taken = sorted(self._dirty)[:max_users]  # sorted, as SequenceStore.take_dirty
         for u in taken:
             del self._dirty[u]
         return taken
+
+    def dirty_users(self) -> list[str]:
+        return sorted(self._dirty)
 
     def mark_dirty(self, user_ids: Iterable[str]) -> None:
         for u in user_ids:

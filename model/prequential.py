@@ -6,7 +6,10 @@ code path as the live system, in one process:
 * events are validated by ``stream.events.validate_event`` (what the stream
   worker does) and appended, one at a time with increasing offsets, to a
   :class:`~model.memory_stores.MemorySequenceStore` (SequenceStore's
-  semantics in dicts; see that module for why not Redis);
+  semantics in dicts; see that module for why not Redis). That is the default
+  :class:`MemoryFeed`; :class:`model.prequential_kafka.KafkaFeed` sends the
+  same events through the real broker, stream worker and Redis instead
+  (``bench prequential --via-kafka``), so the two can be compared;
 * an unchanged :class:`~model.worker.TrainingWorker` runs a cycle (dirty users
   + reservoir replay, ``train_steps`` optimizer steps, checkpoint, re-embed)
   whenever ``run_forever`` would: ``train_interval_s`` seconds of STREAM time
@@ -40,13 +43,14 @@ model changes (a cycle) or at the end: the same numbers as one at a time.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -59,9 +63,17 @@ from model.ranking import rank_metrics
 from model.trainer import Trainer
 from model.worker import TrainingWorker
 from userstream.settings import Settings
-from userstream.types import Behavior
+from userstream.types import Behavior, Event
 
-__all__ = ["MODELS", "PrequentialConfig", "PrequentialResult", "Cadence", "run_prequential"]
+__all__ = [
+    "MODELS",
+    "Cadence",
+    "Feed",
+    "MemoryFeed",
+    "PrequentialConfig",
+    "PrequentialResult",
+    "run_prequential",
+]
 
 LOG = logging.getLogger(__name__)
 
@@ -102,6 +114,44 @@ class Cadence:
             self.last_t, self.last_events = now, events
             return True
         return False
+
+
+# --- where the events go: the sequence state the training worker reads ---------
+class Feed(Protocol):
+    """Ingest path of a run: ``add`` every event after it was scored, ``tail`` for
+    the state before the next one, ``sync`` before a cycle reads ``store``."""
+
+    store: Any  # a SequenceStore (duck type): what the TrainingWorker reads
+    embeddings: Any  # an EmbeddingStore (duck type): what it writes
+
+    def tail(self, user: str, n: int) -> list[Behavior]:
+        """The last ``n`` behaviors of ``user`` given every event added so far."""
+        ...
+
+    def add(self, pos: int, raw: Any, ev: Event) -> None:
+        """Event ``pos`` (``raw`` as given, ``ev`` validated) after it was scored."""
+        ...
+
+    def sync(self) -> None:
+        """Return once ``store`` holds every added event."""
+        ...
+
+
+class MemoryFeed:
+    """The in-process path: each event goes at once to a MemorySequenceStore."""
+
+    def __init__(self, max_len: int) -> None:
+        self.store = MemorySequenceStore(max_len)
+        self.embeddings = MemoryEmbeddingStore()
+
+    def tail(self, user: str, n: int) -> list[Behavior]:
+        return self.store.read_tail(user, n)
+
+    def add(self, pos: int, raw: Any, ev: Event) -> None:
+        self.store.apply_many(TOPIC, [(0, pos, ev)])
+
+    def sync(self) -> None:
+        pass
 
 
 # --- evaluation state shared by all models ------------------------------------
@@ -238,14 +288,31 @@ def run_prequential(
     config: PrequentialConfig = PrequentialConfig(),
     progress: Callable[[int, int], None] | None = None,
     extra_models: Mapping[str, Any] | None = None,
+    feed: Feed | None = None,
 ) -> PrequentialResult:
     """Test-then-train over ``events`` (dicts in timestamp order); see the module doc.
 
     ``extra_models``: more per-event models (``scores`` / ``learn_one``, as in
     :mod:`model.baselines`) evaluated in the same loop under their key.
+    ``feed``: where the events go (default: a new :class:`MemoryFeed`); every
+    valid event is added to it, and it is synced before each cycle and at the end.
+    Torch's global RNG (dropout) is seeded with ``config.seed`` for the run and
+    restored after, so two runs on the same events train the same way.
     """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return _run(events, settings, config, progress, extra_models, feed)
+
+
+def _run(
+    events: Sequence[dict[str, Any]],
+    settings: Settings,
+    c: PrequentialConfig,
+    progress: Callable[[int, int], None] | None,
+    extra_models: Mapping[str, Any] | None,
+    feed: Feed | None,
+) -> PrequentialResult:
     t_start = time.perf_counter()
-    c = config
     n = len(events)
     unknown = set(c.models) - set(MODELS)
     if unknown:
@@ -275,7 +342,8 @@ def run_prequential(
     new_item = np.zeros(n, dtype=bool)
 
     cat = _Catalogue(c.exclude_seen)
-    store = MemorySequenceStore(settings.sequence_length)
+    feed = feed if feed is not None else MemoryFeed(settings.sequence_length)
+    ingested = 0  # valid events added to the feed
     drift = DriftMonitor(delta=c.drift_delta, catchup_factor=c.catchup_factor) if c.drift else None
     drifts: list[tuple[int, Drift]] = []
     cycles: list[dict[str, Any]] = []
@@ -286,8 +354,8 @@ def run_prequential(
         run_settings = Settings(**{**settings.model_dump(), "data_dir": tmp.name})
         worker = TrainingWorker(
             run_settings,
-            store,  # type: ignore[arg-type]  # SequenceStore's duck type
-            MemoryEmbeddingStore(),  # type: ignore[arg-type]
+            feed.store,
+            feed.embeddings,
             Trainer(run_settings),
             drift=drift if drift is not None else DriftMonitor(catchup_factor=1),
         )
@@ -317,18 +385,23 @@ def run_prequential(
             user = ev.user_id
             # --- the training worker's cycle, when due --------------------------
             if use_encoder:
+                due = cadence.due(ev.ts, ingested)
+                if due:
+                    feed.sync()  # waiting for the ingest path is not the model's time
                 t0 = time.perf_counter()
-                if cadence.due(ev.ts, store.counters()["events_ingested"]):
+                if due:
                     flush_live()
                     n_drifts = len(worker.drift.drifts)
+                    dirty = _digest(feed.store.dirty_users())  # what the cycle will take
                     rep = worker.run_cycle()
                     for d in worker.drift.drifts[n_drifts:]:
                         drifts.append((pos, d))
                     if rep.ran:
                         cycles.append(
                             {"event": pos, "version": rep.version, "loss": rep.loss,
-                             "dirty": rep.dirty_users, "replay": rep.replay_users,
-                             "train_s": rep.train_s, "total_s": rep.total_s}
+                             "dirty": rep.dirty_users, "dirty_digest": dirty,
+                             "replay": rep.replay_users, "train_s": rep.train_s,
+                             "total_s": rep.total_s}
                         )  # fmt: skip
                 dt = time.perf_counter() - t0
                 cycle_s += dt
@@ -336,7 +409,7 @@ def run_prequential(
                     warm_cycle_s += dt
                 if frozen is None and pos >= warmup_events and "frozen" in c.models:
                     frozen = _EncoderScorer(
-                        _freeze(run_settings, store, c.frozen_steps), c.score_batch
+                        _freeze(run_settings, feed, c.frozen_steps), c.score_batch
                     )
             # --- test ---------------------------------------------------------------
             seen = cat.user_sets.get(user)
@@ -354,15 +427,16 @@ def run_prequential(
                     seconds[name] += time.perf_counter() - t0
                 if use_encoder:
                     t0 = time.perf_counter()
-                    req = _Request(pos, store.read_tail(user, T), user, n_items, target, len(seen))
+                    req = _Request(pos, feed.tail(user, T), user, n_items, target, len(seen))
                     live.pending.append(req)
                     if frozen is not None:
                         frozen.pending.append(req)
                     cycle_s += time.perf_counter() - t0
             # --- then train -------------------------------------------------------------
+            t0 = time.perf_counter()
+            feed.add(pos, obj, ev)
+            ingested += 1
             if use_encoder:
-                t0 = time.perf_counter()
-                store.apply_many(TOPIC, [(0, pos, ev)])
                 cycle_s += time.perf_counter() - t0
             idx = cat.add(user, ev.item_id)
             for name, model in baselines.items():
@@ -371,6 +445,7 @@ def run_prequential(
                 seconds[name] += time.perf_counter() - t0
             if progress is not None and (pos + 1) % 1000 == 0:
                 progress(pos + 1, n)
+        feed.sync()
         if use_encoder:
             flush_live()
             if frozen is not None:
@@ -407,11 +482,17 @@ def run_prequential(
     return result
 
 
-def _freeze(settings: Settings, store: MemorySequenceStore, extra_steps: int) -> Trainer:
+def _digest(users: Sequence[str]) -> str:
+    """A short fingerprint of a (sorted) user set, to compare runs cycle by cycle."""
+    return hashlib.blake2b("\n".join(users).encode(), digest_size=8).hexdigest()
+
+
+def _freeze(settings: Settings, feed: Feed, extra_steps: int) -> Trainer:
     """A separate copy of the live model as of its latest checkpoint (+ extra steps)."""
     trainer = Trainer.load_latest(settings) or Trainer(settings)
     if extra_steps > 0:
-        seqs = store.read_many(list(store.iter_users()))
+        feed.sync()
+        seqs = feed.store.read_many(sorted(feed.store.iter_users()))  # sorted: any store
         trainer.learn_many(seqs, steps=extra_steps)
     LOG.info("frozen model: v%d, %d item rows", trainer.version, len(trainer.items))
     return trainer

@@ -17,7 +17,7 @@ import numpy as np
 
 from model.prequential import MODELS, PrequentialResult
 
-__all__ = ["recovery", "summary", "table", "plot", "write_report"]
+__all__ = ["recovery", "summary", "table", "plot", "via_kafka_table", "write_report"]
 
 LOG = logging.getLogger(__name__)
 
@@ -144,6 +144,40 @@ def table(result: PrequentialResult) -> str:
             lines.append(
                 f"  {g['config']:<44}{g['hr@10']:.4f}  {g['ndcg@10']:.4f}  {g['events_per_s']:.0f}"
             )
+    return "\n".join(lines)
+
+
+def via_kafka_table(via: dict[str, Any], k: int = 10) -> str:
+    """``bench prequential --via-kafka``: both runs side by side and whether they agree
+    (``via`` as made by :func:`model.prequential_kafka.compare_via_kafka`)."""
+    a = via["agreement"]
+    lines = [
+        f"{'model':<14}{'HR@' + str(k):>9}{'(Kafka)':>9}{'NDCG@' + str(k):>9}{'(Kafka)':>9}"
+        f"{'max |diff|/event':>18}"
+    ]
+    for name, m in via["models"].items():
+        lines.append(
+            f"{name:<14}{m[f'hr@{k}_in_process']:>9.4f}{m[f'hr@{k}']:>9.4f}"
+            f"{m[f'ndcg@{k}_in_process']:>9.4f}{m[f'ndcg@{k}']:>9.4f}"
+            f"{a['metrics'][name]['max_abs_diff_per_event']:>18.3g}"
+        )
+
+    def same(ok: bool) -> str:
+        return "identical" if ok else "DIFFER"
+
+    lines += [
+        f"via Kafka: {via['events']} events in {via['messages']} messages, {via['chunks']} "
+        f"chunks, {via['partitions']} partitions, {via['redis_reads']} sequences read from "
+        f"Redis for scoring",
+        f"wall: in process {via['wall_s_in_process']:.1f}s, via Kafka {via['wall_s']:.1f}s "
+        f"(of which producing {via['produce_s']:.1f}s + waiting for the stream worker "
+        f"{via['sync_s'] - via['produce_s']:.1f}s; "
+        f"start {via['startup_s']:.1f}s, in all {via['wall_s_total']:.1f}s)",
+        f"agreement: sequences {same(a['sequences'])} ({a['users']} users), counters "
+        f"{same(a['counters'])}, {a['cycles']} cycles {same(a['cycles_identical'])} "
+        f"(dirty sets, replay, versions), cycle loss max |diff| {a['cycle_loss_max_abs_diff']:.3g}, "
+        f"drifts {same(a['drifts_identical'])}; metrics: {a['verdict']}",
+    ]
     return "\n".join(lines)
 
 

@@ -5,6 +5,9 @@ order). Consecutive events of the same user may be grouped into one JSON-array
 message (``group`` events at most) to cut the per-message cost of the whole
 pipeline; only consecutive ones, so per-user order within the partition is
 kept. ``rate`` limits events per second (0 = as fast as possible).
+The report carries the highest acknowledged offset of each partition, so a
+caller can wait until a consumer (the stream worker's offsets in Redis) covers
+what was sent.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,7 @@ from stream.topics import ensure_topics_async
 from userstream.settings import Settings
 from userstream.types import Event
 
-__all__ = ["ReplayReport", "produce_events", "produce_events_async", "replay"]
+__all__ = ["ReplayReport", "new_producer", "produce_events", "produce_events_async", "replay"]
 
 LOG = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ class ReplayReport:
     messages: int  # Kafka messages (an array message holds several events)
     failed: int  # messages the broker did not acknowledge
     seconds: float
+    offsets: dict[int, int] = field(default_factory=dict)  # partition -> highest acked offset
 
     @property
     def events_per_s(self) -> float:
@@ -58,25 +62,33 @@ async def produce_events_async(
     total: int | None = None,
     group: int = 50,
     ensure: bool = True,
+    producer: AIOKafkaProducer | None = None,
 ) -> ReplayReport:
-    """Send ``events`` in iteration order to ``settings.events_topic``; see module doc."""
+    """Send ``events`` in iteration order to ``settings.events_topic``; see module doc.
+
+    ``producer``: a started producer to use (and leave running), e.g. one kept
+    open across many small calls; by default one is started and stopped here.
+    """
     if ensure:
         await ensure_topics_async(settings.effective_kafka, settings)
     if progress is None:
         progress = sys.stderr.isatty()
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.effective_kafka,
-        linger_ms=5,
-        max_batch_size=256 * 1024,
-        acks=1,
-    )
-    await producer.start()
+    own = producer is None
+    if producer is None:
+        producer = new_producer(settings)
+        await producer.start()
     n_events = n_messages = 0
     failed: list[BaseException] = []
+    offsets: dict[int, int] = {}
+    unsettled: set[asyncio.Future] = set()
 
     def on_done(fut: asyncio.Future) -> None:
+        unsettled.discard(fut)
         if fut.cancelled() or fut.exception() is not None:
             failed.append(fut.exception() or asyncio.CancelledError())
+            return
+        meta = fut.result()
+        offsets[meta.partition] = max(meta.offset, offsets.get(meta.partition, -1))
 
     bar = tqdm(total=total, unit="ev", disable=not progress, smoothing=0.1, mininterval=0.5)
     t0 = time.perf_counter()
@@ -92,6 +104,7 @@ async def produce_events_async(
         fut = await producer.send(
             settings.events_topic, value=encode_events(pending), key=pending_user.encode()
         )
+        unsettled.add(fut)
         fut.add_done_callback(on_done)
         n_events += len(pending)
         n_messages += 1
@@ -108,14 +121,18 @@ async def produce_events_async(
         if pending:
             await flush()
         await producer.flush()
+        if unsettled:  # every on_done has run once this returns
+            await asyncio.wait(list(unsettled))
     finally:
-        await producer.stop()
+        if own:
+            await producer.stop()
         bar.close()
     seconds = time.perf_counter() - t0
     if failed:
         LOG.error("%d of %d messages failed, first: %r", len(failed), n_messages, failed[0])
-    report = ReplayReport(n_events, n_messages, len(failed), seconds)
-    LOG.info(
+    report = ReplayReport(n_events, n_messages, len(failed), seconds, offsets)
+    LOG.log(
+        logging.INFO if own else logging.DEBUG,
         "produced %d events in %d messages to %s in %.2fs (%.0f events/s)",
         n_events,
         n_messages,
@@ -124,6 +141,16 @@ async def produce_events_async(
         report.events_per_s,
     )
     return report
+
+
+def new_producer(settings: Settings) -> AIOKafkaProducer:
+    """The producer :func:`produce_events_async` uses (start it in the loop that sends)."""
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.effective_kafka,
+        linger_ms=5,
+        max_batch_size=256 * 1024,
+        acks=1,
+    )
 
 
 def produce_events(

@@ -16,7 +16,14 @@ import redis
 
 from userstream.types import Behavior, Event, Keys, decode_behavior, encode_behavior
 
-__all__ = ["AppliedBatch", "BatchPlan", "OffsetEvent", "SequenceStore", "plan_batch"]
+__all__ = [
+    "AppliedBatch",
+    "BatchPlan",
+    "OffsetEvent",
+    "SequenceStore",
+    "plan_batch",
+    "stored_behavior",
+]
 
 LOG = logging.getLogger(__name__)
 
@@ -66,6 +73,11 @@ class BatchPlan:
     applied: int
     skipped: int  # at or below the stored offset: applied before
     dead: int  # dead-lettered events not counted before
+
+
+def stored_behavior(ev: Event) -> Behavior:
+    """The behavior a store gives back for ``ev``: Redis keeps ts to the millisecond."""
+    return Behavior(ev.item_id, ev.behavior, float(f"{ev.ts:.3f}"))
 
 
 def plan_batch(
@@ -166,10 +178,24 @@ class SequenceStore:
             pipe.lrange(self.keys.seq(u), 0, -1)
         return [[decode_behavior(x) for x in raw] for raw in pipe.execute()]
 
+    def read_tail(self, user_id: str, n: int) -> list[Behavior]:
+        """The last ``n`` behaviors of one user, oldest first."""
+        return [decode_behavior(x) for x in self.r.lrange(self.keys.seq(user_id), -n, -1)]
+
     def take_dirty(self, max_users: int) -> list[str]:
-        """Atomically remove and return up to ``max_users`` changed users."""
+        """Atomically remove and return up to ``max_users`` changed users, sorted.
+
+        Sorted, not in SPOP's random order: a training cycle (its batches and
+        reservoir updates follow this order) is then reproducible from the state.
+        """
         got = self.r.spop(self.keys.dirty, max_users) or []
-        return [u.decode() if isinstance(u, bytes) else u for u in got]
+        return sorted(u.decode() if isinstance(u, bytes) else u for u in got)
+
+    def dirty_users(self) -> list[str]:
+        """The dirty set, sorted, without taking it (for checks and benchmarks)."""
+        return sorted(
+            u.decode() if isinstance(u, bytes) else u for u in self.r.smembers(self.keys.dirty)
+        )
 
     def mark_dirty(self, user_ids: Iterable[str]) -> None:
         ids = list(user_ids)

@@ -41,6 +41,8 @@ def test_replay_keys_by_user_keeps_time_order_and_groups_runs(tmp_path, broker, 
     report = replay(path, "movielens", settings, batch=2, progress=False)
     # time order: f | a b | c | d | e | g h  -> runs of u1 and u2 cut at batch=2
     assert (report.events, report.messages, report.failed) == (8, 6, 0)
+    # the highest acked offset per partition: a fresh topic numbers from 0
+    assert sum(o + 1 for o in report.offsets.values()) == 6
     msgs = asyncio.run(read_topic_async(broker, settings.events_topic, min_messages=6))
     per_user: dict[str, list[tuple[str, float]]] = defaultdict(list)
     sizes = []

@@ -233,6 +233,12 @@ def _add_bench(sub) -> None:
         metavar="KEY=VALUE",
         help="any other setting, e.g. --set learning_rate=0.003 (repeatable)",
     )
+    pq.add_argument(
+        "--via-kafka",
+        action="store_true",
+        help="run the same events a second time through the real broker, stream worker and "
+        "Redis (use with --max-events) and report whether both runs agree",
+    )
     pq.add_argument("--threads", type=int, default=1, help="torch threads (machines are shared)")
     pq.add_argument("--seed", type=int, default=0)
     pq.set_defaults(func=_cmd_bench_prequential)
