@@ -121,31 +121,30 @@ def test_cycles_embed_everybody_and_separate_the_planted_groups(tmp_path, keys, 
     assert not idle.ran and idle.version == 3 and emb_store.model_info().version == 3
 
 
+def second_cycle(s: Settings, stores, n_users: int, returning: int):
+    """A cycle over ``n_users`` new users, then one after the first ``returning`` come back."""
+    seq_store, emb_store = stores
+    feed = Feed(seq_store, n_users=n_users)
+    feed.write(feed.users, per_user=5)
+    worker = TrainingWorker(s, seq_store, emb_store)
+    worker.run_cycle()
+    feed.write(feed.users[:returning], per_user=2)
+    return worker.run_cycle(), feed
+
+
 @pytest.mark.parametrize(("ratio", "replayed"), [(0.0, 0), (0.5, 2), (2.0, 8), (10.0, 16)])
 def test_replay_ratio_sets_older_users_per_dirty_user(tmp_path, keys, stores, ratio, replayed):
     """ratio x dirty users are replayed, at most what is not dirty (16 here)."""
-    seq_store, emb_store = stores
     s = make_settings(tmp_path, keys, replay_ratio=ratio, train_steps=1, refresh_budget=0)
-    feed = Feed(seq_store, n_users=20)
-    feed.write(feed.users, per_user=4)
-    worker = TrainingWorker(s, seq_store, emb_store)
-    worker.run_cycle()
-    feed.write(feed.users[:4], per_user=2)
-    report = worker.run_cycle()
+    report, _ = second_cycle(s, stores, n_users=20, returning=4)
     assert (report.dirty_users, report.replay_users) == (4, replayed)
 
 
 def test_without_refresh_budget_only_dirty_users_are_re_embedded(tmp_path, keys, stores):
-    seq_store, emb_store = stores
     s = make_settings(tmp_path, keys, refresh_budget=0, train_steps=2)
-    feed = Feed(seq_store, n_users=10)
-    feed.write(feed.users, per_user=5)
-    worker = TrainingWorker(s, seq_store, emb_store)
-    worker.run_cycle()
-    feed.write(feed.users[:3], per_user=2)
-    report = worker.run_cycle()
+    report, feed = second_cycle(s, stores, n_users=10, returning=3)
     assert report.embedded_users == 3
-    assert [emb_store.version_of(u) for u in feed.users] == [2] * 3 + [1] * 7
+    assert [stores[1].version_of(u) for u in feed.users] == [2] * 3 + [1] * 7
 
 
 def test_refresh_is_round_robin_over_all_users(tmp_path, keys, stores):
