@@ -126,15 +126,15 @@ class SequenceEncoder(nn.Module):
     def item_logits(self, h: torch.Tensor, n_valid: int | None = None) -> torch.Tensor:
         """Scores over item rows, tied to the item table: (..., H) -> (..., n_items).
 
-        With ``n_valid`` (rows in use, ``len(ItemVocab)``), PAD, MASK and rows
-        not yet assigned get -inf, so they are never predicted.
+        With ``n_valid`` (rows in use, ``len(ItemVocab)``) only those rows are
+        scored, (..., H) -> (..., n_valid), and PAD and MASK get -inf, so none of
+        them is ever predicted. The -inf is written in place into two columns:
+        masking the whole (M, n_items) matrix cost about 8% of a training step.
         """
-        logits = h @ self.item_emb.weight.T  # (..., n_items)
-        if n_valid is not None:
-            invalid = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-            invalid[n_valid:] = True
-            invalid[PAD] = invalid[MASK] = True
-            logits = logits.masked_fill(invalid, float("-inf"))  # (..., n_items)
+        if n_valid is None:
+            return h @ self.item_emb.weight.T  # (..., n_items)
+        logits = h @ self.item_emb.weight[:n_valid].T  # (..., n_valid)
+        logits[..., [PAD, MASK]] = float("-inf")  # mm keeps no output for backward
         return logits
 
     def behavior_logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -219,10 +219,14 @@ def test_eval_fast_path_matches_the_training_path():
 
 def test_item_logits_exclude_pad_mask_and_unused_rows():
     enc = tiny_encoder(n_items=64)
-    logits = enc.item_logits(torch.randn(5, 32), n_valid=40)  # (5, 64)
-    assert logits.shape == (5, 64)
-    assert torch.isinf(logits[:, [PAD, MASK]]).all() and torch.isinf(logits[:, 40:]).all()
-    assert torch.isfinite(logits[:, 2:40]).all()
+    h = torch.randn(5, 32, requires_grad=True)
+    logits = enc.item_logits(h, n_valid=40)  # (5, 40): unused rows are not scored
+    assert logits.shape == (5, 40)
+    assert torch.isinf(logits[:, [PAD, MASK]]).all() and torch.isfinite(logits[:, 2:]).all()
+    torch.nn.functional.cross_entropy(logits, torch.tensor([2, 5, 9, 39, 20])).backward()
+    assert torch.isfinite(h.grad).all() and torch.isfinite(enc.item_emb.weight.grad).all()
+    assert enc.item_emb.weight.grad[40:].abs().sum() == 0  # rows not in use: no gradient
+    assert enc.item_logits(h).shape == (5, 64)  # without n_valid: every row
 
 
 def test_grow_items_keeps_learned_rows():
