@@ -220,7 +220,7 @@ class _EncoderScorer:
             ).to(tr.device)
             with torch.inference_mode():
                 h = enc(b.items, b.behaviors, b.gaps, causal=True)[:, -1]  # (B, H)
-                logits = enc.item_logits(h, n_valid)  # (B, n_rows)
+                logits = enc.item_logits(h, n_valid)  # (B, n_valid)
                 scores = logits[:, rows.to(logits.device)].float().cpu().numpy()  # (B, n_cat)
             for r, s in zip(chunk, scores, strict=True):
                 hr[r.pos], ndcg[r.pos] = rank_metrics(

@@ -82,7 +82,7 @@ def _cloze(
         return _zero(encoder), None
     inputs = items.masked_fill(masked, MASK)  # (B, T)
     h = encoder(inputs, batch.behaviors, batch.gaps, causal=False)  # (B, T, H)
-    logits = encoder.item_logits(h[masked], n_valid)  # (M, n_items)
+    logits = encoder.item_logits(h[masked], n_valid)  # (M, n_valid)
     return F.cross_entropy(logits, items[masked]), encoder.pool(h, inputs)
 
 
