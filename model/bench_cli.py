@@ -103,14 +103,15 @@ def run_prequential_cli(args: Any) -> int:
         from model.prequential_kafka import compare_via_kafka
         from model.prequential_report import via_kafka_table
 
-        result, _, via = compare_via_kafka(events, settings, config, progress=progress)
-        print(table(result))
-        print("\nin process vs via Kafka (broker, stream worker, Redis) on the same events:")
-        print(via_kafka_table(via, config.k))
-        extra["via_kafka"] = via
+        result, _, extra["via_kafka"] = compare_via_kafka(
+            events, settings, config, progress=progress
+        )
     else:
         result = run_prequential(events, settings, config, progress=progress)
-        print(table(result))
+    print(table(result))
+    if "via_kafka" in extra:
+        print("\nin process vs via Kafka (broker, stream worker, Redis) on the same events:")
+        print(via_kafka_table(extra["via_kafka"], config.k))
     if args.report:
         report = Path(args.report)
         write_report(

@@ -57,8 +57,8 @@ from stream.app import read_ready
 from stream.replay import new_producer, produce_events_async
 from stream.state import SequenceStore, stored_behavior
 from stream.topics import ensure_topics
-from userstream.embedded import free_port, redis_answers, start_broker, start_redis
-from userstream.settings import DEFAULT_REDIS_URL, Settings
+from userstream.embedded import free_port, resolve_redis, start_broker
+from userstream.settings import Settings
 from userstream.types import Behavior, Event, Keys
 
 __all__ = ["KafkaFeed", "agreement", "compare_via_kafka"]
@@ -131,14 +131,11 @@ class KafkaFeed:
             port = free_port()
             self._infra.append(start_broker(port, work / "broker.log"))
             kafka = f"127.0.0.1:{port}"
-        redis_url = b.redis_url
-        if not redis_url:
-            if redis_answers(DEFAULT_REDIS_URL):
-                redis_url = DEFAULT_REDIS_URL
-            else:
-                port = free_port()
-                self._infra.append(start_redis(port, work / "redis", work / "redis.log"))
-                redis_url = f"redis://127.0.0.1:{port}/0"
+        redis_url, proc = resolve_redis(
+            b.redis_url, free_port(), work / "redis", work / "redis.log"
+        )
+        if proc is not None:
+            self._infra.append(proc)
         tag = uuid.uuid4().hex[:10]
         s = self.settings = b.model_copy(
             update={

@@ -19,9 +19,12 @@ from pathlib import Path
 
 import redis
 
+from userstream.settings import DEFAULT_REDIS_URL
+
 __all__ = [
     "free_port",
     "redis_answers",
+    "resolve_redis",
     "start_broker",
     "start_redis",
     "wait_for_port",
@@ -125,3 +128,23 @@ def start_redis(port: int, data_dir: Path, log_path: Path) -> subprocess.Popen:
         raise RuntimeError(f"the bundled redis-server did not start; see {log_path}") from None
     LOG.info("bundled redis-server on 127.0.0.1:%d (AOF in %s), pid %d", port, data_dir, proc.pid)
     return proc
+
+
+def resolve_redis(
+    redis_url: str | None, port: int, data_dir: Path, log_path: Path
+) -> tuple[str, subprocess.Popen | None]:
+    """The Redis to use and the server started for it, if any: ``redis_url`` when
+    set (it must answer), else the one at DEFAULT_REDIS_URL if it answers, else a
+    bundled redis-server on ``port`` with AOF under ``data_dir``."""
+    if redis_url:
+        if not redis_answers(redis_url):
+            raise SystemExit(
+                f"REDIS_URL={redis_url} does not answer: start that Redis, or unset "
+                "REDIS_URL to use the embedded one"
+            )
+        return redis_url, None
+    if redis_answers(DEFAULT_REDIS_URL):
+        LOG.info("using the Redis that answers at %s", DEFAULT_REDIS_URL)
+        return DEFAULT_REDIS_URL, None
+    proc = start_redis(port, data_dir, log_path)
+    return f"redis://127.0.0.1:{port}/0", proc

@@ -25,13 +25,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from userstream.embedded import (
-    redis_answers,
-    start_broker,
-    start_redis,
-    wait_for_port,
-)
-from userstream.settings import DEFAULT_REDIS_URL, Settings
+from userstream.embedded import resolve_redis, start_broker, wait_for_port
+from userstream.settings import Settings
 
 __all__ = ["Stack", "run_stack"]
 
@@ -86,21 +81,11 @@ class Stack:
             proc = start_broker(s.embedded_kafka_port, logs / "broker.log")
             self.children.append(_Child("broker", proc, logs / "broker.log"))
             kafka = f"127.0.0.1:{s.embedded_kafka_port}"
-        if s.redis_url:
-            if not redis_answers(s.redis_url):
-                raise SystemExit(
-                    f"REDIS_URL={s.redis_url} does not answer: start that Redis, or unset "
-                    "REDIS_URL to use the embedded one"
-                )
-            redis_url = s.redis_url
-        elif redis_answers(DEFAULT_REDIS_URL):
-            LOG.info("using the Redis that answers at %s", DEFAULT_REDIS_URL)
-            redis_url = DEFAULT_REDIS_URL
-        else:
-            port = s.embedded_redis_port
-            proc = start_redis(port, s.data_dir / "redis", logs / "redis.log")
+        redis_url, proc = resolve_redis(
+            s.redis_url, s.embedded_redis_port, s.data_dir / "redis", logs / "redis.log"
+        )
+        if proc is not None:
             self.children.append(_Child("redis", proc, logs / "redis.log"))
-            redis_url = f"redis://127.0.0.1:{port}/0"
         self.env = {
             **os.environ,
             "KAFKA_BOOTSTRAP_SERVERS": kafka,
