@@ -71,7 +71,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-minutes", type=float, default=6.0, help="pre-training budget")
     p.add_argument("--max-len", type=int, default=200)
-    p.add_argument("--finetune-epochs", type=int, default=4)
+    p.add_argument("--finetune-epochs", type=int, default=4, help="0: no fine-tuned rows")
+    p.add_argument("--select", choices=("valid", "last"), default="valid",
+                   help="pre-training checkpoint: best valid NDCG@10, or the last of the budget")  # fmt: skip
+    for task in ("next", "mlm", "contrastive", "future", "bag"):
+        p.add_argument(f"--{task}-weight", type=float, help="pre-training loss weight")
     p.add_argument(
         "--pretrained", help="reuse the checkpoint folder of an earlier run (skips pre-training)"
     )
@@ -106,7 +110,18 @@ def main() -> None:
         pretrain = {k: log[k] for k in ("config", "best_epoch", "best_valid", "seconds", "stopped")}
         pretrain["reused_from"] = str(checkpoint)
     else:
-        config = OfflineConfig(max_len=args.max_len, max_minutes=args.max_minutes, patience=8)
+        weights = {
+            f"{t}_weight": getattr(args, f"{t}_weight")
+            for t in ("next", "mlm", "contrastive", "future", "bag")
+            if getattr(args, f"{t}_weight") is not None
+        }
+        config = OfflineConfig(
+            max_len=args.max_len,
+            max_minutes=args.max_minutes,
+            patience=8,
+            select=args.select,
+            **weights,
+        )
         result = train_offline(split, config, args.out, progress=False)
         checkpoint = result.checkpoint
         pretrain = {"config": dataclasses.asdict(result.config), "best_epoch": result.best_epoch,
@@ -126,6 +141,9 @@ def main() -> None:
             for i in range(0, len(encoded), 256)
         ])  # fmt: skip
     H = served.shape[1]
+    with torch.inference_mode():  # plain mean of the learned item vectors, whole history
+        table = trainer.encoder.item_emb.weight.float().numpy()  # (rows, H)
+        item_mean = np.stack([table[e[:, 0]].mean(0) for e in encoded])  # (U, H)
 
     # --- bag-of-items SVD baseline, same dimension ------------------------------
     items = sorted({b.item_id for s in full for b in s})
@@ -164,6 +182,18 @@ def main() -> None:
         rows.append(
             {"attribute": name, "method": f"ours: last causal state ({H})", **probe(last, y, folds)}
         )
+        rows.append(
+            {
+                "attribute": name,
+                "method": f"ours: mean item vector ({H})",
+                **probe(item_mean, y, folds),
+            }
+        )
+        n_rows = 5
+        if args.finetune_epochs <= 0:
+            for r in rows[-n_rows:]:
+                print(f"{name:<11} {r['method']:<34} acc {r['accuracy']:.3f} macroF1 {r['macro_f1']:.3f} AUC {r['auc']:.3f}", flush=True)  # fmt: skip
+            continue
         t0 = time.perf_counter()
         n_classes = int(y.max()) + 1
         proba = np.zeros((len(y), n_classes))
@@ -174,7 +204,7 @@ def main() -> None:
             proba[test] = predict_proba(clf, [encoded[i] for i in test])
         rows.append({"attribute": name, "method": "ours: fine-tuned encoder + head", **scores(y, proba),
                      "seconds": time.perf_counter() - t0})  # fmt: skip
-        for r in rows[-5:]:
+        for r in rows[-n_rows - 1 :]:
             print(f"{name:<11} {r['method']:<34} acc {r['accuracy']:.3f} macroF1 {r['macro_f1']:.3f} AUC {r['auc']:.3f}", flush=True)  # fmt: skip
 
     payload = {

@@ -62,9 +62,15 @@ class OfflineConfig:
     next_weight: float = 1.0
     mlm_weight: float = 0.1
     contrastive_weight: float = 0.05
+    future_weight: float = 0.0  # dense all-action: a random later item (model.tasks)
+    bag_weight: float = 0.0  # the pooled user state predicts every item of the window
     seed: int = 0
     eval_batch_size: int = 1024
     max_minutes: float | None = None  # wall-clock budget; stops after the epoch that passes it
+    # "valid": keep the epoch with the best valid NDCG@10 (early stop, lr cuts); "last": keep
+    # the last epoch of a fixed budget (representations for other tasks, e.g. profiles, where
+    # next-item NDCG is not what is wanted and labels must not choose)
+    select: str = "valid"
 
 
 @dataclass
@@ -149,6 +155,8 @@ def _make_trainer(split: LeaveOneOut, config: OfflineConfig, settings: Any, out_
             "mlm_weight": config.mlm_weight,
             "next_weight": config.next_weight,
             "contrastive_weight": config.contrastive_weight,
+            "future_weight": config.future_weight,
+            "bag_weight": config.bag_weight,
             "item_min_count": 1,  # every item of the data set gets its own row
             "item_capacity_max": max(settings.item_capacity_max, len(catalogue)),
             "keep_checkpoints": 1,
@@ -182,7 +190,7 @@ def _plot(history: list[dict[str, float]], path: Path) -> None:
 
     epochs = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key in ("loss", "next", "mlm", "contrastive"):
+    for key in ("loss", "next", "mlm", "contrastive", "future", "bag"):
         if any(key in h for h in history):
             a.plot(epochs, [h.get(key, math.nan) for h in history], label=key)
     a.set_xlabel("epoch")
@@ -215,6 +223,8 @@ def train_offline(
     """
     from tqdm import tqdm
 
+    if config.select not in ("valid", "last"):
+        raise ValueError(f"OfflineConfig.select must be 'valid' or 'last', not {config.select!r}")
     if settings is None:
         from userstream.settings import Settings
 
@@ -278,8 +288,8 @@ def train_offline(
         row["windows_per_s"] = len(train_windows) / train_s
         row["targets_per_s"] = data["train_targets"] / train_s
         result.history.append(row)
-        if valid[SELECT_ON] > best:
-            best = valid[SELECT_ON]
+        if valid[SELECT_ON] > best or config.select == "last":
+            best = max(best, valid[SELECT_ON])
             result.best_epoch, result.best_valid = epoch, valid
             trainer.version = epoch
             trainer.last_loss = row.get("loss", math.nan)
@@ -296,7 +306,7 @@ def train_offline(
         if on_epoch is not None:
             on_epoch(row)
         (out / "train_log.json").write_text(json.dumps(result.to_json(), indent=2))
-        stale = epoch - result.best_epoch
+        stale = epoch - result.best_epoch  # always 0 with select="last"
         if stale and config.lr_patience and stale % config.lr_patience == 0:
             for group in trainer.optimizer.param_groups:
                 group["lr"] *= config.lr_decay

@@ -35,7 +35,15 @@ from model.batching import Batch
 from model.encoder import SequenceEncoder
 from model.vocab import MASK, PAD
 
-__all__ = ["LossWeights", "cloze_loss", "next_item_loss", "contrastive_loss", "total_loss"]
+__all__ = [
+    "LossWeights",
+    "bag_loss",
+    "cloze_loss",
+    "contrastive_loss",
+    "future_item_loss",
+    "next_item_loss",
+    "total_loss",
+]
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,8 @@ class LossWeights:
     mlm: float = 1.0
     next: float = 1.0
     contrastive: float = 0.1
+    future: float = 0.0
+    bag: float = 0.0
 
 
 def _zero(encoder: SequenceEncoder) -> torch.Tensor:
@@ -61,14 +71,33 @@ def cloze_loss(
     return _cloze(encoder, batch, n_valid, generator, mask_prob)[0]
 
 
+def bag_loss(
+    encoder: SequenceEncoder,
+    batch: Batch,
+    n_valid: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Every item of the window from the pooled state of its masked view.
+
+    A denoising bag-of-items objective (Mult-DAE's multinomial likelihood) on
+    the user embedding itself: the mean of the bidirectional states, before the
+    L2 normalization that serving applies, scores all item rows, and the loss is
+    the mean negative log-likelihood of the window's items. It reuses the cloze
+    pass (``total_loss`` shares it).
+    """
+    return _cloze(encoder, batch, n_valid, generator, bag=True)[2]
+
+
 def _cloze(
     encoder: SequenceEncoder,
     batch: Batch,
     n_valid: int,
     generator: torch.Generator | None,
     mask_prob: float = 0.2,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(cloze loss, pooled embedding of the masked view (B, H) or None if nothing masked)."""
+    bag: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(cloze loss, pooled embedding of the masked view (B, H) or None if nothing
+    masked, bag loss or a zero when not asked for)."""
     batch = batch.columns(-encoder.config.max_len)
     items = batch.items  # (B, T)
     real = (items != PAD).cpu()  # (B, T)
@@ -79,11 +108,21 @@ def _cloze(
     masked[torch.arange(items.shape[0]), pick] |= real.any(dim=1)
     masked = masked.to(items.device)
     if not bool(masked.any()):
-        return _zero(encoder), None
+        return _zero(encoder), None, _zero(encoder)
     inputs = items.masked_fill(masked, MASK)  # (B, T)
     h = encoder(inputs, batch.behaviors, batch.gaps, causal=False)  # (B, T, H)
     logits = encoder.item_logits(h[masked], n_valid)  # (M, n_valid)
-    return F.cross_entropy(logits, items[masked]), encoder.pool(h, inputs)
+    cloze = F.cross_entropy(logits, items[masked])
+    real = (items != PAD).to(h.device)  # (B, T)
+    n_real = real.sum(1, keepdim=True).clamp(min=1)  # (B, 1)
+    mean = (h * real.unsqueeze(-1)).sum(1) / n_real  # (B, H) pooled, not normalized
+    bag_nll = _zero(encoder)
+    if bag:
+        logp = F.log_softmax(encoder.item_logits(mean, n_valid), dim=-1)  # (B, n_valid)
+        picked = logp.gather(1, items).masked_fill(~real, 0.0)  # (B, T)
+        rows = real.any(1)  # (B,)
+        bag_nll = -(picked.sum(1, keepdim=True) / n_real)[rows].mean()
+    return cloze, F.normalize(mean, dim=-1), bag_nll
 
 
 def next_item_loss(
@@ -99,22 +138,67 @@ def next_item_loss(
     that predicts the most recent behavior sits in the LAST slot (position id
     ``max_len - 1``), exactly where the query sits when ranking or serving.
     """
+    return _causal(encoder, batch, n_valid, None, behavior_weight, future=False)[0]
+
+
+def future_item_loss(
+    encoder: SequenceEncoder,
+    batch: Batch,
+    n_valid: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Predict a RANDOM later item of the window from causal state at t.
+
+    PinnerFormer's dense all-action loss: the target of position t is drawn
+    uniformly from steps t+1 .. end of the window, so the state must hold the
+    user's lasting interests, not only what comes right after. Same causal pass
+    and pairs as :func:`next_item_loss` (``total_loss`` shares the pass).
+    """
+    return _causal(encoder, batch, n_valid, generator, 0.0, future=True)[1]
+
+
+def _future_columns(pair: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, T) bool pairs (real positions are a suffix) -> (B, T) long column of a
+    uniformly drawn target in t .. T-1 for every position t."""
+    B, T = pair.shape
+    t = torch.arange(T)  # (T,)
+    u = torch.rand((B, T), generator=generator)  # (B, T)
+    return (t + (u * (T - t)).long()).clamp(max=T - 1).to(pair.device)  # (B, T)
+
+
+def _causal(
+    encoder: SequenceEncoder,
+    batch: Batch,
+    n_valid: int,
+    generator: torch.Generator | None,
+    behavior_weight: float,
+    future: bool,
+    next_item: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-item loss, future-item loss) from ONE causal pass; a loss not asked
+    for is a graph-attached zero."""
     items = batch.items  # (B, T)
     pair = (items[:, :-1] != PAD) & (items[:, 1:] != PAD)  # (B, T-1)
     if not bool(pair.any()):
-        return _zero(encoder)
+        return _zero(encoder), _zero(encoder)
     keep = min(items.shape[1] - 1, encoder.config.max_len)
     inputs = batch.columns(None, -1).columns(-keep)  # (B, T'): steps with a successor
     targets = batch.columns(1).columns(-keep)  # (B, T'): their successors
     pair = pair[:, -keep:]  # (B, T')
     h = encoder(inputs.items, inputs.behaviors, inputs.gaps, causal=True)  # (B, T', H)
     h_prev = h[pair]  # (P, H)
-    loss = F.cross_entropy(encoder.item_logits(h_prev, n_valid), targets.items[pair])
-    if behavior_weight > 0:
-        loss = loss + behavior_weight * F.cross_entropy(
-            encoder.behavior_logits(h_prev), targets.behaviors[pair]
-        )
-    return loss
+    nxt = fut = _zero(encoder)
+    if next_item:
+        nxt = F.cross_entropy(encoder.item_logits(h_prev, n_valid), targets.items[pair])
+        if behavior_weight > 0:
+            nxt = nxt + behavior_weight * F.cross_entropy(
+                encoder.behavior_logits(h_prev), targets.behaviors[pair]
+            )
+    if future:
+        col = _future_columns(pair, generator)  # (B, T')
+        later = targets.items.gather(1, col)[pair]  # (P,)
+        fut = F.cross_entropy(encoder.item_logits(h_prev, n_valid), later)
+    return nxt, fut
 
 
 def contrastive_loss(
@@ -157,14 +241,24 @@ def total_loss(
     loss = _zero(encoder)
     parts: dict[str, float] = {}
     view = None
-    if weights.mlm > 0:
-        part, view = _cloze(encoder, batch, n_valid, generator)
-        loss = loss + weights.mlm * part
-        parts["mlm"] = float(part.detach())
-    if weights.next > 0:
-        part = next_item_loss(encoder, batch, n_valid)
-        loss = loss + weights.next * part
-        parts["next"] = float(part.detach())
+    if weights.mlm > 0 or weights.bag > 0:
+        part, view, bag = _cloze(encoder, batch, n_valid, generator, bag=weights.bag > 0)
+        if weights.mlm > 0:
+            loss = loss + weights.mlm * part
+            parts["mlm"] = float(part.detach())
+        if weights.bag > 0:
+            loss = loss + weights.bag * bag
+            parts["bag"] = float(bag.detach())
+    if weights.next > 0 or weights.future > 0:
+        nxt, fut = _causal(
+            encoder, batch, n_valid, generator, 0.2, weights.future > 0, weights.next > 0
+        )
+        if weights.next > 0:
+            loss = loss + weights.next * nxt
+            parts["next"] = float(nxt.detach())
+        if weights.future > 0:
+            loss = loss + weights.future * fut
+            parts["future"] = float(fut.detach())
     if weights.contrastive > 0:
         part = contrastive_loss(encoder, batch, generator, first_view=view)
         loss = loss + weights.contrastive * part

@@ -122,7 +122,11 @@ class Trainer:
             self.encoder.parameters(), lr=settings.learning_rate, weight_decay=WEIGHT_DECAY
         )
         self.weights = LossWeights(
-            settings.mlm_weight, settings.next_weight, settings.contrastive_weight
+            settings.mlm_weight,
+            settings.next_weight,
+            settings.contrastive_weight,
+            settings.future_weight,
+            settings.bag_weight,
         )
         self.generator = torch.Generator().manual_seed(settings.seed)  # masks, sampling
         self.version = 0

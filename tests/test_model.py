@@ -7,6 +7,7 @@ worker is tested in tests/test_model_worker.py.
 from __future__ import annotations
 
 import json
+import math
 import random
 import zlib
 
@@ -16,7 +17,16 @@ import torch
 
 from model.batching import gap_buckets, make_batch
 from model.encoder import EncoderConfig, SequenceEncoder
-from model.tasks import LossWeights, cloze_loss, contrastive_loss, next_item_loss, total_loss
+from model.tasks import (
+    LossWeights,
+    _future_columns,
+    bag_loss,
+    cloze_loss,
+    contrastive_loss,
+    future_item_loss,
+    next_item_loss,
+    total_loss,
+)
 from model.trainer import Trainer
 from model.vocab import MASK, PAD, UNKNOWN_BEHAVIOR, BehaviorVocab, ItemVocab
 from userstream.settings import Settings
@@ -286,6 +296,95 @@ def test_losses_handle_degenerate_batches():
     loss.backward()
     assert set(parts) == {"mlm", "next", "contrastive", "loss"}
     assert np.isfinite(parts["loss"])
+
+
+def test_future_targets_are_drawn_from_the_rest_of_the_window():
+    """Position t's target column is uniform over t .. T-1: never earlier, never
+    past the window, and every later column is drawn."""
+    pair = torch.ones(3, 6, dtype=torch.bool)
+    cols = torch.stack(
+        [_future_columns(pair, torch.Generator().manual_seed(k)) for k in range(400)]
+    )
+    t = torch.arange(6)
+    assert bool((cols >= t).all()) and bool((cols <= 5).all())
+    for pos in range(6):
+        assert set(cols[:, :, pos].unique().tolist()) == set(range(pos, 6))
+
+
+def test_future_item_loss_shares_the_causal_pass_and_learns_the_users_items(monkeypatch):
+    """The dense all-action task rides on next-item's causal pass (still 3 passes
+    with all four tasks) and learns: its loss falls toward log(items per group),
+    the entropy of a uniformly drawn later item of the user's group."""
+    seqs, _ = planted()
+    items, _, batch = vocab_batch(seqs)
+    enc = tiny_encoder()
+    calls = []
+    original = SequenceEncoder.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs.get("causal", False))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SequenceEncoder, "forward", counting)
+    every = LossWeights(mlm=1.0, next=1.0, contrastive=1.0, future=1.0)
+    _, parts = total_loss(enc, batch, len(items), every, torch.Generator().manual_seed(0))
+    assert sorted(calls) == [False, False, True] and "future" in parts
+    calls.clear()
+    only = LossWeights(mlm=0.0, next=0.0, contrastive=0.0, future=1.0)
+    _, parts = total_loss(enc, batch, len(items), only)
+    assert calls == [True] and set(parts) == {"future", "loss"}
+
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        initial = float(future_item_loss(enc, batch, len(items), torch.Generator().manual_seed(9)))
+    opt = torch.optim.AdamW(enc.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss, _ = total_loss(enc, batch, len(items), only, gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        final = float(future_item_loss(enc, batch, len(items), torch.Generator().manual_seed(9)))
+    assert initial > math.log(40) and final < math.log(12) + 0.3, (initial, final)
+
+
+def test_bag_loss_shares_the_cloze_pass_and_learns_the_users_items(monkeypatch):
+    """The bag task scores all items from the pooled masked view (the cloze pass:
+    still 3 passes with every task on) and learns the user's items: its loss
+    falls from about log(items) toward the entropy of the user's window."""
+    seqs, _ = planted()
+    items, _, batch = vocab_batch(seqs)
+    enc = tiny_encoder()
+    calls = []
+    original = SequenceEncoder.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs.get("causal", False))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SequenceEncoder, "forward", counting)
+    every = LossWeights(mlm=1.0, next=1.0, contrastive=1.0, future=1.0, bag=1.0)
+    _, parts = total_loss(enc, batch, len(items), every, torch.Generator().manual_seed(0))
+    assert sorted(calls) == [False, False, True] and {"bag", "mlm", "future"} <= set(parts)
+    calls.clear()
+    only = LossWeights(mlm=0.0, next=0.0, contrastive=0.0, bag=1.0)
+    _, parts = total_loss(enc, batch, len(items), only)
+    assert calls == [False] and set(parts) == {"bag", "loss"}
+
+    def measured() -> float:
+        with torch.no_grad():
+            return float(bag_loss(enc, batch, len(items), torch.Generator().manual_seed(9)))
+
+    initial = measured()
+    gen = torch.Generator().manual_seed(1)
+    opt = torch.optim.AdamW(enc.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss, _ = total_loss(enc, batch, len(items), only, gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    final = measured()
+    assert initial > math.log(40) and final < math.log(12) + 0.3, (initial, final)
 
 
 def test_total_loss_shares_the_cloze_pass_with_the_contrastive_task(monkeypatch):

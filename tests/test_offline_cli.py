@@ -64,6 +64,23 @@ def test_train_then_evaluate_via_the_cli(tmp_path, tiny_args, capsys, monkeypatc
     assert r["test"]["NDCG@10"] <= r["test"]["HR@10"]
 
 
+def test_select_last_keeps_the_last_epoch_with_the_profile_objectives(tmp_path, tiny_args):
+    """``--select last`` (fixed budget, no selection) with the bag and future tasks on:
+    the kept checkpoint is the final epoch's, and both new losses are logged and fall."""
+    data = tmp_path / "rings.txt"
+    write_rings(data)
+    out = tmp_path / "run"
+    args = [a if a != "12" else "4" for a in tiny_args]  # 4 epochs
+    weights = ["--next-weight", "0", "--bag-weight", "1", "--future-weight", "1"]
+    assert main(["train", "--data", str(data), "--format", "amazon-seq", "--out", str(out),
+                 "--select", "last", *weights, *args]) == 0  # fmt: skip
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["config"]["select"] == "last" and log["best_epoch"] == len(log["history"]) == 4
+    first, last = log["history"][0], log["history"][-1]
+    assert "next" not in last and last["bag"] < first["bag"] and last["future"] < first["future"]
+    assert "ckpt-00000004.pt" in (out / "latest").read_text()
+
+
 def test_evaluate_without_a_checkpoint_says_so(tmp_path):
     data = tmp_path / "rings.txt"
     write_rings(data, n_users=10)

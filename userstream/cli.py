@@ -318,6 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--next-weight", type=float, dest="next_weight")
     tp.add_argument("--mlm-weight", type=float, dest="mlm_weight")
     tp.add_argument("--contrastive-weight", type=float, dest="contrastive_weight")
+    tp.add_argument("--future-weight", type=float, dest="future_weight")
+    tp.add_argument("--bag-weight", type=float, dest="bag_weight")
+    tp.add_argument(
+        "--select",
+        choices=("valid", "last"),
+        help="keep the best valid NDCG@10 epoch (default) or the last epoch of the budget",
+    )
     tp.add_argument("--seed", type=int)
     tp.add_argument("--max-minutes", type=float, dest="max_minutes", help="wall-clock budget")
     tp.add_argument("--threads", type=int, default=0, help="torch threads, 0 = default")

@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     contrastive_weight: float = Field(
         1.0, ge=0, description="high enough that user embeddings do not collapse (see docs)"
     )
+    future_weight: float = Field(
+        0.0, ge=0, description="dense all-action loss: predict a random later item (profiles)"
+    )
+    bag_weight: float = Field(
+        0.0, ge=0, description="bag loss: the user embedding predicts its window's items"
+    )
 
     # --- training worker ---------------------------------------------------
     train_interval_s: float = Field(10.0, gt=0, description="T: train at least this often")
