@@ -289,7 +289,7 @@ def train_offline(
         row["targets_per_s"] = data["train_targets"] / train_s
         result.history.append(row)
         if valid[SELECT_ON] > best or config.select == "last":
-            best = max(best, valid[SELECT_ON])
+            best = valid[SELECT_ON]  # the kept checkpoint's
             result.best_epoch, result.best_valid = epoch, valid
             trainer.version = epoch
             trainer.last_loss = row.get("loss", math.nan)
