@@ -324,6 +324,7 @@ def train_offline(
     result.seconds = time.perf_counter() - t_start
     (out / "train_log.json").write_text(json.dumps(result.to_json(), indent=2))
     _plot(result.history, out / "curves.png")
-    LOG.info("best epoch %d (valid %s %.4f) after %.0fs: %s", result.best_epoch, SELECT_ON, best,
-             result.seconds, result.stopped)  # fmt: skip
+    kept = "best" if config.select == "valid" else "last"
+    LOG.info("%s epoch %d (valid %s %.4f) after %.0fs: %s", kept, result.best_epoch, SELECT_ON,
+             best, result.seconds, result.stopped)  # fmt: skip
     return result

@@ -157,7 +157,7 @@ def _cmd_train(args) -> int:
         raise SystemExit(f"{path}: no user has the 3 behaviors leave-one-out needs")
     result = train_offline(split, config, args.out, _settings(), progress=not args.no_progress)
     print(
-        f"best epoch {result.best_epoch}: valid "
+        f"{'best' if result.config.select == 'valid' else 'last'} epoch {result.best_epoch}: valid "
         + ", ".join(f"{k} {v:.4f}" for k, v in result.best_valid.items())
         + f"; {result.seconds:.0f}s ({result.stopped}); checkpoint {result.checkpoint}"
     )
