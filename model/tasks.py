@@ -1,4 +1,4 @@
-"""The three self-supervised losses, each a plain function of (encoder, batch).
+"""The self-supervised losses, each a plain function of (encoder, batch).
 
 * :func:`cloze_loss` — masked behavior modeling (BERT4Rec): hide ~20% of the
   items, predict them from both sides.
@@ -8,6 +8,14 @@
   behavior TYPE.
 * :func:`contrastive_loss` — InfoNCE between two augmented views of each
   sequence on the pooled user embedding (CL4SRec), in-batch negatives.
+
+Two opt-in tasks (weight 0 by default) for profile representations, each
+riding on a pass above (docs/architecture.md):
+
+* :func:`future_item_loss` — the causal state at t predicts a random LATER item
+  of the window (PinnerFormer's dense all-action loss); next-item's pass.
+* :func:`bag_loss` — the pooled state of the cloze-masked view predicts every
+  item of the window (Mult-DAE's multinomial likelihood); the cloze pass.
 
 :func:`total_loss` with both cloze and contrastive on shares one pass between
 them: the cloze-masked sequence IS an augmented view (CL4SRec's item mask), so
