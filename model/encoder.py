@@ -151,9 +151,14 @@ class SequenceEncoder(nn.Module):
     def pool(h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Mean of states (B, T, H) over real positions of ``items`` (B, T),
         L2-normalized -> (B, H)."""
+        return F.normalize(SequenceEncoder.mean_states(h, items), dim=-1)  # (B, H)
+
+    @staticmethod
+    def mean_states(h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Mean of states (B, T, H) over real positions of ``items`` (B, T) -> (B, H),
+        not normalized (zero for an empty row)."""
         real = (items != PAD).unsqueeze(-1).to(h.dtype)  # (B, T, 1)
-        pooled = (h * real).sum(1) / real.sum(1).clamp(min=1.0)  # (B, H)
-        return F.normalize(pooled, dim=-1)  # (B, H)
+        return (h * real).sum(1) / real.sum(1).clamp(min=1.0)  # (B, H)
 
     # --- growth ----------------------------------------------------------------
     @torch.no_grad()

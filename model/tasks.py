@@ -121,15 +121,14 @@ def _cloze(
     h = encoder(inputs, batch.behaviors, batch.gaps, causal=False)  # (B, T, H)
     logits = encoder.item_logits(h[masked], n_valid)  # (M, n_valid)
     cloze = F.cross_entropy(logits, items[masked])
-    real = (items != PAD).to(h.device)  # (B, T)
-    n_real = real.sum(1, keepdim=True).clamp(min=1)  # (B, 1)
-    mean = (h * real.unsqueeze(-1)).sum(1) / n_real  # (B, H) pooled, not normalized
+    mean = encoder.mean_states(h, inputs)  # (B, H) pooled, not normalized
     bag_nll = _zero(encoder)
     if bag:
+        real = real.to(h.device)  # (B, T)
         logp = F.log_softmax(encoder.item_logits(mean, n_valid), dim=-1)  # (B, n_valid)
         picked = logp.gather(1, items).masked_fill(~real, 0.0)  # (B, T)
         rows = real.any(1)  # (B,)
-        bag_nll = -(picked.sum(1, keepdim=True) / n_real)[rows].mean()
+        bag_nll = -(picked.sum(1)[rows] / real.sum(1)[rows]).mean()
     return cloze, F.normalize(mean, dim=-1), bag_nll
 
 
