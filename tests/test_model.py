@@ -298,6 +298,20 @@ def test_losses_handle_degenerate_batches():
     assert np.isfinite(parts["loss"])
 
 
+@pytest.fixture
+def encoder_passes(monkeypatch) -> list[bool]:
+    """Records every SequenceEncoder forward pass (its ``causal`` flag), in order."""
+    calls: list[bool] = []
+    original = SequenceEncoder.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs.get("causal", False))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SequenceEncoder, "forward", counting)
+    return calls
+
+
 def test_future_targets_are_drawn_from_the_rest_of_the_window():
     """Position t's target column is uniform over t .. T-1: never earlier, never
     past the window, and every later column is drawn."""
@@ -311,21 +325,14 @@ def test_future_targets_are_drawn_from_the_rest_of_the_window():
         assert set(cols[:, :, pos].unique().tolist()) == set(range(pos, 6))
 
 
-def test_future_item_loss_shares_the_causal_pass_and_learns_the_users_items(monkeypatch):
+def test_future_item_loss_shares_the_causal_pass_and_learns_the_users_items(encoder_passes):
     """The dense all-action task rides on next-item's causal pass (still 3 passes
     with all four tasks) and learns: its loss falls toward log(items per group),
     the entropy of a uniformly drawn later item of the user's group."""
     seqs, _ = planted()
     items, _, batch = vocab_batch(seqs)
     enc = tiny_encoder()
-    calls = []
-    original = SequenceEncoder.forward
-
-    def counting(self, *args, **kwargs):
-        calls.append(kwargs.get("causal", False))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(SequenceEncoder, "forward", counting)
+    calls = encoder_passes
     every = LossWeights(mlm=1.0, next=1.0, contrastive=1.0, future=1.0)
     _, parts = total_loss(enc, batch, len(items), every, torch.Generator().manual_seed(0))
     assert sorted(calls) == [False, False, True] and "future" in parts
@@ -348,21 +355,14 @@ def test_future_item_loss_shares_the_causal_pass_and_learns_the_users_items(monk
     assert initial > math.log(40) and final < math.log(12) + 0.3, (initial, final)
 
 
-def test_bag_loss_shares_the_cloze_pass_and_learns_the_users_items(monkeypatch):
+def test_bag_loss_shares_the_cloze_pass_and_learns_the_users_items(encoder_passes):
     """The bag task scores all items from the pooled masked view (the cloze pass:
     still 3 passes with every task on) and learns the user's items: its loss
     falls from about log(items) toward the entropy of the user's window."""
     seqs, _ = planted()
     items, _, batch = vocab_batch(seqs)
     enc = tiny_encoder()
-    calls = []
-    original = SequenceEncoder.forward
-
-    def counting(self, *args, **kwargs):
-        calls.append(kwargs.get("causal", False))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(SequenceEncoder, "forward", counting)
+    calls = encoder_passes
     every = LossWeights(mlm=1.0, next=1.0, contrastive=1.0, future=1.0, bag=1.0)
     _, parts = total_loss(enc, batch, len(items), every, torch.Generator().manual_seed(0))
     assert sorted(calls) == [False, False, True] and {"bag", "mlm", "future"} <= set(parts)
@@ -387,20 +387,13 @@ def test_bag_loss_shares_the_cloze_pass_and_learns_the_users_items(monkeypatch):
     assert initial > math.log(40) and final < math.log(12) + 0.3, (initial, final)
 
 
-def test_total_loss_shares_the_cloze_pass_with_the_contrastive_task(monkeypatch):
+def test_total_loss_shares_the_cloze_pass_with_the_contrastive_task(encoder_passes):
     """All three tasks: 3 encoder passes (causal, masked view, one augmented view),
     and the contrastive part still learns (lower after training on its own)."""
     seqs, _ = planted()
     items, _, batch = vocab_batch(seqs)
     enc = tiny_encoder()
-    calls = []
-    original = SequenceEncoder.forward
-
-    def counting(self, *args, **kwargs):
-        calls.append(kwargs.get("causal", False))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(SequenceEncoder, "forward", counting)
+    calls = encoder_passes
     weights = LossWeights(mlm=1.0, next=1.0, contrastive=1.0)
     _, parts = total_loss(enc, batch, len(items), weights, torch.Generator().manual_seed(0))
     assert sorted(calls) == [False, False, True] and set(parts) >= {"mlm", "contrastive"}
