@@ -245,30 +245,31 @@ def total_loss(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted sum of the losses; tasks with weight 0 are not computed."""
-    loss = _zero(encoder)
+    terms: list[torch.Tensor] = []
     parts: dict[str, float] = {}
+
+    def add(name: str, weight: float, part: torch.Tensor) -> None:
+        terms.append(weight * part)
+        parts[name] = float(part.detach())
+
     view = None
     if weights.mlm > 0 or weights.bag > 0:
-        part, view, bag = _cloze(encoder, batch, n_valid, generator, bag=weights.bag > 0)
+        cloze, view, bag = _cloze(encoder, batch, n_valid, generator, bag=weights.bag > 0)
         if weights.mlm > 0:
-            loss = loss + weights.mlm * part
-            parts["mlm"] = float(part.detach())
+            add("mlm", weights.mlm, cloze)
         if weights.bag > 0:
-            loss = loss + weights.bag * bag
-            parts["bag"] = float(bag.detach())
+            add("bag", weights.bag, bag)
     if weights.next > 0 or weights.future > 0:
         nxt, fut = _causal(
             encoder, batch, n_valid, generator, 0.2, weights.future > 0, weights.next > 0
         )
         if weights.next > 0:
-            loss = loss + weights.next * nxt
-            parts["next"] = float(nxt.detach())
+            add("next", weights.next, nxt)
         if weights.future > 0:
-            loss = loss + weights.future * fut
-            parts["future"] = float(fut.detach())
+            add("future", weights.future, fut)
     if weights.contrastive > 0:
-        part = contrastive_loss(encoder, batch, generator, first_view=view)
-        loss = loss + weights.contrastive * part
-        parts["contrastive"] = float(part.detach())
+        add("contrastive", weights.contrastive,
+            contrastive_loss(encoder, batch, generator, first_view=view))  # fmt: skip
+    loss = sum(terms, _zero(encoder))
     parts["loss"] = float(loss.detach())
     return loss, parts

@@ -298,6 +298,16 @@ def test_losses_handle_degenerate_batches():
     assert np.isfinite(parts["loss"])
 
 
+def fit(enc, batch, n_valid, weights, gen, steps: int) -> None:
+    """``steps`` AdamW steps (lr 3e-3) of ``total_loss`` on one batch."""
+    opt = torch.optim.AdamW(enc.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss, _ = total_loss(enc, batch, n_valid, weights, gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 @pytest.fixture
 def encoder_passes(monkeypatch) -> list[bool]:
     """Records every SequenceEncoder forward pass (its ``causal`` flag), in order."""
@@ -344,12 +354,7 @@ def test_future_item_loss_shares_the_causal_pass_and_learns_the_users_items(enco
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         initial = float(future_item_loss(enc, batch, len(items), torch.Generator().manual_seed(9)))
-    opt = torch.optim.AdamW(enc.parameters(), lr=3e-3)
-    for _ in range(150):
-        loss, _ = total_loss(enc, batch, len(items), only, gen)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit(enc, batch, len(items), only, gen, steps=150)
     with torch.no_grad():
         final = float(future_item_loss(enc, batch, len(items), torch.Generator().manual_seed(9)))
     assert initial > math.log(40) and final < math.log(12) + 0.3, (initial, final)
@@ -377,12 +382,7 @@ def test_bag_loss_shares_the_cloze_pass_and_learns_the_users_items(encoder_passe
 
     initial = measured()
     gen = torch.Generator().manual_seed(1)
-    opt = torch.optim.AdamW(enc.parameters(), lr=3e-3)
-    for _ in range(150):
-        loss, _ = total_loss(enc, batch, len(items), only, gen)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit(enc, batch, len(items), only, gen, steps=150)
     final = measured()
     assert initial > math.log(40) and final < math.log(12) + 0.3, (initial, final)
 
@@ -401,8 +401,6 @@ def test_total_loss_shares_the_cloze_pass_with_the_contrastive_task(encoder_pass
     total_loss(enc, batch, len(items), LossWeights(0.0, 0.0, 1.0))
     assert calls == [False, False]  # without cloze: two augmented views
 
-    opt = torch.optim.AdamW(enc.parameters(), lr=3e-3)
-
     def contrastive_part(gen) -> float:
         return total_loss(enc, batch, len(items), weights, gen)[1]["contrastive"]
 
@@ -411,11 +409,7 @@ def test_total_loss_shares_the_cloze_pass_with_the_contrastive_task(encoder_pass
         initial = contrastive_part(torch.Generator().manual_seed(123))
     gen = torch.Generator().manual_seed(1)
     enc.train()
-    for _ in range(100):
-        loss, _ = total_loss(enc, batch, len(items), weights, gen)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit(enc, batch, len(items), weights, gen, steps=100)
     enc.eval()
     with torch.no_grad():
         final = contrastive_part(torch.Generator().manual_seed(123))
