@@ -2,15 +2,16 @@
 
 Why plain torch and not ``transformers.BertModel``: ONE stack must run both a
 bidirectional pass (cloze, contrastive, user embeddings) and a causal pass
-(next-behavior prediction), with a mask chosen per call. ``nn.TransformerEncoderLayer``
-takes that mask directly and runs fused scaled-dot-product attention, while
-BERT's attention-mask handling and internals changed between transformers v4
-and v5 (we pin a range spanning both). Our inputs (item + behavior + position +
-time-gap embeddings, a growing item table) are custom anyway, so BERT would only
-contribute the layer stack.
+(next-behavior prediction), with a mask chosen per call, and its blocks mix
+attention with a low-pass branch (:class:`MixerBlock`). ``nn.MultiheadAttention``
+takes a per-call mask (boolean, or a float one carrying relative-position
+biases) directly, while BERT's attention-mask handling and internals changed
+between transformers v4 and v5 (we pin a range spanning both). Our inputs (item +
+behavior + time-gap embeddings, a growing item table) are custom anyway.
 
 Inputs are LEFT-padded with row 0: the most recent behavior is always at the
-last position, so a position id means "how far back", whatever the length.
+last position, so a slot id (``positions="absolute"``) means "how far back from
+the end", whatever the length; ``positions="relative"`` uses distances instead.
 The model imports without any training code; see ``model/tasks.py`` for losses.
 """
 
@@ -26,7 +27,7 @@ from torch import nn
 
 from model.vocab import MASK, PAD
 
-__all__ = ["EncoderConfig", "SequenceEncoder"]
+__all__ = ["EncoderConfig", "MixerBlock", "SequenceEncoder", "moving_mean"]
 
 LOG = logging.getLogger(__name__)
 
@@ -41,6 +42,102 @@ class EncoderConfig:
     heads: int = 2
     dropout: float = 0.2
     n_gap_buckets: int = 32  # log2-bucketed seconds since the previous behavior
+    # The defaults below are the block as it was before these options (plain
+    # pre-LN attention, slot embeddings), so a checkpoint whose saved config lacks
+    # them loads as written. Settings and OfflineConfig choose the current block.
+    # BSARec-style inductive bias beside attention (see MixerBlock): share of a
+    # low-pass branch (moving mean over ``lowpass_window`` real behaviors, causal
+    # in the causal pass) in each block's token mixing; 0 = plain attention
+    lowpass_alpha: float = 0.0
+    lowpass_window: int = 10
+    post_norm: bool = False  # LayerNorm after each residual (SASRec/RecBole) instead of before
+    # "absolute": a learned embedding per slot counted from the END of the input,
+    # added to the inputs (SASRec). "relative": no slot embedding; attention gets a
+    # learned bias per head and distance query - key instead (T5), so the causal
+    # state at t is computed exactly as if t were the last slot, as it is when
+    # ranking or serving (see SequenceEncoder.forward)
+    positions: str = "absolute"
+
+
+def moving_mean(x: torch.Tensor, real: torch.Tensor, window: int, causal: bool) -> torch.Tensor:
+    """Mean of ``x`` (B, T, H) over the real positions (``real`` (B, T, 1), 1/0)
+    of a window of ``window`` steps: the ``window`` steps ending at t when
+    ``causal`` (nothing later is read), else centred on t. -> (B, T, H); zero
+    where the window holds no real position. Two cumulative sums, O(T)."""
+    B, T, H = x.shape
+    zero = x.new_zeros(B, 1, H + 1)
+    sums = torch.cat([zero, torch.cat([x * real, real], -1).cumsum(1)], 1)  # (B, T+1, H+1)
+    t = torch.arange(T, device=x.device)
+    if causal:
+        hi, lo = t + 1, (t + 1 - window).clamp(min=0)
+    else:
+        half = window // 2
+        hi, lo = (t + half + 1).clamp(max=T), (t - half).clamp(min=0)
+    inside = sums[:, hi] - sums[:, lo]  # (B, T, H+1): sum of x, count
+    return inside[..., :H] / inside[..., H:].clamp(min=1.0)  # (B, T, H)
+
+
+class MixerBlock(nn.Module):
+    """One Transformer block whose token mixing is attention, optionally mixed
+    with a low-pass branch (BSARec, Shin et al. AAAI 2024: an attentive
+    inductive bias beside self-attention).
+
+    The low-pass branch splits its input into the moving mean over the last
+    ``lowpass_window`` real behaviors (the low frequencies: what the user has
+    been doing lately) and the rest (the high frequencies), and re-weights the
+    rest by a learned per-channel ``beta ** 2``. BSARec filters with an FFT
+    over the whole sequence, which would let position t read t+1 in our
+    every-position next-item pass; the moving mean is its causal counterpart
+    (centred in bidirectional passes). Mixing: ``alpha * lowpass + (1 - alpha)
+    * attention``, alpha = ``lowpass_alpha``; alpha 0 is a plain block.
+
+    ``post_norm``: LayerNorm after each residual sum (SASRec, RecBole, BSARec)
+    instead of before each sublayer (pre-LN, the default).
+    """
+
+    def __init__(self, c: EncoderConfig) -> None:
+        super().__init__()
+        self.config = c
+        H = c.hidden
+        # the names of nn.TransformerEncoderLayer's parts, which this block replaced,
+        # so checkpoints written before it still load
+        self.self_attn = nn.MultiheadAttention(H, c.heads, dropout=c.dropout, batch_first=True)
+        self.linear1 = nn.Linear(H, 4 * H)
+        self.linear2 = nn.Linear(4 * H, H)
+        self.norm1 = nn.LayerNorm(H)  # before (or, post_norm, after) the token mixing
+        self.norm2 = nn.LayerNorm(H)  # before (after) the feed-forward
+        self.drop = nn.Dropout(c.dropout)
+        if c.lowpass_alpha > 0:
+            self.sqrt_beta = nn.Parameter(torch.ones(1, 1, H))
+            self.norm_low = nn.LayerNorm(H) if c.post_norm else None
+
+    def _attend(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.self_attn(x, x, x, attn_mask=mask, need_weights=False)[0])
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.linear2(self.drop(F.gelu(self.linear1(x)))))  # (B, T, H)
+
+    def _lowpass(self, x: torch.Tensor, real: torch.Tensor, causal: bool) -> torch.Tensor:
+        low = moving_mean(x, real, self.config.lowpass_window, causal)  # (B, T, H)
+        return self.drop(low + self.sqrt_beta**2 * (x - low))  # (B, T, H)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, real: torch.Tensor, causal: bool
+    ) -> torch.Tensor:
+        """(B, T, H) -> (B, T, H); ``mask`` (B * heads, T, T) True = blocked."""
+        alpha = self.config.lowpass_alpha
+        if self.config.post_norm:
+            mixed = self.norm1(x + self._attend(x, mask))  # (B, T, H)
+            if alpha > 0:
+                low = self.norm_low(x + self._lowpass(x, real, causal))  # (B, T, H)
+                mixed = alpha * low + (1 - alpha) * mixed
+            return self.norm2(mixed + self._feed_forward(mixed))  # (B, T, H)
+        y = self.norm1(x)  # (B, T, H)
+        delta = self._attend(y, mask)  # (B, T, H)
+        if alpha > 0:
+            delta = alpha * self._lowpass(y, real, causal) + (1 - alpha) * delta
+        x = x + delta
+        return x + self._feed_forward(self.norm2(x))  # (B, T, H)
 
 
 class SequenceEncoder(nn.Module):
@@ -52,23 +149,20 @@ class SequenceEncoder(nn.Module):
         self.config = c
         self.item_emb = nn.Embedding(c.n_items, c.hidden, padding_idx=PAD)
         self.behavior_emb = nn.Embedding(c.n_behaviors, c.hidden, padding_idx=PAD)
-        self.pos_emb = nn.Embedding(c.max_len, c.hidden)
+        if c.positions not in ("absolute", "relative"):
+            raise ValueError(f"positions must be 'absolute' or 'relative', not {c.positions!r}")
+        self.pos_emb = nn.Embedding(c.max_len, c.hidden) if c.positions == "absolute" else None
+        # (heads, 2 * max_len - 1): bias of distance d = query - key at column d + max_len - 1
+        self.rel_bias = (
+            nn.Parameter(torch.zeros(c.heads, 2 * c.max_len - 1))
+            if c.positions == "relative"
+            else None
+        )
         self.gap_emb = nn.Embedding(c.n_gap_buckets, c.hidden, padding_idx=PAD)
         self.ln_in = nn.LayerNorm(c.hidden)
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(
-                d_model=c.hidden,
-                nhead=c.heads,
-                dim_feedforward=4 * c.hidden,
-                dropout=c.dropout,
-                activation="gelu",
-                batch_first=True,
-                norm_first=True,
-            )
-            for _ in range(c.layers)
-        )
-        self.ln_f = nn.LayerNorm(c.hidden)
+        self.blocks = nn.ModuleList(MixerBlock(c) for _ in range(c.layers))
+        self.ln_f = nn.LayerNorm(c.hidden) if not c.post_norm else nn.Identity()
         self.behavior_head = nn.Linear(c.hidden, c.n_behaviors)  # next behavior TYPE
         self.apply(self._init_weights)
 
@@ -82,7 +176,8 @@ class SequenceEncoder(nn.Module):
 
     # --- masks -----------------------------------------------------------------
     def _attention_mask(self, items: torch.Tensor, causal: bool) -> torch.Tensor:
-        """(B * heads, T, T) bool, True = may NOT attend.
+        """(B * heads, T, T): bool, True = may NOT attend; with relative positions
+        a float mask instead, the distance bias where allowed and -inf where not.
 
         Real positions never see padding (nor, when causal, the future). Every
         position may see itself, so pad rows stay finite instead of NaN (a row
@@ -96,7 +191,13 @@ class SequenceEncoder(nn.Module):
             blocked = blocked | future  # (B, T, T)
         eye = torch.eye(T, dtype=torch.bool, device=items.device)
         blocked = blocked & ~eye
-        return blocked.repeat_interleave(self.config.heads, dim=0)  # (B * heads, T, T)
+        if self.rel_bias is None:
+            return blocked.repeat_interleave(self.config.heads, dim=0)  # (B * heads, T, T)
+        t = torch.arange(T, device=items.device)
+        distance = t[:, None] - t[None, :] + self.config.max_len - 1  # (T, T) column
+        bias = self.rel_bias[:, distance]  # (heads, T, T)
+        bias = bias[None].masked_fill(blocked[:, None], float("-inf"))  # (B, heads, T, T)
+        return bias.reshape(B * self.config.heads, T, T)  # (B * heads, T, T)
 
     # --- forward ---------------------------------------------------------------
     def forward(
@@ -110,17 +211,19 @@ class SequenceEncoder(nn.Module):
         B, T = items.shape
         if T > self.config.max_len:
             raise ValueError(f"sequence length {T} > max_len {self.config.max_len}")
-        pos = torch.arange(self.config.max_len - T, self.config.max_len, device=items.device)
         x = (
             self.item_emb(items)  # (B, T, H)
             + self.behavior_emb(behaviors)  # (B, T, H)
             + self.gap_emb(gaps)  # (B, T, H)
-            + self.pos_emb(pos)[None]  # (1, T, H)
         )
+        if self.pos_emb is not None:
+            pos = torch.arange(self.config.max_len - T, self.config.max_len, device=items.device)
+            x = x + self.pos_emb(pos)[None]  # (1, T, H)
         x = self.drop(self.ln_in(x))  # (B, T, H)
         mask = self._attention_mask(items, causal)  # (B * heads, T, T)
+        real = (items != PAD).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
         for block in self.blocks:
-            x = block(x, src_mask=mask)  # (B, T, H)
+            x = block(x, mask, real, causal)  # (B, T, H)
         return self.ln_f(x)  # (B, T, H)
 
     def item_logits(self, h: torch.Tensor, n_valid: int | None = None) -> torch.Tensor:

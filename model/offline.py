@@ -59,6 +59,11 @@ class OfflineConfig:
     layers: int = 2
     heads: int = 2
     dropout: float | None = None  # None: derived from the data (derive_dropout)
+    lowpass_alpha: float = 0.7  # share of the low-pass branch beside attention (MixerBlock)
+    lowpass_window: int = 10
+    post_norm: bool = True
+    positions: str = "relative"  # or "absolute" (EncoderConfig.positions)
+    weight_decay: float = 0.0
     next_weight: float = 1.0
     mlm_weight: float = 0.1
     contrastive_weight: float = 0.05
@@ -151,6 +156,11 @@ def _make_trainer(split: LeaveOneOut, config: OfflineConfig, settings: Any, out_
             "num_heads": config.heads,
             "dropout": config.dropout,
             "learning_rate": config.learning_rate,
+            "weight_decay": config.weight_decay,
+            "lowpass_alpha": config.lowpass_alpha,
+            "lowpass_window": config.lowpass_window,
+            "post_norm": config.post_norm,
+            "positions": config.positions,
             "train_batch_size": config.batch_size or settings.train_batch_size,
             "mlm_weight": config.mlm_weight,
             "next_weight": config.next_weight,
@@ -174,6 +184,10 @@ def _make_trainer(split: LeaveOneOut, config: OfflineConfig, settings: Any, out_
         heads=config.heads,
         dropout=float(config.dropout or 0.0),
         n_gap_buckets=N_GAP_BUCKETS,
+        lowpass_alpha=config.lowpass_alpha,
+        lowpass_window=config.lowpass_window,
+        post_norm=config.post_norm,
+        positions=config.positions,
     )
     trainer = Trainer(s, config=enc)
     trainer.items.observe_many(catalogue)

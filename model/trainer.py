@@ -43,7 +43,6 @@ INITIAL_ITEM_ROWS = 1024  # first allocation of the item table (grows on demand)
 N_BEHAVIORS = 64  # behavior-type table rows (PAD, unknown, 62 names)
 N_GAP_BUCKETS = 32  # log2 seconds: up to ~2**28 s between behaviors
 GRAD_CLIP = 1.0
-WEIGHT_DECAY = 0.01
 _CKPT = re.compile(r"^ckpt-(\d{8,})\.pt$")
 _FORMAT = 1
 
@@ -114,12 +113,16 @@ class Trainer:
                 heads=settings.num_heads,
                 dropout=settings.dropout,
                 n_gap_buckets=N_GAP_BUCKETS,
+                lowpass_alpha=settings.lowpass_alpha,
+                lowpass_window=settings.lowpass_window,
+                post_norm=settings.post_norm,
+                positions=settings.positions,
             )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(settings.seed)
             self.encoder = SequenceEncoder(config).to(self.device)
         self.optimizer = torch.optim.AdamW(
-            self.encoder.parameters(), lr=settings.learning_rate, weight_decay=WEIGHT_DECAY
+            self.encoder.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
         )
         self.weights = LossWeights(
             settings.mlm_weight,

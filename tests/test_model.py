@@ -14,9 +14,10 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from model.batching import gap_buckets, make_batch
-from model.encoder import EncoderConfig, SequenceEncoder
+from model.encoder import EncoderConfig, MixerBlock, SequenceEncoder, moving_mean
 from model.tasks import (
     LossWeights,
     _future_columns,
@@ -78,11 +79,26 @@ def small_settings(tmp_path, **kw) -> Settings:
     return Settings(**base)
 
 
-def tiny_encoder(n_items: int = 128, dropout: float = 0.0, seed: int = 0) -> SequenceEncoder:
+def tiny_encoder(
+    n_items: int = 128, dropout: float = 0.0, seed: int = 0, **mixing
+) -> SequenceEncoder:
     torch.manual_seed(seed)
     return SequenceEncoder(
-        EncoderConfig(n_items=n_items, max_len=T, hidden=32, layers=1, heads=2, dropout=dropout)
+        EncoderConfig(
+            n_items=n_items, max_len=T, hidden=32, layers=1, heads=2, dropout=dropout, **mixing
+        )
     )
+
+
+# the block variants every structural test runs on: plain pre-LN attention, and
+# the low-pass branch beside attention with pre- and post-LN
+MIXINGS = {
+    "attention": {},
+    "lowpass": {"lowpass_alpha": 0.7, "lowpass_window": 4},
+    "lowpass-post-norm": {"lowpass_alpha": 0.7, "lowpass_window": 4, "post_norm": True},
+    "relative": {"positions": "relative"},
+    "relative-lowpass": {"positions": "relative", "lowpass_alpha": 0.7, "lowpass_window": 4},
+}
 
 
 def vocab_batch(seqs):
@@ -183,10 +199,11 @@ def test_make_batch_left_pads_and_keeps_the_most_recent():
 # --- encoder ---------------------------------------------------------------------
 
 
-def test_causal_pass_cannot_see_the_future():
+@pytest.mark.parametrize("mixing", MIXINGS)
+def test_causal_pass_cannot_see_the_future(mixing):
     seqs, _ = planted(n_users=4)
     _, _, b = vocab_batch(seqs)
-    enc = tiny_encoder().eval()
+    enc = tiny_encoder(**MIXINGS[mixing]).eval()
     changed = b.items.clone()
     t = 10
     changed[:, t] = torch.where(changed[:, t] == 20, 21, 20)  # another real item row
@@ -200,11 +217,12 @@ def test_causal_pass_cannot_see_the_future():
     assert not torch.allclose(bi[:, :t], bi2[:, :t])  # bidirectional sees both ways
 
 
-def test_user_embeddings_are_l2_normalized_and_batch_independent():
+@pytest.mark.parametrize("mixing", MIXINGS)
+def test_user_embeddings_are_l2_normalized_and_batch_independent(mixing):
     seqs, _ = planted(n_users=6)
     seqs[1] = seqs[1][:3]  # heavy padding
     _, _, b = vocab_batch(seqs + [[]])
-    enc = tiny_encoder().eval()
+    enc = tiny_encoder(**MIXINGS[mixing]).eval()
     with torch.no_grad():
         z = enc.user_embedding(b.items, b.behaviors, b.gaps)  # (7, H)
         alone = enc.user_embedding(b.items[1:2], b.behaviors[1:2], b.gaps[1:2])
@@ -214,17 +232,90 @@ def test_user_embeddings_are_l2_normalized_and_batch_independent():
     assert torch.allclose(alone[0], z[1], atol=1e-5)  # padding/other users do not leak in
 
 
-def test_eval_fast_path_matches_the_training_path():
+@pytest.mark.parametrize("mixing", MIXINGS)
+def test_eval_fast_path_matches_the_training_path(mixing):
     seqs, _ = planted(n_users=8)
     seqs[0] = seqs[0][:4]
     _, _, b = vocab_batch(seqs)
-    enc = tiny_encoder(dropout=0.0)
+    enc = tiny_encoder(dropout=0.0, **MIXINGS[mixing])
     enc.train()
     slow = enc.user_embedding(b.items, b.behaviors, b.gaps).detach()
     enc.eval()
-    with torch.inference_mode():  # nn.TransformerEncoderLayer's fused fast path
+    with torch.inference_mode():  # nn.MultiheadAttention's fused fast path
         fast = enc.user_embedding(b.items, b.behaviors, b.gaps)
     assert torch.allclose(slow, fast, atol=1e-5)
+
+
+@pytest.mark.parametrize("mixing", ["relative", "relative-lowpass"])
+def test_relative_positions_make_every_causal_state_a_last_slot_state(mixing):
+    """With relative positions the causal state at t is the state the same
+    prefix gets in the LAST slot (where ranking and serving query), so training
+    on every position trains the query the way it is used."""
+    seqs, _ = planted(n_users=3)
+    _, _, b = vocab_batch(seqs)
+    enc = tiny_encoder(**MIXINGS[mixing]).eval()
+    with torch.no_grad():
+        h = enc(b.items, b.behaviors, b.gaps, causal=True)  # (B, T, H)
+        for t in (5, 11, T - 1):
+            prefix = b.columns(None, t + 1)  # (B, t+1): the window cut after t
+            last = enc(prefix.items, prefix.behaviors, prefix.gaps, causal=True)[:, -1]
+            assert torch.allclose(h[:, t], last, atol=1e-5), t
+    absolute = tiny_encoder().eval()
+    with torch.no_grad():
+        h = absolute(b.items, b.behaviors, b.gaps, causal=True)
+        last = absolute(*(x[:, :6] for x in (b.items, b.behaviors, b.gaps)), causal=True)
+    assert not torch.allclose(h[:, 5], last[:, -1], atol=1e-3)  # slot ids differ there
+
+
+def test_relative_position_bias_is_learned():
+    seqs, _ = planted(n_users=32)
+    items, _, b = vocab_batch(seqs)
+    enc = tiny_encoder(positions="relative")
+    weights = LossWeights(mlm=0.0, next=1.0, contrastive=0.0)
+    fit(enc, b, len(items), weights, torch.Generator().manual_seed(0), steps=5)
+    assert enc.rel_bias.abs().sum() > 0 and enc.pos_emb is None
+
+
+def test_plain_block_is_the_transformer_layer_it_replaced():
+    """lowpass_alpha 0, pre-LN: the same function and parameter names as the
+    nn.TransformerEncoderLayer used before, so older checkpoints load as they were."""
+    c = EncoderConfig(hidden=32, heads=2, dropout=0.0)
+    torch.manual_seed(0)
+    old = nn.TransformerEncoderLayer(32, 2, 128, 0.0, "gelu", batch_first=True, norm_first=True)
+    block = MixerBlock(c)
+    block.load_state_dict(old.state_dict())  # strict: every name matches
+    x = torch.randn(3, 7, 32)
+    mask = torch.ones(7, 7, dtype=torch.bool).triu(1).repeat(6, 1, 1)  # (B * heads, T, T)
+    real = torch.ones(3, 7, 1)
+    assert torch.allclose(block(x, mask, real, True), old(x, src_mask=mask), atol=1e-5)
+
+
+def test_moving_mean_reads_only_real_positions_of_its_window():
+    x = torch.tensor([[0.0, 0.0, 1.0, 2.0, 3.0, 4.0]]).unsqueeze(-1)  # (1, 6, 1), 2 pads
+    real = torch.tensor([[0.0, 0.0, 1.0, 1.0, 1.0, 1.0]]).unsqueeze(-1)
+    x[0, :2] = 99.0  # whatever a padded position holds must not count
+    causal = moving_mean(x, real, window=3, causal=True)[0, :, 0]
+    centred = moving_mean(x, real, window=3, causal=False)[0, :, 0]
+    assert causal[2:].tolist() == [1.0, 1.5, 2.0, 3.0]  # (1), (1,2), (1,2,3), (2,3,4)
+    assert causal[:2].tolist() == [0.0, 0.0]  # no real position in the window
+    assert centred[2:].tolist() == [1.5, 2.0, 3.0, 3.5]  # (1,2), (1,2,3), (2,3,4), (3,4)
+
+
+def test_lowpass_block_learns_a_planted_problem_like_the_plain_block():
+    seqs, _ = planted(n_users=64)
+    items, _, b = vocab_batch(seqs)
+    losses = {}
+    for name in ("attention", "lowpass"):
+        enc = tiny_encoder(**MIXINGS[name])
+        gen = torch.Generator().manual_seed(0)
+        weights = LossWeights(mlm=0.0, next=1.0, contrastive=0.0)
+        first = total_loss(enc, b, len(items), weights, gen)[1]["next"]
+        fit(enc, b, len(items), weights, gen, steps=60)
+        losses[name] = (first, total_loss(enc, b, len(items), weights, gen)[1]["next"])
+    for name, (first, last) in losses.items():
+        assert last < 0.3 * first, (name, first, last)
+    beta = tiny_encoder(**MIXINGS["lowpass"]).blocks[0].sqrt_beta
+    assert beta.shape == (1, 1, 32)  # a learned per-channel weight of the high frequencies
 
 
 def test_item_logits_exclude_pad_mask_and_unused_rows():

@@ -315,6 +315,21 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--layers", type=int)
     tp.add_argument("--heads", type=int)
     tp.add_argument("--dropout", type=float, help="default: derived from sequence lengths")
+    tp.add_argument(
+        "--lowpass-alpha",
+        type=float,
+        dest="lowpass_alpha",
+        help="share of the low-pass branch beside attention (0: plain attention)",
+    )
+    tp.add_argument("--lowpass-window", type=int, dest="lowpass_window")
+    tp.add_argument(
+        "--post-norm",
+        action=argparse.BooleanOptionalAction,
+        dest="post_norm",
+        help="LayerNorm after each residual (default) or, --no-post-norm, before each sublayer",
+    )
+    tp.add_argument("--positions", choices=("absolute", "relative"))
+    tp.add_argument("--weight-decay", type=float, dest="weight_decay")
     tp.add_argument("--next-weight", type=float, dest="next_weight")
     tp.add_argument("--mlm-weight", type=float, dest="mlm_weight")
     tp.add_argument("--contrastive-weight", type=float, dest="contrastive_weight")

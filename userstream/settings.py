@@ -76,6 +76,14 @@ class Settings(BaseSettings):
     num_layers: int = Field(2, ge=1)
     num_heads: int = Field(2, ge=1)
     dropout: float = Field(0.2, ge=0, lt=1)
+    lowpass_alpha: float = Field(
+        0.7, ge=0, le=1, description="share of the low-pass branch beside attention (BSARec)"
+    )
+    lowpass_window: int = Field(10, ge=1, description="behaviors in the low-pass moving mean")
+    post_norm: bool = Field(True, description="LayerNorm after residuals (SASRec) not before")
+    positions: Literal["absolute", "relative"] = Field(
+        "relative", description="slot embeddings, or a learned distance bias in attention"
+    )
     item_min_count: int = Field(1, ge=1, description="sightings before an item gets its own row")
     item_capacity_max: int = Field(
         2_000_000, ge=16, description="hard cap on item rows; later items share hash buckets"
@@ -98,6 +106,7 @@ class Settings(BaseSettings):
     train_steps: int = Field(4, ge=1, description="K: optimizer steps per cycle")
     train_batch_size: int = Field(128, ge=2)
     learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
     reservoir_size: int = Field(10_000, ge=0, description="older users kept for replay")
     replay_ratio: float = Field(
         1.0, ge=0, description="replayed older users per dirty user in a cycle"
