@@ -7,7 +7,9 @@ reads the test split ONCE with ``model.evaluate``. Writes one JSON (inputs,
 machine, per-epoch history, valid/test metrics, wall time) and
 ``curves.png`` under ``benchmarks/out/beauty_quality/`` and prints a table.
 Targets: floor HR@10 >= 0.0744 / NDCG@10 >= 0.0403 (ICLRec release); bar:
-NDCG@10 >= 0.0549 (RecBole SASRec-CE 0.0523 + 5%, masked protocol).
+NDCG@10 >= 0.0587 (RecBole SASRec-CE trained side by side to its plateau,
+0.0559, + 5%; masked protocol). ``--set FIELD=VALUE`` overrides an
+``OfflineConfig`` field for experiments; ``--name`` names the JSON.
 """
 
 from __future__ import annotations
@@ -20,7 +22,26 @@ import time
 from _common import OUT, data_path, threads, write_json
 
 FLOOR = {"HR@10": 0.0744, "NDCG@10": 0.0403}
-BAR = {"NDCG@10": 0.0549}
+BAR = {"NDCG@10": 0.0587}  # RecBole side by side 0.0559 + 5%
+
+
+def overrides(config, pairs: list[str]):
+    """``OfflineConfig`` with ``FIELD=VALUE`` pairs applied, each VALUE parsed as
+    the field's current type (bool from true/false)."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    changes = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or name not in fields:
+            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE, FIELD one of {sorted(fields)}")
+        current = getattr(config, name)
+        if isinstance(current, bool):
+            changes[name] = text.lower() in ("1", "true", "yes")
+        elif current is None:
+            changes[name] = float(text) if "." in text else int(text)
+        else:
+            changes[name] = type(current)(text)
+    return dataclasses.replace(config, **changes)
 
 
 def main() -> None:
@@ -29,6 +50,14 @@ def main() -> None:
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--max-epochs", type=int, default=None)
     p.add_argument("--out", default=str(OUT / "beauty_quality"))
+    p.add_argument("--name", default="beauty_quality", help="name of the JSON report")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override an OfflineConfig field (repeatable), e.g. --set lowpass_alpha=0.7",
+    )
     args = p.parse_args()
     threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -41,7 +70,7 @@ def main() -> None:
     path = data_path("beauty", "Beauty.txt")
     t0 = time.perf_counter()
     split = leave_one_out(load_sequences(path, "amazon-seq"))
-    config = OfflineConfig(max_minutes=args.max_minutes)
+    config = overrides(OfflineConfig(max_minutes=args.max_minutes), args.set)
     if args.max_epochs:
         config = dataclasses.replace(config, max_epochs=args.max_epochs)
     result = train_offline(split, config, args.out, progress=True)
@@ -68,14 +97,14 @@ def main() -> None:
         "history": result.history,
         "curves_png": f"{args.out}/curves.png",
     }
-    out = write_json("beauty_quality", payload)
+    out = write_json(args.name, payload)
     print(f"\nBeauty, best epoch {result.best_epoch} of {len(result.history)} ({result.stopped})")
     print(f"wall {wall / 60:.1f} min (training {train_s / 60:.1f} min), {out}")
     print(f"valid NDCG@10 {report['valid']['NDCG@10']:.4f}")
     for k in ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"):
         print(f"test {k:<8} {test[k]:.4f}")
     print(f"floor (HR@10>=0.0744, NDCG@10>=0.0403) met: {payload['floor_met']}; "
-          f"bar (NDCG@10>=0.0549) met: {payload['bar_met']}")  # fmt: skip
+          f"bar (NDCG@10>=0.0587) met: {payload['bar_met']}")  # fmt: skip
 
 
 if __name__ == "__main__":
