@@ -32,7 +32,6 @@ import numpy as np
 from torch import nn
 
 from model.batching import collate
-from model.encoder import EncoderConfig
 from model.evaluate import encode_many, evaluate_split
 from model.split import LeaveOneOut
 from model.tasks import total_loss
@@ -143,7 +142,7 @@ def _bucketed_batches(
 
 
 def _make_trainer(split: LeaveOneOut, config: OfflineConfig, settings: Any, out_dir: Path):
-    from model.trainer import N_BEHAVIORS, N_GAP_BUCKETS, Trainer
+    from model.trainer import Trainer, encoder_config
     from model.vocab import ItemVocab
 
     catalogue = split.items()
@@ -154,7 +153,7 @@ def _make_trainer(split: LeaveOneOut, config: OfflineConfig, settings: Any, out_
             "hidden_size": config.hidden,
             "num_layers": config.layers,
             "num_heads": config.heads,
-            "dropout": config.dropout,
+            "dropout": float(config.dropout or 0.0),
             "learning_rate": config.learning_rate,
             "weight_decay": config.weight_decay,
             "lowpass_alpha": config.lowpass_alpha,
@@ -175,20 +174,7 @@ def _make_trainer(split: LeaveOneOut, config: OfflineConfig, settings: Any, out_
         }
     )
     rows = ItemVocab(1, s.item_capacity_max).first_item_row + len(catalogue)
-    enc = EncoderConfig(
-        n_items=rows,
-        n_behaviors=N_BEHAVIORS,
-        max_len=config.max_len,
-        hidden=config.hidden,
-        layers=config.layers,
-        heads=config.heads,
-        dropout=float(config.dropout or 0.0),
-        n_gap_buckets=N_GAP_BUCKETS,
-        lowpass_alpha=config.lowpass_alpha,
-        lowpass_window=config.lowpass_window,
-        post_norm=config.post_norm,
-        positions=config.positions,
-    )
+    enc = encoder_config(s, rows)
     trainer = Trainer(s, config=enc)
     trainer.items.observe_many(catalogue)
     trainer.behaviors.observe_many(sorted({b.behavior for seq in split.full for b in seq}))

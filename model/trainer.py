@@ -95,6 +95,24 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         os.close(dir_fd)
 
 
+def encoder_config(settings: Settings, n_items: int) -> EncoderConfig:
+    """The encoder ``settings`` describe, with ``n_items`` rows in its item table."""
+    return EncoderConfig(
+        n_items=n_items,
+        n_behaviors=N_BEHAVIORS,
+        max_len=settings.max_len,
+        hidden=settings.hidden_size,
+        layers=settings.num_layers,
+        heads=settings.num_heads,
+        dropout=settings.dropout,
+        n_gap_buckets=N_GAP_BUCKETS,
+        lowpass_alpha=settings.lowpass_alpha,
+        lowpass_window=settings.lowpass_window,
+        post_norm=settings.post_norm,
+        positions=settings.positions,
+    )
+
+
 class Trainer:
     """Encoder + optimizer + vocabularies + version: one incremental learner."""
 
@@ -104,20 +122,7 @@ class Trainer:
         self.items = ItemVocab(settings.item_min_count, settings.item_capacity_max)
         self.behaviors = BehaviorVocab(N_BEHAVIORS)
         if config is None:
-            config = EncoderConfig(
-                n_items=min(INITIAL_ITEM_ROWS, self.items.max_rows),
-                n_behaviors=N_BEHAVIORS,
-                max_len=settings.max_len,
-                hidden=settings.hidden_size,
-                layers=settings.num_layers,
-                heads=settings.num_heads,
-                dropout=settings.dropout,
-                n_gap_buckets=N_GAP_BUCKETS,
-                lowpass_alpha=settings.lowpass_alpha,
-                lowpass_window=settings.lowpass_window,
-                post_norm=settings.post_norm,
-                positions=settings.positions,
-            )
+            config = encoder_config(settings, min(INITIAL_ITEM_ROWS, self.items.max_rows))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(settings.seed)
             self.encoder = SequenceEncoder(config).to(self.device)
