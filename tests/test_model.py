@@ -90,14 +90,22 @@ def tiny_encoder(
     )
 
 
-# the block variants every structural test runs on: plain pre-LN attention, and
-# the low-pass branch beside attention with pre- and post-LN
+# the block variants every structural test runs on: plain pre-LN attention (the
+# block before MixerBlock), the low-pass branch beside attention with pre- and
+# post-LN, relative positions alone and with the low-pass branch, and the
+# combination Settings and `userstream train` default to
 MIXINGS = {
     "attention": {},
     "lowpass": {"lowpass_alpha": 0.7, "lowpass_window": 4},
     "lowpass-post-norm": {"lowpass_alpha": 0.7, "lowpass_window": 4, "post_norm": True},
     "relative": {"positions": "relative"},
     "relative-lowpass": {"positions": "relative", "lowpass_alpha": 0.7, "lowpass_window": 4},
+    "default": {
+        "positions": "relative",
+        "lowpass_alpha": 0.7,
+        "lowpass_window": 4,
+        "post_norm": True,
+    },
 }
 
 
@@ -246,7 +254,7 @@ def test_eval_fast_path_matches_the_training_path(mixing):
     assert torch.allclose(slow, fast, atol=1e-5)
 
 
-@pytest.mark.parametrize("mixing", ["relative", "relative-lowpass"])
+@pytest.mark.parametrize("mixing", ["relative", "relative-lowpass", "default"])
 def test_relative_positions_make_every_causal_state_a_last_slot_state(mixing):
     """With relative positions the causal state at t is the state the same
     prefix gets in the LAST slot (where ranking and serving query), so training
