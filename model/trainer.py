@@ -284,12 +284,10 @@ class Trainer:
             raise ValueError(f"{path}: unknown checkpoint format {payload.get('format')!r}")
         config = EncoderConfig(**payload["config"])
         trainer = cls(settings, config=config)
-        for name, ours in (
-            ("hidden", settings.hidden_size),
-            ("layers", settings.num_layers),
-            ("heads", settings.num_heads),
-            ("max_len", settings.max_len),
-        ):
+        wanted = encoder_config(settings, config.n_items)  # what the settings describe
+        for name in ("hidden", "layers", "heads", "max_len", "lowpass_alpha", "lowpass_window",
+                     "post_norm", "positions"):  # fmt: skip
+            ours = getattr(wanted, name)
             if getattr(config, name) != ours:
                 LOG.warning("%s: checkpoint has %s=%s, settings say %s; using the checkpoint's",
                             path, name, getattr(config, name), ours)  # fmt: skip
