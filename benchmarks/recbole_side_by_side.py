@@ -16,9 +16,9 @@ dropout 0.5, lr 1e-3, RecBole batch 256 sequences.
 Throughput (PROTOCOL section 4, same process settings, medians of ``--repeats``
 timed runs of ``--steps`` optimizer steps each, data loading included):
 * RecBole: sequences/s = targets/s (one target per prefix sequence).
-* ours: windows/s and targets/s, with our default objective (next + cloze +
-  contrastive) and with next-item alone; a window is a user's sequence (up to
-  51 steps) whose every prefix is a target.
+* ours: examples/s and targets/s for each of ``VARIANTS``: windows (a user's
+  sequence of up to 51 steps whose every prefix is a target) with all three
+  tasks and with next-item alone, and prefixes (one target each, as RecBole).
 The headline ratio is targets/s (the same training signal per second); the
 sequences/s ratio is reported too.
 
@@ -57,6 +57,13 @@ CONFIG = {
     "MAX_ITEM_LIST_LENGTH": 50,
     "learning_rate": 1e-3,
     "train_batch_size": 256,
+}
+NEXT_ONLY = {"mlm_weight": 0.0, "contrastive_weight": 0.0}
+VARIANTS = {  # ours: OfflineConfig overrides per measured variant
+    "default": {},
+    "windows, all tasks (next+mlm+contrastive)": {"examples": "windows"},
+    "windows, next only": {"examples": "windows", **NEXT_ONLY},
+    "prefixes, next only": {"examples": "prefixes", **NEXT_ONLY},
 }
 
 
@@ -225,10 +232,13 @@ def recbole_worker(args) -> None:
 
 
 # --- our side (the project's venv) ---------------------------------------------------
-def ours_throughput(split, steps: int, repeats: int, weights: tuple[float, float, float]) -> dict:
+def ours_throughput(split, steps: int, repeats: int, **overrides) -> dict:
+    """Our training throughput with ``OfflineConfig`` defaults + ``overrides``:
+    the same examples, batches and step as ``train_offline``."""
+    import dataclasses
+
     import numpy as np
     import torch
-    from torch import nn
 
     from model.batching import collate
     from model.evaluate import encode_many
@@ -237,59 +247,52 @@ def ours_throughput(split, steps: int, repeats: int, weights: tuple[float, float
         _bucketed_batches,
         _make_trainer,
         derive_batch_size,
-        windows,
+        train_step,
+        training_examples,
     )
-    from model.tasks import total_loss
     from userstream.settings import Settings
 
-    nxt, mlm, con = weights
-    config = OfflineConfig(dropout=0.5, next_weight=nxt, mlm_weight=mlm, contrastive_weight=con)
+    config = OfflineConfig(dropout=0.5, **overrides)
     trainer = _make_trainer(
         split, config, Settings(device="cpu"), ROOT / "benchmarks/out/recbole/ours-tmp"
     )
     encoded = encode_many(trainer, split.full)
-    w = windows([e[:-2] for e in encoded], config.max_len)
-    lengths = np.array([len(x) for x in w])
-    targets_per_window = float((lengths - 1).sum() / len(w))
-    bs = derive_batch_size(targets_per_window)
+    examples, lengths, n_targets = training_examples(encoded, config)
+    targets_per_example = n_targets / len(examples)
+    bs = derive_batch_size(targets_per_example)
+    config = dataclasses.replace(config, batch_size=bs)
     rng = np.random.default_rng(0)
-    n_valid = len(trainer.items)
-    enc = trainer.encoder
-    enc.train()
+    trainer.encoder.train()
 
-    def run(n: int) -> tuple[int, int, float]:
+    def run(n: int) -> tuple[int, float, float]:
         batches = _bucketed_batches(lengths, bs, rng)[:n]
         t = time.perf_counter()
-        nw = nt = 0
+        nw = 0
         for idx in batches:
-            batch = collate([w[i] for i in idx])
-            loss, _ = total_loss(enc, batch, n_valid, trainer.weights, trainer.generator)
-            trainer.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(enc.parameters(), 1.0)
-            trainer.optimizer.step()
+            train_step(trainer, collate([examples[i] for i in idx]), config)
             nw += len(idx)
-            nt += int((lengths[idx] - 1).sum())
-        return nw, nt, time.perf_counter() - t
+        return nw, nw * targets_per_example, time.perf_counter() - t
 
     run(5)
     # steps scaled so both sides process about the same number of targets per timed run
-    n = max(10, round(steps * 256 / (bs * targets_per_window)))
+    n = max(10, round(steps * 256 / (bs * targets_per_example)))
     wins, tgts = [], []
     for _ in range(repeats):
         nw, nt, s = run(n)
         wins.append(nw / s)
         tgts.append(nt / s)
     return {
-        "weights": {"next": nxt, "mlm": mlm, "contrastive": con},
-        "batch_windows": bs,
+        "config": {
+            k: getattr(config, k)
+            for k in ("examples", "next_weight", "mlm_weight", "contrastive_weight", "batch_size")
+        },  # fmt: skip
         "steps": n,
         "windows_per_s_runs": wins,
         "targets_per_s_runs": tgts,
         "windows_per_s": statistics.median(wins),
         "targets_per_s": statistics.median(tgts),
-        "train_windows_per_epoch": len(w),
-        "train_targets_per_epoch": int((lengths - 1).sum()),
+        "train_windows_per_epoch": len(examples),
+        "train_targets_per_epoch": n_targets,
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -332,10 +335,8 @@ def main() -> None:
     repeats = 0 if args.no_throughput else args.repeats
     ours = {}
     if repeats:
-        ours["default (next+mlm+contrastive)"] = ours_throughput(
-            split, args.steps, repeats, (1.0, 0.1, 0.05)
-        )
-        ours["next only"] = ours_throughput(split, args.steps, repeats, (1.0, 0.0, 0.0))
+        for name, overrides in VARIANTS.items():
+            ours[name] = ours_throughput(split, args.steps, repeats, **overrides)
     worker_out = work / "recbole_worker.json"
     cmd = [args.recbole_python, __file__, "--worker", "recbole", "--data-dir", str(data_dir),
            "--worker-out", str(worker_out), "--steps", str(args.steps), "--repeats", str(repeats),
@@ -345,8 +346,9 @@ def main() -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
     theirs = json.loads(worker_out.read_text())
     if repeats:  # drift check
-        ours["default (next+mlm+contrastive), after RecBole"] = ours_throughput(
-            split, args.steps, repeats, (1.0, 0.1, 0.05)
+        first = next(iter(VARIANTS))
+        ours[f"{first}, after RecBole"] = ours_throughput(
+            split, args.steps, repeats, **VARIANTS[first]
         )
 
     rb = theirs["sequences_per_s"]

@@ -18,6 +18,7 @@ from up to ``max_len`` previous steps.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -31,12 +32,22 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from model.batching import collate
+from model.averaging import WeightAverage
+from model.batching import Batch, collate
 from model.evaluate import encode_many, evaluate_split
 from model.split import LeaveOneOut
-from model.tasks import total_loss
+from model.tasks import last_item_loss, total_loss
 
-__all__ = ["OfflineConfig", "TrainResult", "derive_dropout", "train_offline", "windows"]
+__all__ = [
+    "OfflineConfig",
+    "TrainResult",
+    "derive_dropout",
+    "prefixes",
+    "train_offline",
+    "train_step",
+    "training_examples",
+    "windows",
+]
 
 LOG = logging.getLogger(__name__)
 
@@ -63,11 +74,18 @@ class OfflineConfig:
     post_norm: bool = True
     positions: str = "relative"  # or "absolute" (EncoderConfig.positions)
     weight_decay: float = 0.0
+    # evaluate and keep an exponential moving average of the weights (model.averaging);
+    # 0 = the raw weights
+    ema_decay: float = 0.999
     next_weight: float = 1.0
     mlm_weight: float = 0.1
     contrastive_weight: float = 0.05
     future_weight: float = 0.0  # dense all-action: a random later item (model.tasks)
     bag_weight: float = 0.0  # the pooled user state predicts every item of the window
+    # "windows": next-item loss at every step of each window, side tasks on the windows;
+    # "prefixes": one example per target (the prefix ending in it), loss at its last step
+    # only, next-item task only (FMLP-Rec / BSARec's regime; ~2x the epoch time on Beauty)
+    examples: str = "windows"
     seed: int = 0
     eval_batch_size: int = 1024
     max_minutes: float | None = None  # wall-clock budget; stops after the epoch that passes it
@@ -125,6 +143,13 @@ def windows(encoded: Sequence[np.ndarray], max_len: int) -> list[np.ndarray]:
     return out
 
 
+def prefixes(encoded: Sequence[np.ndarray], max_len: int) -> list[np.ndarray]:
+    """One example per next-item target: the prefix ending in it, at most
+    ``max_len + 1`` steps (the target and up to ``max_len`` before it)."""
+    span = max_len + 1
+    return [e[max(0, stop - span) : stop] for e in encoded for stop in range(2, len(e) + 1)]
+
+
 def _bucketed_batches(
     lengths: np.ndarray, batch_size: int, rng: np.random.Generator, pool: int = 50
 ) -> list[np.ndarray]:
@@ -139,6 +164,41 @@ def _bucketed_batches(
         batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
     rng.shuffle(batches)
     return batches
+
+
+def training_examples(
+    encoded: Sequence[np.ndarray], config: OfflineConfig
+) -> tuple[list[np.ndarray], np.ndarray, int]:
+    """(examples, their lengths, next-item targets) from whole encoded sequences:
+    the training part (all but the last two steps) cut per ``config.examples``."""
+    train = [e[:-2] for e in encoded]
+    if config.examples == "prefixes":
+        examples = prefixes(train, config.max_len)
+        lengths = np.array([len(x) for x in examples])
+        return examples, lengths, len(examples)
+    examples = windows(train, config.max_len)
+    lengths = np.array([len(x) for x in examples])
+    return examples, lengths, int((lengths - 1).sum())
+
+
+def train_step(trainer: Any, batch: Batch, config: OfflineConfig) -> dict[str, float]:
+    """One optimizer step on one batch of examples; returns the loss parts."""
+    encoder, n_valid = trainer.encoder, len(trainer.items)
+    if config.examples == "prefixes":
+        loss = last_item_loss(encoder, batch, n_valid)
+        parts = {"next": float(loss.detach()), "loss": float(loss.detach())}
+    else:
+        loss, parts = total_loss(encoder, batch, n_valid, trainer.weights, trainer.generator)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+    trainer.optimizer.step()
+    return parts
+
+
+def _evaluated(average: WeightAverage | None, encoder: nn.Module):
+    """The weights that are evaluated and saved: the average when one is kept."""
+    return average.applied(encoder) if average is not None else contextlib.nullcontext()
 
 
 def _make_trainer(split: LeaveOneOut, config: OfflineConfig, settings: Any, out_dir: Path):
@@ -225,6 +285,17 @@ def train_offline(
 
     if config.select not in ("valid", "last"):
         raise ValueError(f"OfflineConfig.select must be 'valid' or 'last', not {config.select!r}")
+    if config.examples not in ("windows", "prefixes"):
+        raise ValueError(
+            f"OfflineConfig.examples must be 'windows' or 'prefixes', not {config.examples!r}"
+        )
+    side = {"mlm": config.mlm_weight, "contrastive": config.contrastive_weight,
+            "future": config.future_weight, "bag": config.bag_weight}  # fmt: skip
+    if config.examples == "prefixes" and any(side.values()):
+        raise ValueError(
+            f"examples='prefixes' trains the next-item task only; set the other task weights "
+            f"to 0 (now {side}) or use examples='windows'"
+        )
     if settings is None:
         from userstream.settings import Settings
 
@@ -244,10 +315,9 @@ def train_offline(
     }
     trainer = _make_trainer(split, config, settings, out)
     encoded = encode_many(trainer, split.full)  # (n_u, 3) each: the whole sequence
-    train_windows = windows([e[:-2] for e in encoded], config.max_len)
-    lengths = np.array([len(w) for w in train_windows])
-    data["train_windows"] = len(train_windows)
-    data["train_targets"] = int((lengths - 1).sum())
+    train_windows, lengths, n_targets = training_examples(encoded, config)
+    data["train_windows"] = len(train_windows)  # examples: windows or prefixes
+    data["train_targets"] = n_targets
     if config.batch_size is None:
         per_window = data["train_targets"] / max(len(train_windows), 1)
         config = dataclasses.replace(config, batch_size=derive_batch_size(per_window))
@@ -257,9 +327,9 @@ def train_offline(
     )
 
     rng = np.random.default_rng(config.seed)
-    n_valid = len(trainer.items)
     device = trainer.device
     encoder = trainer.encoder
+    average = WeightAverage(encoder, config.ema_decay) if config.ema_decay else None
     best = -math.inf
     bar = tqdm(range(1, config.max_epochs + 1), desc="epochs", disable=not progress)
     for epoch in bar:
@@ -269,17 +339,16 @@ def train_offline(
         batches = _bucketed_batches(lengths, config.batch_size, rng)
         for idx in batches:
             batch = collate([train_windows[i] for i in idx]).to(device)
-            loss, parts = total_loss(encoder, batch, n_valid, trainer.weights, trainer.generator)
-            trainer.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
-            trainer.optimizer.step()
+            parts = train_step(trainer, batch, config)
+            if average is not None:
+                average.update(encoder)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
         train_s = time.perf_counter() - t0
-        valid = evaluate_split(
-            trainer, split, "valid", batch_size=config.eval_batch_size, encoded=encoded
-        )
+        with _evaluated(average, encoder):
+            valid = evaluate_split(
+                trainer, split, "valid", batch_size=config.eval_batch_size, encoded=encoded
+            )
         row = {"epoch": epoch, **{k: v / len(batches) for k, v in sums.items()}}
         row.update({f"valid_{k}": v for k, v in valid.items()})
         row["lr"] = trainer.optimizer.param_groups[0]["lr"]
@@ -293,7 +362,8 @@ def train_offline(
             result.best_epoch, result.best_valid = epoch, valid
             trainer.version = epoch
             trainer.last_loss = row.get("loss", math.nan)
-            path = trainer.save(out, extra={"offline": {"epoch": epoch, "valid": valid}})
+            with _evaluated(average, encoder):
+                path = trainer.save(out, extra={"offline": {"epoch": epoch, "valid": valid}})
             result.checkpoint = str(path)
         bar.set_postfix(loss=f"{row.get('loss', math.nan):.3f}", ndcg10=f"{valid[SELECT_ON]:.4f}",
                         best=f"{best:.4f}@{result.best_epoch}")  # fmt: skip

@@ -49,6 +49,7 @@ __all__ = [
     "cloze_loss",
     "contrastive_loss",
     "future_item_loss",
+    "last_item_loss",
     "next_item_loss",
     "total_loss",
 ]
@@ -146,6 +147,28 @@ def next_item_loss(
     ``max_len - 1``), exactly where the query sits when ranking or serving.
     """
     return _causal(encoder, batch, n_valid, None, behavior_weight, future=False)[0]
+
+
+def last_item_loss(
+    encoder: SequenceEncoder,
+    batch: Batch,
+    n_valid: int,
+    behavior_weight: float = 0.2,
+) -> torch.Tensor:
+    """Next-item loss at the LAST step only: one target per row.
+
+    For batches of prefixes (``OfflineConfig.examples = "prefixes"``; FMLP-Rec,
+    BSARec): every row ends in its target, so each target is predicted with its
+    own dropout mask instead of sharing one with the rest of its window.
+    """
+    inputs = batch.columns(None, -1).columns(-encoder.config.max_len)  # (B, T')
+    h = encoder(inputs.items, inputs.behaviors, inputs.gaps, causal=True)[:, -1]  # (B, H)
+    loss = F.cross_entropy(encoder.item_logits(h, n_valid), batch.items[:, -1])
+    if behavior_weight > 0:
+        loss = loss + behavior_weight * F.cross_entropy(
+            encoder.behavior_logits(h), batch.behaviors[:, -1]
+        )
+    return loss
 
 
 def future_item_loss(

@@ -25,6 +25,7 @@ from model.tasks import (
     cloze_loss,
     contrastive_loss,
     future_item_loss,
+    last_item_loss,
     next_item_loss,
     total_loss,
 )
@@ -273,6 +274,27 @@ def test_relative_positions_make_every_causal_state_a_last_slot_state(mixing):
         h = absolute(b.items, b.behaviors, b.gaps, causal=True)
         last = absolute(*(x[:, :6] for x in (b.items, b.behaviors, b.gaps)), causal=True)
     assert not torch.allclose(h[:, 5], last[:, -1], atol=1e-3)  # slot ids differ there
+
+
+@pytest.mark.parametrize("mixing", ["relative-lowpass", "default"])
+def test_last_step_loss_over_all_prefixes_is_the_every_step_loss(mixing):
+    """The prefix regime (one example per target, loss at its last step) scores
+    the same targets from the same states as the every-step loss on the window;
+    only dropout (off here) differs. Prefixes of different lengths share a
+    left-padded batch."""
+    from model.batching import collate
+    from model.offline import prefixes
+
+    seqs, _ = planted(n_users=4)
+    _, _, b = vocab_batch(seqs)
+    enc = tiny_encoder(**MIXINGS[mixing]).eval()
+    rows = [torch.stack([b.items[i], b.behaviors[i], b.gaps[i]], -1).numpy() for i in range(4)]
+    examples = prefixes(rows, max_len=T)
+    assert len(examples) == 4 * (T - 1) and {len(e) for e in examples} == set(range(2, T + 1))
+    with torch.no_grad():
+        every = next_item_loss(enc, b, 128, behavior_weight=0.2)
+        last = last_item_loss(enc, collate(examples), 128, behavior_weight=0.2)
+    assert float(last) == pytest.approx(float(every), rel=1e-5)
 
 
 def test_relative_position_bias_is_learned():

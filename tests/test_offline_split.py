@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from model.datasets import load_sequences, sequences_from_events
-from model.offline import derive_dropout, windows
+from model.offline import derive_dropout, prefixes, windows
 from model.split import leave_one_out
 from tests.conftest import shared_data
 
@@ -58,6 +58,20 @@ def test_windows_make_every_step_a_target_exactly_once():
     ]
     targets = [t for w in got[:3] for t in w[1:, 0].tolist()]
     assert sorted(targets) == list(range(1, 12))
+
+
+def test_prefixes_make_every_step_a_last_step_once():
+    seq = np.arange(7).repeat(3).reshape(7, 3)  # rows 0..6
+    got = prefixes([seq, seq[:1], seq[:2]], max_len=3)
+    assert [p[:, 0].tolist() for p in got] == [
+        [0, 1],
+        [0, 1, 2],
+        [0, 1, 2, 3],
+        [1, 2, 3, 4],  # at most max_len steps before the target
+        [2, 3, 4, 5],
+        [3, 4, 5, 6],
+        [0, 1],
+    ]
 
 
 def test_dropout_comes_from_measured_sequence_lengths():

@@ -330,11 +330,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tp.add_argument("--positions", choices=("absolute", "relative"))
     tp.add_argument("--weight-decay", type=float, dest="weight_decay")
+    tp.add_argument(
+        "--ema-decay",
+        type=float,
+        dest="ema_decay",
+        help="evaluate and keep a moving average of the weights with this decay (0: raw weights)",
+    )
     tp.add_argument("--next-weight", type=float, dest="next_weight")
     tp.add_argument("--mlm-weight", type=float, dest="mlm_weight")
     tp.add_argument("--contrastive-weight", type=float, dest="contrastive_weight")
     tp.add_argument("--future-weight", type=float, dest="future_weight")
     tp.add_argument("--bag-weight", type=float, dest="bag_weight")
+    tp.add_argument(
+        "--examples",
+        choices=("windows", "prefixes"),
+        help="windows: loss at every step, all tasks; prefixes: one example per target "
+        "(next-item task only)",
+    )
     tp.add_argument(
         "--select",
         choices=("valid", "last"),
