@@ -36,7 +36,7 @@ from model.averaging import WeightAverage
 from model.batching import Batch, collate
 from model.evaluate import encode_many, evaluate_split
 from model.split import LeaveOneOut
-from model.tasks import last_item_loss, total_loss
+from model.tasks import total_loss
 
 __all__ = [
     "OfflineConfig",
@@ -82,9 +82,10 @@ class OfflineConfig:
     contrastive_weight: float = 0.05
     future_weight: float = 0.0  # dense all-action: a random later item (model.tasks)
     bag_weight: float = 0.0  # the pooled user state predicts every item of the window
-    # "windows": next-item loss at every step of each window, side tasks on the windows;
-    # "prefixes": one example per target (the prefix ending in it), loss at its last step
-    # only, next-item task only (FMLP-Rec / BSARec's regime; ~2x the epoch time on Beauty)
+    # "windows": next-item loss at every step of each window, other tasks on the windows;
+    # "prefixes": one example per target (the prefix ending in it), next-item loss at its
+    # last step only, other tasks on the prefixes (the FMLP-Rec / BSARec / RecBole regime;
+    # on Beauty ~2x the epoch time of windows with next-item alone)
     examples: str = "windows"
     seed: int = 0
     eval_batch_size: int = 1024
@@ -184,11 +185,8 @@ def training_examples(
 def train_step(trainer: Any, batch: Batch, config: OfflineConfig) -> dict[str, float]:
     """One optimizer step on one batch of examples; returns the loss parts."""
     encoder, n_valid = trainer.encoder, len(trainer.items)
-    if config.examples == "prefixes":
-        loss = last_item_loss(encoder, batch, n_valid)
-        parts = {"next": float(loss.detach()), "loss": float(loss.detach())}
-    else:
-        loss, parts = total_loss(encoder, batch, n_valid, trainer.weights, trainer.generator)
+    loss, parts = total_loss(encoder, batch, n_valid, trainer.weights, trainer.generator,
+                             last_only=config.examples == "prefixes")  # fmt: skip
     trainer.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
@@ -289,12 +287,10 @@ def train_offline(
         raise ValueError(
             f"OfflineConfig.examples must be 'windows' or 'prefixes', not {config.examples!r}"
         )
-    side = {"mlm": config.mlm_weight, "contrastive": config.contrastive_weight,
-            "future": config.future_weight, "bag": config.bag_weight}  # fmt: skip
-    if config.examples == "prefixes" and any(side.values()):
+    if config.examples == "prefixes" and config.future_weight:
         raise ValueError(
-            f"examples='prefixes' trains the next-item task only; set the other task weights "
-            f"to 0 (now {side}) or use examples='windows'"
+            "examples='prefixes' ends every example in its target, so no later item is left "
+            "for the future task: set future_weight=0 or use examples='windows'"
         )
     if settings is None:
         from userstream.settings import Settings

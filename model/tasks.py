@@ -158,17 +158,11 @@ def last_item_loss(
     """Next-item loss at the LAST step only: one target per row.
 
     For batches of prefixes (``OfflineConfig.examples = "prefixes"``; FMLP-Rec,
-    BSARec): every row ends in its target, so each target is predicted with its
-    own dropout mask instead of sharing one with the rest of its window.
+    BSARec, RecBole): every row ends in its target, so each target is
+    predicted with its own dropout mask instead of sharing one with the rest of
+    its window.
     """
-    inputs = batch.columns(None, -1).columns(-encoder.config.max_len)  # (B, T')
-    h = encoder(inputs.items, inputs.behaviors, inputs.gaps, causal=True)[:, -1]  # (B, H)
-    loss = F.cross_entropy(encoder.item_logits(h, n_valid), batch.items[:, -1])
-    if behavior_weight > 0:
-        loss = loss + behavior_weight * F.cross_entropy(
-            encoder.behavior_logits(h), batch.behaviors[:, -1]
-        )
-    return loss
+    return _causal(encoder, batch, n_valid, None, behavior_weight, False, last_only=True)[0]
 
 
 def future_item_loss(
@@ -204,11 +198,14 @@ def _causal(
     behavior_weight: float,
     future: bool,
     next_item: bool = True,
+    last_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(next-item loss, future-item loss) from ONE causal pass; a loss not asked
-    for is a graph-attached zero."""
+    for is a graph-attached zero. ``last_only``: only the last step is a target."""
     items = batch.items  # (B, T)
     pair = (items[:, :-1] != PAD) & (items[:, 1:] != PAD)  # (B, T-1)
+    if last_only:
+        pair[:, :-1] = False
     if not bool(pair.any()):
         return _zero(encoder), _zero(encoder)
     keep = min(items.shape[1] - 1, encoder.config.max_len)
@@ -266,8 +263,13 @@ def total_loss(
     n_valid: int,
     weights: LossWeights = LossWeights(),
     generator: torch.Generator | None = None,
+    last_only: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted sum of the losses; tasks with weight 0 are not computed."""
+    """Weighted sum of the losses; tasks with weight 0 are not computed.
+
+    ``last_only`` (batches of prefixes): the next-item target is the last step
+    of each row only; the other tasks read the rows as they are.
+    """
     terms: list[torch.Tensor] = []
     parts: dict[str, float] = {}
 
@@ -284,8 +286,9 @@ def total_loss(
             add("bag", weights.bag, bag)
     if weights.next > 0 or weights.future > 0:
         nxt, fut = _causal(
-            encoder, batch, n_valid, generator, 0.2, weights.future > 0, weights.next > 0
-        )
+            encoder, batch, n_valid, generator, 0.2, weights.future > 0, weights.next > 0,
+            last_only=last_only,
+        )  # fmt: skip
         if weights.next > 0:
             add("next", weights.next, nxt)
         if weights.future > 0:

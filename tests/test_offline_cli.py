@@ -91,18 +91,17 @@ def test_evaluate_without_a_checkpoint_says_so(tmp_path):
 
 def test_prefix_examples_train_the_next_item_task(tmp_path, tiny_args):
     """``--examples prefixes``: one example per target (the ring is still learned);
-    asking for the side tasks with it is refused with what to do."""
+    the future task, which needs items after the target, is refused with what to do."""
     data = tmp_path / "rings.txt"
     write_rings(data)
     out = tmp_path / "run"
-    next_only = ["--mlm-weight", "0", "--contrastive-weight", "0"]
     assert main(["train", "--data", str(data), "--format", "amazon-seq", "--out", str(out),
-                 "--examples", "prefixes", *next_only, *tiny_args]) == 0  # fmt: skip
+                 "--examples", "prefixes", *tiny_args]) == 0  # fmt: skip
     log = json.loads((out / "train_log.json").read_text())
     # every training step after a user's first is one example: 240 users, 5-9 steps, 2 held out
     assert log["data"]["train_windows"] == log["data"]["train_targets"] > 240
-    assert set(log["history"][-1]) >= {"next", "loss"} and "mlm" not in log["history"][-1]
+    assert set(log["history"][-1]) >= {"next", "mlm", "contrastive", "loss"}  # all three tasks
     assert log["best_valid"]["HR@10"] > 0.6, log["best_valid"]
-    with pytest.raises(ValueError, match="next-item task only"):
+    with pytest.raises(ValueError, match="set future_weight=0"):
         main(["train", "--data", str(data), "--format", "amazon-seq", "--out", str(out),
-              "--examples", "prefixes", *tiny_args])  # fmt: skip
+              "--examples", "prefixes", "--future-weight", "1", *tiny_args])  # fmt: skip

@@ -344,8 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument(
         "--examples",
         choices=("windows", "prefixes"),
-        help="windows: loss at every step, all tasks; prefixes: one example per target "
-        "(next-item task only)",
+        help="windows: next-item loss at every step of a user's window; prefixes: one example "
+        "per target, next-item loss at its last step",
     )
     tp.add_argument(
         "--select",
