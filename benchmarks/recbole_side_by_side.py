@@ -18,7 +18,8 @@ timed runs of ``--steps`` optimizer steps each, data loading included):
 * RecBole: sequences/s = targets/s (one target per prefix sequence).
 * ours: examples/s and targets/s for each of ``VARIANTS``: windows (a user's
   sequence of up to 51 steps whose every prefix is a target) with all three
-  tasks and with next-item alone, and prefixes (one target each, as RecBole).
+  tasks and with next-item alone, and prefixes (one target each, as RecBole)
+  with and without the other tasks (which read the windows in the same steps).
 The headline ratio is targets/s (the same training signal per second); the
 sequences/s ratio is reported too.
 
@@ -63,6 +64,7 @@ VARIANTS = {  # ours: OfflineConfig overrides per measured variant
     "default": {},
     "windows, all tasks (next+mlm+contrastive)": {"examples": "windows"},
     "windows, next only": {"examples": "windows", **NEXT_ONLY},
+    "prefixes (next) + windows (mlm+contrastive)": {"examples": "prefixes"},
     "prefixes, next only": {"examples": "prefixes", **NEXT_ONLY},
 }
 
@@ -244,7 +246,6 @@ def ours_throughput(split, steps: int, repeats: int, **overrides) -> dict:
     from model.evaluate import encode_many
     from model.offline import (
         OfflineConfig,
-        _bucketed_batches,
         _make_trainer,
         derive_batch_size,
         train_step,
@@ -257,19 +258,20 @@ def ours_throughput(split, steps: int, repeats: int, **overrides) -> dict:
         split, config, Settings(device="cpu"), ROOT / "benchmarks/out/recbole/ours-tmp"
     )
     encoded = encode_many(trainer, split.full)
-    examples, lengths, n_targets = training_examples(encoded, config)
-    targets_per_example = n_targets / len(examples)
+    examples = training_examples(encoded, config)
+    targets_per_example = examples.targets / len(examples.rows)
     bs = derive_batch_size(targets_per_example)
     config = dataclasses.replace(config, batch_size=bs)
     rng = np.random.default_rng(0)
     trainer.encoder.train()
 
     def run(n: int) -> tuple[int, float, float]:
-        batches = _bucketed_batches(lengths, bs, rng)[:n]
+        batches = examples.epoch(bs, rng)[:n]
         t = time.perf_counter()
         nw = 0
-        for idx in batches:
-            train_step(trainer, collate([examples[i] for i in idx]), config)
+        for idx, side in batches:
+            side = None if side is None else collate([examples.side[i] for i in side])
+            train_step(trainer, collate([examples.rows[i] for i in idx]), config, side)
             nw += len(idx)
         return nw, nw * targets_per_example, time.perf_counter() - t
 
@@ -291,8 +293,8 @@ def ours_throughput(split, steps: int, repeats: int, **overrides) -> dict:
         "targets_per_s_runs": tgts,
         "windows_per_s": statistics.median(wins),
         "targets_per_s": statistics.median(tgts),
-        "train_windows_per_epoch": len(examples),
-        "train_targets_per_epoch": n_targets,
+        "train_examples_per_epoch": len(examples.rows),
+        "train_targets_per_epoch": examples.targets,
         "torch_threads": torch.get_num_threads(),
     }
 

@@ -36,10 +36,11 @@ from model.averaging import WeightAverage
 from model.batching import Batch, collate
 from model.evaluate import encode_many, evaluate_split
 from model.split import LeaveOneOut
-from model.tasks import total_loss
+from model.tasks import LossWeights, total_loss
 
 __all__ = [
     "OfflineConfig",
+    "Examples",
     "TrainResult",
     "derive_dropout",
     "prefixes",
@@ -84,8 +85,8 @@ class OfflineConfig:
     bag_weight: float = 0.0  # the pooled user state predicts every item of the window
     # "windows": next-item loss at every step of each window, other tasks on the windows;
     # "prefixes": one example per target (the prefix ending in it), next-item loss at its
-    # last step only, other tasks on the prefixes (the FMLP-Rec / BSARec / RecBole regime;
-    # on Beauty ~2x the epoch time of windows with next-item alone)
+    # last step only (the FMLP-Rec / BSARec / RecBole regime), the other tasks on the
+    # windows in the same steps (on Beauty ~2x the epoch time of windows, next-item alone)
     examples: str = "windows"
     seed: int = 0
     eval_batch_size: int = 1024
@@ -167,26 +168,61 @@ def _bucketed_batches(
     return batches
 
 
-def training_examples(
-    encoded: Sequence[np.ndarray], config: OfflineConfig
-) -> tuple[list[np.ndarray], np.ndarray, int]:
-    """(examples, their lengths, next-item targets) from whole encoded sequences:
-    the training part (all but the last two steps) cut per ``config.examples``."""
+@dataclass
+class Examples:
+    """What one epoch reads. ``rows``: the next-item examples (windows or
+    prefixes); ``side``: what the other tasks read (the windows: each user's
+    sequence once, however many prefixes it has)."""
+
+    rows: list[np.ndarray]
+    lengths: np.ndarray  # (n,) steps per row
+    targets: int  # next-item targets per epoch
+    side: list[np.ndarray]
+    side_lengths: np.ndarray
+
+    def epoch(
+        self, batch_size: int, rng: np.random.Generator
+    ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Shuffled (row indices, side indices or None) per optimizer step. With
+        prefixes the windows are spread over the same number of steps, so the
+        other tasks also see every user once per epoch."""
+        batches = _bucketed_batches(self.lengths, batch_size, rng)
+        if self.side is self.rows:
+            return [(idx, None) for idx in batches]
+        per_step = max(1, math.ceil(len(self.side) / max(len(batches), 1)))
+        side = _bucketed_batches(self.side_lengths, per_step, rng)
+        return [(idx, side[i] if i < len(side) else None) for i, idx in enumerate(batches)]
+
+
+def training_examples(encoded: Sequence[np.ndarray], config: OfflineConfig) -> Examples:
+    """The training part of whole encoded sequences (all but the last two
+    steps) cut per ``config.examples``."""
     train = [e[:-2] for e in encoded]
+    side = windows(train, config.max_len)
+    side_lengths = np.array([len(x) for x in side])
     if config.examples == "prefixes":
-        examples = prefixes(train, config.max_len)
-        lengths = np.array([len(x) for x in examples])
-        return examples, lengths, len(examples)
-    examples = windows(train, config.max_len)
-    lengths = np.array([len(x) for x in examples])
-    return examples, lengths, int((lengths - 1).sum())
+        rows = prefixes(train, config.max_len)
+        return Examples(rows, np.array([len(x) for x in rows]), len(rows), side, side_lengths)
+    return Examples(side, side_lengths, int((side_lengths - 1).sum()), side, side_lengths)
 
 
-def train_step(trainer: Any, batch: Batch, config: OfflineConfig) -> dict[str, float]:
-    """One optimizer step on one batch of examples; returns the loss parts."""
-    encoder, n_valid = trainer.encoder, len(trainer.items)
-    loss, parts = total_loss(encoder, batch, n_valid, trainer.weights, trainer.generator,
-                             last_only=config.examples == "prefixes")  # fmt: skip
+def train_step(
+    trainer: Any, batch: Batch, config: OfflineConfig, side: Batch | None = None
+) -> dict[str, float]:
+    """One optimizer step; returns the loss parts. Windows: every task on
+    ``batch``. Prefixes: next-item at the last step of each row of ``batch``,
+    the other tasks on the windows in ``side``."""
+    encoder, n_valid, w = trainer.encoder, len(trainer.items), trainer.weights
+    if config.examples == "windows":
+        loss, parts = total_loss(encoder, batch, n_valid, w, trainer.generator)
+    else:
+        next_only = LossWeights(mlm=0.0, next=w.next, contrastive=0.0)
+        loss, parts = total_loss(encoder, batch, n_valid, next_only, last_only=True)
+        others = dataclasses.replace(w, next=0.0)
+        if side is not None and (others.mlm or others.contrastive or others.future or others.bag):
+            side_loss, side_parts = total_loss(encoder, side, n_valid, others, trainer.generator)
+            loss = loss + side_loss
+            parts = {**side_parts, "next": parts["next"], "loss": float(loss.detach())}
     trainer.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
@@ -287,11 +323,6 @@ def train_offline(
         raise ValueError(
             f"OfflineConfig.examples must be 'windows' or 'prefixes', not {config.examples!r}"
         )
-    if config.examples == "prefixes" and config.future_weight:
-        raise ValueError(
-            "examples='prefixes' ends every example in its target, so no later item is left "
-            "for the future task: set future_weight=0 or use examples='windows'"
-        )
     if settings is None:
         from userstream.settings import Settings
 
@@ -311,11 +342,12 @@ def train_offline(
     }
     trainer = _make_trainer(split, config, settings, out)
     encoded = encode_many(trainer, split.full)  # (n_u, 3) each: the whole sequence
-    train_windows, lengths, n_targets = training_examples(encoded, config)
-    data["train_windows"] = len(train_windows)  # examples: windows or prefixes
-    data["train_targets"] = n_targets
+    examples = training_examples(encoded, config)
+    data["train_windows"] = len(examples.side)
+    data["train_examples"] = len(examples.rows)  # windows or prefixes
+    data["train_targets"] = examples.targets
     if config.batch_size is None:
-        per_window = data["train_targets"] / max(len(train_windows), 1)
+        per_window = data["train_targets"] / max(len(examples.rows), 1)
         config = dataclasses.replace(config, batch_size=derive_batch_size(per_window))
     result = TrainResult(config, data, best_epoch=0, best_valid={})
     LOG.info(
@@ -332,10 +364,11 @@ def train_offline(
         t0 = time.perf_counter()
         encoder.train()
         sums: dict[str, float] = {}
-        batches = _bucketed_batches(lengths, config.batch_size, rng)
-        for idx in batches:
-            batch = collate([train_windows[i] for i in idx]).to(device)
-            parts = train_step(trainer, batch, config)
+        batches = examples.epoch(config.batch_size, rng)
+        for idx, side_idx in batches:
+            batch = collate([examples.rows[i] for i in idx]).to(device)
+            side = None if side_idx is None else collate([examples.side[i] for i in side_idx])
+            parts = train_step(trainer, batch, config, None if side is None else side.to(device))
             if average is not None:
                 average.update(encoder)
             for k, v in parts.items():
@@ -350,7 +383,8 @@ def train_offline(
         row["lr"] = trainer.optimizer.param_groups[0]["lr"]
         row["train_s"] = train_s
         row["valid_s"] = time.perf_counter() - t0 - train_s
-        row["windows_per_s"] = len(train_windows) / train_s
+        row["windows_per_s"] = len(examples.side) / train_s
+        row["examples_per_s"] = len(examples.rows) / train_s
         row["targets_per_s"] = data["train_targets"] / train_s
         result.history.append(row)
         if valid[SELECT_ON] > best or config.select == "last":

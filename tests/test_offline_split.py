@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from model.datasets import load_sequences, sequences_from_events
-from model.offline import derive_dropout, prefixes, windows
+from model.offline import OfflineConfig, derive_dropout, prefixes, training_examples, windows
 from model.split import leave_one_out
 from tests.conftest import shared_data
 
@@ -72,6 +72,32 @@ def test_prefixes_make_every_step_a_last_step_once():
         [3, 4, 5, 6],
         [0, 1],
     ]
+
+
+@pytest.mark.parametrize("kind", ["windows", "prefixes"])
+def test_an_epoch_reads_every_target_once_and_every_window_once(kind):
+    rng = np.random.default_rng(0)
+    seqs = [
+        np.arange(n + 2).repeat(3).reshape(n + 2, 3) + 100 * u for u, n in enumerate(range(1, 30))
+    ]
+    ex = training_examples(seqs, OfflineConfig(max_len=8, examples=kind))
+    steps = ex.epoch(batch_size=16, rng=rng)
+    rows = sorted(i for idx, _ in steps for i in idx)
+    assert rows == list(range(len(ex.rows)))
+    targets = sorted(
+        t for i in rows for t in ex.rows[i][(1 if kind == "windows" else -1) :, 0].tolist()
+    )
+    assert targets == sorted(
+        t for e in seqs for t in e[1:-2, 0].tolist()
+    )  # all, once; none held out
+    sides = [side for _, side in steps]
+    if kind == "windows":
+        assert ex.side is ex.rows and all(side is None for side in sides)
+    else:  # the windows ride along on the same steps, each once
+        assert sorted(i for side in sides if side is not None for i in side) == list(
+            range(len(ex.side))
+        )
+        assert len(ex.rows) == ex.targets > len(ex.side)
 
 
 def test_dropout_comes_from_measured_sequence_lengths():
