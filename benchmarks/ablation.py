@@ -8,7 +8,9 @@ Every row trains the same encoder with ``model.offline`` for at most
 other, not with ``beauty_quality.py``), keeps the epoch with the best valid
 NDCG@10 and reads the test split once for that checkpoint. Ranking always uses
 the next-item scorer (causal last state x item table), so rows without the
-next-item task measure how well their representations transfer to it.
+next-item task measure how well their representations transfer to it. Rows
+with the next-item task train on one prefix per target (the default), the
+others on the users' windows.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ def main() -> None:
             next_weight=nxt,
             mlm_weight=mlm,
             contrastive_weight=con,
+            # prefixes feed the next-item task; rows without it read the windows only
+            examples="prefixes" if nxt else "windows",
         )
         t0 = time.perf_counter()
         result = train_offline(split, config, f"{args.out}/{name}", progress=False)

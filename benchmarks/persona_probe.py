@@ -124,6 +124,7 @@ def main() -> None:
             patience=8,
             select=args.select,
             seed=args.seed,
+            examples="windows",  # no next-item term: nothing for prefixes to feed
             **weights,
         )
         result = train_offline(split, config, args.out, progress=False)

@@ -323,6 +323,11 @@ def train_offline(
         raise ValueError(
             f"OfflineConfig.examples must be 'windows' or 'prefixes', not {config.examples!r}"
         )
+    if config.examples == "prefixes" and not config.next_weight:
+        raise ValueError(
+            "examples='prefixes' feeds the prefixes to the next-item task only, and its weight "
+            "is 0: use examples='windows' (--examples windows) to train without it"
+        )
     if settings is None:
         from userstream.settings import Settings
 

@@ -72,8 +72,11 @@ def test_select_last_keeps_the_last_epoch_with_the_profile_objectives(tmp_path, 
     out = tmp_path / "run"
     args = [a if a != "12" else "4" for a in tiny_args]  # 4 epochs
     weights = ["--next-weight", "0", "--bag-weight", "1", "--future-weight", "1"]
+    with pytest.raises(ValueError, match="--examples windows"):  # prefixes feed next-item only
+        main(["train", "--data", str(data), "--format", "amazon-seq", "--out", str(out),
+              "--examples", "prefixes", *weights, *args])  # fmt: skip
     assert main(["train", "--data", str(data), "--format", "amazon-seq", "--out", str(out),
-                 "--select", "last", *weights, *args]) == 0  # fmt: skip
+                 "--select", "last", "--examples", "windows", *weights, *args]) == 0  # fmt: skip
     log = json.loads((out / "train_log.json").read_text())
     assert log["config"]["select"] == "last" and log["best_epoch"] == len(log["history"]) == 4
     first, last = log["history"][0], log["history"][-1]
