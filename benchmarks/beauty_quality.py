@@ -37,11 +37,20 @@ def overrides(config, pairs: list[str]):
         current = getattr(config, name)
         if isinstance(current, bool):
             changes[name] = text.lower() in ("1", "true", "yes")
-        elif current is None:
-            changes[name] = float(text) if "." in text else int(text)
+        elif current is None:  # a derived field: a number or a word
+            changes[name] = _number_or_text(text)
         else:
             changes[name] = type(current)(text)
     return dataclasses.replace(config, **changes)
+
+
+def _number_or_text(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def main() -> None:

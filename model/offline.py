@@ -43,6 +43,7 @@ __all__ = [
     "Examples",
     "TrainResult",
     "derive_dropout",
+    "derive_examples",
     "prefixes",
     "train_offline",
     "train_step",
@@ -86,8 +87,9 @@ class OfflineConfig:
     # "windows": next-item loss at every step of each window, other tasks on the windows;
     # "prefixes": one example per target (the prefix ending in it), next-item loss at its
     # last step only (the FMLP-Rec / BSARec / RecBole regime), the other tasks on the
-    # windows in the same steps (on Beauty ~2x the epoch time of windows, next-item alone)
-    examples: str = "windows"
+    # windows in the same steps (on Beauty ~2x the epoch time of windows, next-item alone);
+    # None: derived from the data (derive_examples)
+    examples: str | None = None
     seed: int = 0
     eval_batch_size: int = 1024
     max_minutes: float | None = None  # wall-clock budget; stops after the epoch that passes it
@@ -120,6 +122,16 @@ def derive_dropout(train_lengths: Sequence[int]) -> float:
     SASRec found best on either kind, chosen from a MEASURED property."""
     median = float(np.median(train_lengths)) if len(train_lengths) else 0.0
     return 0.5 if median < SHORT_MEDIAN_LEN else 0.2
+
+
+def derive_examples(train_lengths: Sequence[int], next_weight: float) -> str:
+    """ "prefixes" for short, sparse sequences (median < 20 steps), where dropout
+    is 0.5 and one mask shared by a window's targets costs quality (measured on
+    Beauty), and a prefix costs little (its tokens grow with the square of the
+    length); "windows" for long histories, where prefixes would cost ~max_len/2
+    times the encoder work of windows, and when there is no next-item task."""
+    median = float(np.median(train_lengths)) if len(train_lengths) else 0.0
+    return "prefixes" if next_weight > 0 and median < SHORT_MEDIAN_LEN else "windows"
 
 
 def derive_batch_size(targets_per_window: float) -> int:
@@ -319,15 +331,6 @@ def train_offline(
 
     if config.select not in ("valid", "last"):
         raise ValueError(f"OfflineConfig.select must be 'valid' or 'last', not {config.select!r}")
-    if config.examples not in ("windows", "prefixes"):
-        raise ValueError(
-            f"OfflineConfig.examples must be 'windows' or 'prefixes', not {config.examples!r}"
-        )
-    if config.examples == "prefixes" and not config.next_weight:
-        raise ValueError(
-            "examples='prefixes' feeds the prefixes to the next-item task only, and its weight "
-            "is 0: use examples='windows' (--examples windows) to train without it"
-        )
     if settings is None:
         from userstream.settings import Settings
 
@@ -338,6 +341,19 @@ def train_offline(
     train_lengths = [len(s) - 2 for s in split.full]
     if config.dropout is None:
         config = dataclasses.replace(config, dropout=derive_dropout(train_lengths))
+    if config.examples is None:
+        config = dataclasses.replace(
+            config, examples=derive_examples(train_lengths, config.next_weight)
+        )
+    if config.examples not in ("windows", "prefixes"):
+        raise ValueError(
+            f"OfflineConfig.examples must be 'windows' or 'prefixes', not {config.examples!r}"
+        )
+    if config.examples == "prefixes" and not config.next_weight:
+        raise ValueError(
+            "examples='prefixes' feeds the prefixes to the next-item task only, and its weight "
+            "is 0: use examples='windows' (--examples windows) to train without it"
+        )
     data = {
         "users": len(split),
         "items": len(split.items()),

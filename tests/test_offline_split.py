@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from model.datasets import load_sequences, sequences_from_events
-from model.offline import OfflineConfig, derive_dropout, prefixes, training_examples, windows
+from model.offline import (
+    OfflineConfig,
+    derive_dropout,
+    derive_examples,
+    prefixes,
+    training_examples,
+    windows,
+)
 from model.split import leave_one_out
 from tests.conftest import shared_data
 
@@ -100,9 +107,12 @@ def test_an_epoch_reads_every_target_once_and_every_window_once(kind):
         assert len(ex.rows) == ex.targets > len(ex.side)
 
 
-def test_dropout_comes_from_measured_sequence_lengths():
+def test_dropout_and_examples_come_from_measured_sequence_lengths():
     assert derive_dropout([3, 4, 5, 9]) == 0.5  # short (Amazon-like)
     assert derive_dropout([80, 120, 300]) == 0.2  # long (MovieLens-like)
+    assert derive_examples([3, 4, 5, 9], next_weight=1.0) == "prefixes"
+    assert derive_examples([80, 120, 300], next_weight=1.0) == "windows"  # prefixes: ~25x work
+    assert derive_examples([3, 4, 5, 9], next_weight=0.0) == "windows"  # nothing to feed
 
 
 @pytest.mark.data

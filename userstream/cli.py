@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--examples",
         choices=("windows", "prefixes"),
         help="windows: next-item loss at every step of a user's window; prefixes: one example "
-        "per target, next-item loss at its last step",
+        "per target, next-item loss at its last step (default: derived from sequence lengths)",
     )
     tp.add_argument(
         "--select",
