@@ -397,7 +397,7 @@ def main() -> None:
               f"({theirs['steps']} steps x batch 256, medians of {repeats})")  # fmt: skip
     for name, o in ours.items():
         r = ratios[name]
-        print(f"ours, {name}: {o['windows_per_s']:8.1f} windows/s, {o['targets_per_s']:8.1f} targets/s "
+        print(f"ours, {name}: {o['windows_per_s']:8.1f} examples/s, {o['targets_per_s']:8.1f} targets/s "
               f"-> ratio targets/s {r['targets_per_s_ratio']:.2f}, sequences/s {r['sequences_per_s_ratio']:.2f}")  # fmt: skip
     if "test" in theirs:
         print(f"RecBole after {theirs['epochs']} epochs (best {theirs['best_epoch']}, "
