@@ -10,7 +10,8 @@ Redis). ``model/vocab.py`` explains what bounds memory as items keep arriving;
 is the Redis side that ``serving/`` reads.
 
 Offline (``userstream train`` / ``evaluate``): ``model/split.py`` (leave-one-out),
-``model/offline.py`` (epochs, early stopping on validation), ``model/evaluate.py``
+``model/offline.py`` (epochs, prefixes or windows, early stopping on
+validation; ``model/averaging.py``, the weights' moving average), ``model/evaluate.py``
 and ``model/metrics.py`` (PROTOCOL section 1), ``model/recommend.py`` (the
 next-item ranking the API serves), ``model/finetune.py`` (a supervised head).
 

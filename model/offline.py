@@ -10,10 +10,19 @@ after every ``lr_patience`` epochs without improvement (reduce-on-plateau) and
 stops after ``patience`` epochs without improvement. The test split is never
 read here.
 
-Every prefix: a sequence is cut into windows of ``max_len + 1`` steps
-(overlapping by one), and next-item cross-entropy is taken at every real
-position of a window, so each training target is predicted once per epoch
-from up to ``max_len`` previous steps.
+Every prefix, one of two ways (``OfflineConfig.examples``, derived from the
+data by :func:`derive_examples`):
+
+* ``windows``: a sequence is cut into windows of ``max_len + 1`` steps
+  (overlapping by one) and next-item cross-entropy is taken at every real
+  position of a window, so each target is predicted once per epoch from up to
+  ``max_len`` previous steps, all targets of a window under one dropout mask;
+* ``prefixes``: one example per target, the prefix ending in it, loss at its
+  last step (each target its own dropout mask; better on Beauty); the other
+  tasks read the windows, riding on the same optimizer steps.
+
+The weights' moving average (``ema_decay``; :mod:`model.averaging`) is what is
+evaluated and saved.
 """
 
 from __future__ import annotations
