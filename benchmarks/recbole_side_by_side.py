@@ -248,16 +248,14 @@ def ours_throughput(split, steps: int, repeats: int, **overrides) -> dict:
         OfflineConfig,
         _make_trainer,
         derive_batch_size,
-        derive_examples,
+        resolve_config,
         train_step,
         training_examples,
     )
     from userstream.settings import Settings
 
-    config = OfflineConfig(dropout=0.5, **overrides)
-    if config.examples is None:  # as train_offline derives it
-        lengths = [len(s) - 2 for s in split.full]
-        config = dataclasses.replace(config, examples=derive_examples(lengths, config.next_weight))
+    lengths = [len(s) - 2 for s in split.full]
+    config = resolve_config(OfflineConfig(dropout=0.5, **overrides), lengths)
     trainer = _make_trainer(
         split, config, Settings(device="cpu"), ROOT / "benchmarks/out/recbole/ours-tmp"
     )

@@ -53,6 +53,7 @@ __all__ = [
     "TrainResult",
     "derive_dropout",
     "derive_examples",
+    "resolve_config",
     "prefixes",
     "train_offline",
     "train_step",
@@ -321,6 +322,27 @@ def _plot(history: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def resolve_config(config: OfflineConfig, train_lengths: Sequence[int]) -> OfflineConfig:
+    """``config`` with the fields left to the data (dropout, examples) derived from
+    the training sequence lengths, and checked."""
+    if config.dropout is None:
+        config = dataclasses.replace(config, dropout=derive_dropout(train_lengths))
+    if config.examples is None:
+        config = dataclasses.replace(
+            config, examples=derive_examples(train_lengths, config.next_weight)
+        )
+    if config.examples not in ("windows", "prefixes"):
+        raise ValueError(
+            f"OfflineConfig.examples must be 'windows' or 'prefixes', not {config.examples!r}"
+        )
+    if config.examples == "prefixes" and not config.next_weight:
+        raise ValueError(
+            "examples='prefixes' feeds the prefixes to the next-item task only, and its weight "
+            "is 0: use examples='windows' (--examples windows) to train without it"
+        )
+    return config
+
+
 def train_offline(
     split: LeaveOneOut,
     config: OfflineConfig = OfflineConfig(),
@@ -348,21 +370,7 @@ def train_offline(
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     train_lengths = [len(s) - 2 for s in split.full]
-    if config.dropout is None:
-        config = dataclasses.replace(config, dropout=derive_dropout(train_lengths))
-    if config.examples is None:
-        config = dataclasses.replace(
-            config, examples=derive_examples(train_lengths, config.next_weight)
-        )
-    if config.examples not in ("windows", "prefixes"):
-        raise ValueError(
-            f"OfflineConfig.examples must be 'windows' or 'prefixes', not {config.examples!r}"
-        )
-    if config.examples == "prefixes" and not config.next_weight:
-        raise ValueError(
-            "examples='prefixes' feeds the prefixes to the next-item task only, and its weight "
-            "is 0: use examples='windows' (--examples windows) to train without it"
-        )
+    config = resolve_config(config, train_lengths)
     data = {
         "users": len(split),
         "items": len(split.items()),
@@ -377,8 +385,8 @@ def train_offline(
     data["train_examples"] = len(examples.rows)  # windows or prefixes
     data["train_targets"] = examples.targets
     if config.batch_size is None:
-        per_window = data["train_targets"] / max(len(examples.rows), 1)
-        config = dataclasses.replace(config, batch_size=derive_batch_size(per_window))
+        per_example = data["train_targets"] / max(len(examples.rows), 1)
+        config = dataclasses.replace(config, batch_size=derive_batch_size(per_example))
     result = TrainResult(config, data, best_epoch=0, best_valid={})
     LOG.info(
         "offline training: %s, dropout %.2f, batch %d", data, config.dropout, config.batch_size
@@ -397,8 +405,10 @@ def train_offline(
         batches = examples.epoch(config.batch_size, rng)
         for idx, side_idx in batches:
             batch = collate([examples.rows[i] for i in idx]).to(device)
-            side = None if side_idx is None else collate([examples.side[i] for i in side_idx])
-            parts = train_step(trainer, batch, config, None if side is None else side.to(device))
+            side = None
+            if side_idx is not None:
+                side = collate([examples.side[i] for i in side_idx]).to(device)
+            parts = train_step(trainer, batch, config, side)
             if average is not None:
                 average.update(encoder)
             for k, v in parts.items():
