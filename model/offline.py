@@ -240,8 +240,8 @@ def train_step(
     else:
         next_only = LossWeights(mlm=0.0, next=w.next, contrastive=0.0)
         loss, parts = total_loss(encoder, batch, n_valid, next_only, last_only=True)
-        others = dataclasses.replace(w, next=0.0)
-        if side is not None and (others.mlm or others.contrastive or others.future or others.bag):
+        if side is not None:  # total_loss skips the tasks whose weight is 0
+            others = dataclasses.replace(w, next=0.0)
             side_loss, side_parts = total_loss(encoder, side, n_valid, others, trainer.generator)
             loss = loss + side_loss
             parts = {**side_parts, "next": parts["next"], "loss": float(loss.detach())}
