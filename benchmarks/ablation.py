@@ -53,23 +53,25 @@ def main() -> None:
     if not args.table:
         threads(args.threads)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        from model.datasets import load_sequences
+        from model.split import leave_one_out
+
+        split = leave_one_out(load_sequences(data_path("beauty", "Beauty.txt"), "amazon-seq"))
         for name in args.rows:
-            row = train_row(name, args)
+            row = train_row(name, split, args)
             Path(args.out, name).mkdir(parents=True, exist_ok=True)
             Path(args.out, name, "row.json").write_text(json.dumps(row, indent=2, default=str))
             print(f"{name}: valid NDCG@10 {row['valid_NDCG@10']:.4f}, test NDCG@10 {row['test']['NDCG@10']:.4f}", flush=True)  # fmt: skip
     table(Path(args.out))
 
 
-def train_row(name: str, args) -> dict:
-    from model.datasets import load_sequences
+def train_row(name: str, split, args) -> dict:
+    """Train one row on the Beauty ``split`` to convergence; its figures and config."""
     from model.evaluate import evaluate_split
     from model.offline import OfflineConfig, train_offline
-    from model.split import leave_one_out
     from model.trainer import Trainer
     from userstream.settings import Settings
 
-    split = leave_one_out(load_sequences(data_path("beauty", "Beauty.txt"), "amazon-seq"))
     nxt, mlm, con = ROWS[name]
     config = OfflineConfig(
         next_weight=nxt,
