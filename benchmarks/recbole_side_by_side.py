@@ -254,8 +254,7 @@ def ours_throughput(split, steps: int, repeats: int, **overrides) -> dict:
     )
     from userstream.settings import Settings
 
-    lengths = [len(s) - 2 for s in split.full]
-    config = resolve_config(OfflineConfig(dropout=0.5, **overrides), lengths)
+    config = resolve_config(OfflineConfig(dropout=0.5, **overrides), split.train_lengths)
     trainer = _make_trainer(
         split, config, Settings(device="cpu"), ROOT / "benchmarks/out/recbole/ours-tmp"
     )

@@ -369,7 +369,7 @@ def train_offline(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    train_lengths = [len(s) - 2 for s in split.full]
+    train_lengths = split.train_lengths
     config = resolve_config(config, train_lengths)
     data = {
         "users": len(split),

@@ -35,6 +35,11 @@ class LeaveOneOut:
         return [s[:-2] for s in self.full]
 
     @property
+    def train_lengths(self) -> list[int]:
+        """Length of each training sequence (``train``) without copying it."""
+        return [len(s) - 2 for s in self.full]
+
+    @property
     def valid(self) -> tuple[list[list[Behavior]], list[Behavior]]:
         """(inputs s_1..s_{n-2}, targets s_{n-1})."""
         return [s[:-2] for s in self.full], [s[-2] for s in self.full]

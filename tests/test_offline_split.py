@@ -42,6 +42,7 @@ def test_leave_one_out_on_a_hand_made_data_set():
     assert split.users == ["u1", "u3"]
     ids = [[b.item_id for b in s] for s in split.train]
     assert ids == [["a", "b"], ["p"]]
+    assert split.train_lengths == [2, 1]
     v_in, v_target = split.valid
     assert [[b.item_id for b in s] for s in v_in] == [["a", "b"], ["p"]]
     assert [b.item_id for b in v_target] == ["c", "q"]
