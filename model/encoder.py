@@ -57,6 +57,9 @@ class EncoderConfig:
     # state at t is computed exactly as if t were the last slot, as it is when
     # ranking or serving (see SequenceEncoder.forward)
     positions: str = "absolute"
+    # a second item table, read only by the profile vector and trained only by the
+    # item-bag task (model.tasks.item_bag_loss); without it both use item_emb
+    profile_items: bool = False
 
 
 def moving_mean(x: torch.Tensor, real: torch.Tensor, window: int, causal: bool) -> torch.Tensor:
@@ -148,6 +151,9 @@ class SequenceEncoder(nn.Module):
             raise ValueError(f"hidden={c.hidden} must be divisible by heads={c.heads}")
         self.config = c
         self.item_emb = nn.Embedding(c.n_items, c.hidden, padding_idx=PAD)
+        self.profile_emb = (
+            nn.Embedding(c.n_items, c.hidden, padding_idx=PAD) if c.profile_items else None
+        )
         self.behavior_emb = nn.Embedding(c.n_behaviors, c.hidden, padding_idx=PAD)
         if c.positions not in ("absolute", "relative"):
             raise ValueError(f"positions must be 'absolute' or 'relative', not {c.positions!r}")
@@ -234,11 +240,18 @@ class SequenceEncoder(nn.Module):
         them is ever predicted. The -inf is written in place into two columns:
         masking the whole (M, n_items) matrix cost about 8% of a training step.
         """
-        if n_valid is None:
-            return h @ self.item_emb.weight.T  # (..., n_items)
-        logits = h @ self.item_emb.weight[:n_valid].T  # (..., n_valid)
-        logits[..., [PAD, MASK]] = float("-inf")  # mm keeps no output for backward
-        return logits
+        return _tied_logits(self.item_emb.weight, h, n_valid)
+
+    @property
+    def profile_table(self) -> nn.Embedding:
+        """The item table the profile vector reads: ``profile_emb`` when the
+        config has one (``profile_items``), else the shared ``item_emb``."""
+        return self.profile_emb if self.profile_emb is not None else self.item_emb
+
+    def profile_logits(self, z: torch.Tensor, n_valid: int) -> torch.Tensor:
+        """Scores of profile vectors over the profile table's item rows, as
+        :meth:`item_logits`: (..., H) -> (..., n_valid)."""
+        return _tied_logits(self.profile_table.weight, z, n_valid)
 
     def behavior_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.behavior_head(h)  # (..., n_behaviors)
@@ -249,6 +262,14 @@ class SequenceEncoder(nn.Module):
         """THE user embedding: mean of bidirectional states over real positions,
         L2-normalized. (B, T) -> (B, H). An empty sequence gives the zero vector."""
         return self.pool(self(items, behaviors, gaps, causal=False), items)  # (B, H)
+
+    def profile_embedding(self, items: torch.Tensor) -> torch.Tensor:
+        """The PROFILE vector: the mean of the item vectors (``profile_table``)
+        of the history, L2-normalized, no encoder pass. (B, T) -> (B, H).
+        Order-free and long-term; trained as a user representation by the
+        item-bag task (``model.tasks.item_bag_loss``). An empty sequence gives
+        the zero vector."""
+        return self.pool(self.profile_table(items), items)  # (B, H)
 
     @staticmethod
     def pool(h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -263,24 +284,52 @@ class SequenceEncoder(nn.Module):
         real = (items != PAD).unsqueeze(-1).to(h.dtype)  # (B, T, 1)
         return (h * real).sum(1) / real.sum(1).clamp(min=1.0)  # (B, H)
 
+    def clip_gradients(self, max_norm: float) -> None:
+        """Clip the gradient norm to ``max_norm``: the profile table on its own,
+        everything else together, so the item-bag task never rescales the
+        gradients of the sequence tasks (nor they its)."""
+        rest = [p for n, p in self.named_parameters() if not n.startswith("profile_emb.")]
+        nn.utils.clip_grad_norm_(rest, max_norm)
+        if self.profile_emb is not None:
+            nn.utils.clip_grad_norm_(self.profile_emb.parameters(), max_norm)
+
     # --- growth ----------------------------------------------------------------
     @torch.no_grad()
-    def grow_items(self, new_capacity: int) -> tuple[nn.Parameter, nn.Parameter]:
-        """Reallocate the item table to ``new_capacity`` rows, keeping learned rows.
+    def grow_items(self, new_capacity: int) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """Reallocate the item table(s) to ``new_capacity`` rows, keeping learned rows.
 
-        New rows are initialized like the originals. Returns (old, new)
-        parameters so the caller can move optimizer state across.
+        New rows are initialized like the originals. Returns an (old, new)
+        parameter pair per table so the caller can move optimizer state across.
         """
-        old = self.item_emb
-        n_old, H = old.weight.shape
+        n_old = self.item_emb.num_embeddings
         if new_capacity <= n_old:
             raise ValueError(f"new_capacity={new_capacity} must exceed {n_old}")
-        new = nn.Embedding(
-            new_capacity, H, padding_idx=PAD, device=old.weight.device, dtype=old.weight.dtype
-        )
-        nn.init.normal_(new.weight, std=0.02)
-        new.weight[:n_old].copy_(old.weight)  # (n_old, H) learned rows
-        self.item_emb = new
+        pairs = []
+        for name in ("item_emb", "profile_emb"):
+            old = getattr(self, name)
+            if old is None:
+                continue
+            new = nn.Embedding(
+                new_capacity,
+                old.embedding_dim,
+                padding_idx=PAD,
+                device=old.weight.device,
+                dtype=old.weight.dtype,
+            )
+            nn.init.normal_(new.weight, std=0.02)
+            new.weight[:n_old].copy_(old.weight)  # (n_old, H) learned rows
+            setattr(self, name, new)
+            pairs.append((old.weight, new.weight))
         self.config = dataclasses.replace(self.config, n_items=new_capacity)
         LOG.info("item table grown %d -> %d rows", n_old, new_capacity)
-        return old.weight, new.weight
+        return pairs
+
+
+def _tied_logits(table: torch.Tensor, h: torch.Tensor, n_valid: int | None) -> torch.Tensor:
+    """``h`` (..., H) against the rows of ``table`` (rows, H). With ``n_valid``
+    (rows in use) only those rows are scored and PAD and MASK get -inf."""
+    if n_valid is None:
+        return h @ table.T  # (..., rows)
+    logits = h @ table[:n_valid].T  # (..., n_valid)
+    logits[..., [PAD, MASK]] = float("-inf")  # mm keeps no output for backward
+    return logits

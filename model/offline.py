@@ -94,6 +94,7 @@ class OfflineConfig:
     contrastive_weight: float = 0.05
     future_weight: float = 0.0  # dense all-action: a random later item (model.tasks)
     bag_weight: float = 0.0  # the pooled user state predicts every item of the window
+    item_bag_weight: float = 0.0  # profile vector (own item table) predicts hidden items
     # "windows": next-item loss at every step of each window, other tasks on the windows;
     # "prefixes": one example per target (the prefix ending in it), next-item loss at its
     # last step only (the FMLP-Rec / BSARec / RecBole regime), the other tasks on the
@@ -247,7 +248,7 @@ def train_step(
             parts = {**side_parts, "next": parts["next"], "loss": float(loss.detach())}
     trainer.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+    encoder.clip_gradients(1.0)
     trainer.optimizer.step()
     return parts
 
@@ -282,6 +283,7 @@ def _make_trainer(split: LeaveOneOut, config: OfflineConfig, settings: Any, out_
             "contrastive_weight": config.contrastive_weight,
             "future_weight": config.future_weight,
             "bag_weight": config.bag_weight,
+            "item_bag_weight": config.item_bag_weight,
             "item_min_count": 1,  # every item of the data set gets its own row
             "item_capacity_max": max(settings.item_capacity_max, len(catalogue)),
             "keep_checkpoints": 1,

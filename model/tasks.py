@@ -16,6 +16,11 @@ riding on a pass above (docs/architecture.md):
   of the window (PinnerFormer's dense all-action loss); next-item's pass.
 * :func:`bag_loss` — the pooled state of the cloze-masked view predicts every
   item of the window (Mult-DAE's multinomial likelihood); the cloze pass.
+* :func:`item_bag_loss` — the plain mean of the item vectors of a window's
+  shown items predicts its hidden ones (a tied linear softmax autoencoder): no
+  encoder pass at all. It trains the profile table (a table of its own when
+  ``EncoderConfig.profile_items``) so that the mean of its vectors,
+  ``SequenceEncoder.profile_embedding``, is a user profile.
 
 :func:`total_loss` with both cloze and contrastive on shares one pass between
 them: the cloze-masked sequence IS an augmented view (CL4SRec's item mask), so
@@ -49,6 +54,7 @@ __all__ = [
     "cloze_loss",
     "contrastive_loss",
     "future_item_loss",
+    "item_bag_loss",
     "last_item_loss",
     "next_item_loss",
     "total_loss",
@@ -62,6 +68,7 @@ class LossWeights:
     contrastive: float = 0.1
     future: float = 0.0
     bag: float = 0.0
+    item_bag: float = 0.0
 
 
 def _zero(encoder: SequenceEncoder) -> torch.Tensor:
@@ -95,6 +102,42 @@ def bag_loss(
     pass (``total_loss`` shares it).
     """
     return _cloze(encoder, batch, n_valid, generator, bag=True)[2]
+
+
+def item_bag_loss(
+    encoder: SequenceEncoder,
+    batch: Batch,
+    n_valid: int,
+    generator: torch.Generator | None = None,
+    hide_prob: float = 0.2,
+) -> torch.Tensor:
+    """The hidden items of each window from the mean item vector of its shown ones.
+
+    About ``hide_prob`` of each window's items (at least one) are hidden; the
+    mean of the profile table's rows of the others scores all rows of that
+    table (a tied linear autoencoder with Mult-DAE's multinomial likelihood;
+    ``encoder.profile_table`` is the shared item table unless the config gives
+    the profile its own), and the
+    loss is the mean negative log-likelihood of the hidden items. It learns
+    which items go together in one history wherever they sit, which is what a
+    profile is made of; next-item and cloze learn what comes next or between.
+    Reads that table only (no encoder pass). Rows that show nothing are skipped.
+    """
+    items = batch.columns(-encoder.config.max_len).items  # (B, T)
+    real = (items != PAD).cpu()  # (B, T)
+    rand = torch.rand(items.shape, generator=generator)  # (B, T)
+    hidden = (rand < hide_prob) & real  # (B, T)
+    pick = rand.masked_fill(~real, -1.0).argmax(dim=1)  # (B,) at least one hidden
+    hidden[torch.arange(items.shape[0]), pick] |= real.any(dim=1)
+    rows = (real & ~hidden).any(1)  # (B,) the windows with something shown
+    if not bool(rows.any()):
+        return _zero(encoder)
+    items, hidden = items[rows.to(items.device)], hidden[rows].to(items.device)  # (B', T)
+    shown = items.masked_fill(hidden, PAD)  # (B', T)
+    profile = SequenceEncoder.mean_states(encoder.profile_table(shown), shown)  # (B', H)
+    logp = F.log_softmax(encoder.profile_logits(profile, n_valid), dim=-1)  # (B', n_valid)
+    picked = logp.gather(1, items).masked_fill(~hidden, 0.0)  # (B', T)
+    return -(picked.sum(1) / hidden.sum(1)).mean()
 
 
 def _cloze(
@@ -293,6 +336,8 @@ def total_loss(
             add("next", weights.next, nxt)
         if weights.future > 0:
             add("future", weights.future, fut)
+    if weights.item_bag > 0:
+        add("item_bag", weights.item_bag, item_bag_loss(encoder, batch, n_valid, generator))
     if weights.contrastive > 0:
         add("contrastive", weights.contrastive,
             contrastive_loss(encoder, batch, generator, first_view=view))  # fmt: skip

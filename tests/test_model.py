@@ -25,11 +25,12 @@ from model.tasks import (
     cloze_loss,
     contrastive_loss,
     future_item_loss,
+    item_bag_loss,
     last_item_loss,
     next_item_loss,
     total_loss,
 )
-from model.trainer import Trainer
+from model.trainer import PROFILE_LR_SCALE, Trainer
 from model.vocab import MASK, PAD, UNKNOWN_BEHAVIOR, BehaviorVocab, ItemVocab
 from userstream.settings import Settings
 from userstream.types import Behavior
@@ -360,14 +361,17 @@ def test_item_logits_exclude_pad_mask_and_unused_rows():
     assert enc.item_logits(h).shape == (5, 64)  # without n_valid: every row
 
 
-def test_grow_items_keeps_learned_rows():
-    enc = tiny_encoder(n_items=16)
-    before = enc.item_emb.weight.detach().clone()
-    old, new = enc.grow_items(40)
-    assert old is not new and new is enc.item_emb.weight
-    assert enc.config.n_items == 40 and new.shape == (40, 32)
-    assert torch.equal(new[:16].detach(), before)
-    assert new[16:].std() > 0.005 and torch.equal(new[PAD].detach(), torch.zeros(32))
+@pytest.mark.parametrize("profile_items", [False, True])
+def test_grow_items_keeps_learned_rows(profile_items):
+    enc = tiny_encoder(n_items=16, profile_items=profile_items)
+    tables = ["item_emb", "profile_emb"] if profile_items else ["item_emb"]
+    before = [getattr(enc, t).weight.detach().clone() for t in tables]
+    pairs = enc.grow_items(40)
+    assert len(pairs) == len(tables) and enc.config.n_items == 40
+    for table, (old, new), rows in zip(tables, pairs, before, strict=True):
+        assert old is not new and new is getattr(enc, table).weight
+        assert new.shape == (40, 32) and torch.equal(new[:16].detach(), rows)
+        assert new[16:].std() > 0.005 and torch.equal(new[PAD].detach(), torch.zeros(32))
 
 
 # --- losses ----------------------------------------------------------------------
@@ -508,6 +512,61 @@ def test_bag_loss_shares_the_cloze_pass_and_learns_the_users_items(encoder_passe
     assert initial > math.log(40) and final < math.log(12) + 0.3, (initial, final)
 
 
+@pytest.mark.parametrize("profile_items", [False, True])
+def test_item_bag_trains_a_profile_table_without_an_encoder_pass(encoder_passes, profile_items):
+    """The item-bag task reads the profile table only (its own with
+    ``profile_items``, else the shared item table; no encoder pass, no gradient
+    anywhere else), its loss falls from about log(items) toward log(items per
+    group), and afterwards the profile vector puts every user nearest to a user
+    of its own group."""
+    seqs, labels = planted()
+    items, _, batch = vocab_batch(seqs)
+    enc = tiny_encoder(profile_items=profile_items)
+    only = LossWeights(mlm=0.0, next=0.0, contrastive=0.0, item_bag=1.0)
+    loss, parts = total_loss(enc, batch, len(items), only)
+    assert encoder_passes == [] and set(parts) == {"item_bag", "loss"}
+    loss.backward()
+    touched = {
+        n for n, p in enc.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
+    }
+    assert touched == {"profile_emb.weight" if profile_items else "item_emb.weight"}
+
+    def measured() -> float:
+        with torch.no_grad():
+            return float(item_bag_loss(enc, batch, len(items), torch.Generator().manual_seed(9)))
+
+    initial = measured()
+    fit(enc, batch, len(items), only, torch.Generator().manual_seed(1), steps=150)
+    final = measured()
+    assert initial > math.log(40) and final < math.log(12) + 0.3, (initial, final)
+    with torch.no_grad():
+        z = enc.profile_embedding(batch.items)  # (U, H)
+    assert torch.allclose(z.norm(dim=1), torch.ones(len(seqs)), atol=1e-5)
+    sim = (z @ z.T).fill_diagonal_(-2.0)
+    nearest = sim.argmax(1).tolist()
+    assert all(labels[u] == labels[v] for u, v in enumerate(nearest))
+
+    items.observe_many(["a"])
+    one = make_batch([[Behavior("a", "view", 0.0)], []], items, BehaviorVocab(), T, 32)
+    assert item_bag_loss(enc, one, len(items)).item() == 0.0  # nothing left to show
+
+
+def test_profile_many_reads_the_whole_history_and_ignores_order():
+    """A profile averages every behavior, also those beyond ``max_len`` (T), in
+    any order; an empty sequence gives a zero row."""
+    from model.profile import profile_many
+
+    seqs, _ = planted(n_users=4, length=3 * T)
+    items, behaviors, _ = vocab_batch(seqs)
+    enc = tiny_encoder()
+    z = profile_many(enc, items, behaviors, [seqs[0], seqs[0][::-1], seqs[0][-T:], []])
+    rows = torch.as_tensor(items.rows_for([b.item_id for b in seqs[0]]))
+    whole = enc.profile_table.weight.detach()[rows].mean(0)
+    assert np.allclose(z[0], (whole / whole.norm()).numpy(), atol=1e-6)
+    assert np.allclose(z[0], z[1], atol=1e-6) and not np.allclose(z[0], z[2], atol=1e-3)
+    assert z.shape == (4, 32) and not z[3].any()
+
+
 def test_total_loss_shares_the_cloze_pass_with_the_contrastive_task(encoder_passes):
     """All three tasks: 3 encoder passes (causal, masked view, one augmented view),
     and the contrastive part still learns (lower after training on its own)."""
@@ -577,6 +636,49 @@ def test_trainer_growth_keeps_rows_extends_adam_state_and_keeps_learning(tmp_pat
     assert not torch.allclose(new[grown_rows].detach(), fresh)  # grown rows are trained
     old_only = trainer.learn_many(seqs, steps=1)
     assert old_only["loss"] < first["loss"]  # no reset: the old users stay learned
+
+
+def test_the_profile_table_is_clipped_on_its_own():
+    """A huge item-bag gradient is clipped within the profile table and leaves
+    the sequence tasks' gradients as they were (and the reverse)."""
+    enc = tiny_encoder(profile_items=True)
+    for p in enc.parameters():
+        p.grad = torch.full_like(p, 1e-4)
+    enc.profile_emb.weight.grad.fill_(10.0)
+    enc.clip_gradients(1.0)
+    assert float(enc.profile_emb.weight.grad.norm()) == pytest.approx(1.0, rel=1e-4)
+    assert float(enc.item_emb.weight.grad.abs().max()) == pytest.approx(1e-4)
+
+
+def test_trainer_with_the_item_bag_task_grows_and_saves_its_profile_table(tmp_path):
+    """ITEM_BAG_WEIGHT > 0 gives the encoder a profile table that grows with the
+    item table (Adam state moved across), learns, and comes back from a checkpoint."""
+    from model.profile import profile_many
+
+    trainer = Trainer(small_settings(tmp_path, item_bag_weight=1.0))
+    assert trainer.config.profile_items and trainer.encoder.profile_emb is not None
+    seqs, _ = planted(n_users=48, groups=4)
+    trainer.learn_many(seqs, steps=3)
+    old = trainer.encoder.profile_emb.weight
+    wide, _ = planted(n_users=160, groups=160, per_group=16, seed=1)  # >= 1280 items
+    wide = [[Behavior("new-" + b.item_id, b.behavior, b.ts) for b in q] for q in wide]
+    trainer.observe_many(wide)  # more items than the first allocation: both tables grow
+    new = trainer.encoder.profile_emb.weight
+    assert new.shape[0] == trainer.config.n_items == trainer.encoder.item_emb.weight.shape[0]
+    assert new is not old and old not in trainer.optimizer.state
+    assert trainer.optimizer.state[new]["exp_avg"].shape == new.shape
+    parts = trainer.learn_many(seqs + wide, steps=3)
+    assert np.isfinite(parts["item_bag"])
+    trainer.save()
+    back = Trainer.load(Trainer.latest_checkpoint(tmp_path / "checkpoints"), trainer.settings)
+    assert back.config.profile_items
+    lr = trainer.settings.learning_rate  # the profile table learns PROFILE_LR_SCALE x faster
+    for t in (trainer, back):
+        assert [g["lr"] for g in t.optimizer.param_groups] == [lr, lr * PROFILE_LR_SCALE]
+        assert t.optimizer.param_groups[1]["params"] == [t.encoder.profile_emb.weight]
+    ours = profile_many(trainer.encoder, trainer.items, trainer.behaviors, seqs[:3])
+    theirs = profile_many(back.encoder, back.items, back.behaviors, seqs[:3])
+    assert np.allclose(ours, theirs, atol=1e-6)
 
 
 def test_trainer_embed_many_shapes_and_norms(tmp_path):

@@ -341,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--contrastive-weight", type=float, dest="contrastive_weight")
     tp.add_argument("--future-weight", type=float, dest="future_weight")
     tp.add_argument("--bag-weight", type=float, dest="bag_weight")
+    tp.add_argument("--item-bag-weight", type=float, dest="item_bag_weight")
     tp.add_argument(
         "--examples",
         choices=("windows", "prefixes"),

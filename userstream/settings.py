@@ -99,6 +99,12 @@ class Settings(BaseSettings):
     bag_weight: float = Field(
         0.0, ge=0, description="bag loss: the user embedding predicts its window's items"
     )
+    item_bag_weight: float = Field(
+        0.0,
+        ge=0,
+        description="item-bag task: the profile vector (mean of a second item table) of a "
+        "window's shown items predicts its hidden ones; > 0 adds that table",
+    )
 
     # --- training worker ---------------------------------------------------
     train_interval_s: float = Field(10.0, gt=0, description="T: train at least this often")
