@@ -14,10 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from model.batching import Batch, collate, encode_sequence
 from model.encoder import EncoderConfig, SequenceEncoder
+from model.profile import profile_many
 from model.vocab import BehaviorVocab, ItemVocab
 from userstream.types import Behavior
 
@@ -89,8 +91,9 @@ def recommend_many(
 
 @dataclass(frozen=True)
 class NextItemModel:
-    """Just what ranking needs from a ``Trainer`` checkpoint (no optimizer state
-    is kept): the encoder in eval mode, the vocabularies, the version."""
+    """Just what ranking and profiles need from a ``Trainer`` checkpoint (no
+    optimizer state is kept): the encoder in eval mode, the vocabularies, the
+    version."""
 
     encoder: SequenceEncoder
     items: ItemVocab
@@ -119,3 +122,7 @@ class NextItemModel:
         self, sequences: Sequence[Sequence[Behavior]], k: int, exclude_seen: bool = True
     ) -> list[list[Recommendation]]:
         return recommend_many(self.encoder, self.items, self.behaviors, sequences, k, exclude_seen)
+
+    def profile_many(self, sequences: Sequence[Sequence[Behavior]]) -> np.ndarray:
+        """(N, H) profile vectors (``model.profile``) of the same checkpoint."""
+        return profile_many(self.encoder, self.items, self.behaviors, sequences)

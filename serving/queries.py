@@ -23,6 +23,7 @@ from serving.schemas import (
     SimilarUsers,
     Stats,
     UserEmbedding,
+    UserProfile,
 )
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "stats",
     "user_embedding",
     "user_num",
+    "user_profile",
 ]
 
 LOG = logging.getLogger(__name__)
@@ -144,6 +146,22 @@ def recommendations(
         model_version=model.version,
         exclude_seen=exclude_seen,
         items=[RecommendedItem(item_id=r.item_id, score=r.score) for r in recs],
+    )
+
+
+def user_profile(ctx: ServingContext, user_id: str) -> UserProfile:
+    """The profile vector of the user's stored sequence, from the newest checkpoint."""
+    seq = ctx.sequences.read_many([user_id])[0]
+    if not seq:
+        raise UnknownUser(f"user {user_id!r} has no stored behaviors (unknown user id)")
+    model = ctx.recommender.current()
+    vector = model.profile_many([seq])[0]
+    return UserProfile(
+        user_id=user_id,
+        model_version=model.version,
+        behaviors=len(seq),
+        dim=len(vector),
+        profile=vector.tolist(),
     )
 
 

@@ -45,6 +45,17 @@ class UserEmbedding(BaseModel):
     embedding: list[float]
 
 
+class UserProfile(BaseModel):
+    user_id: str
+    model_version: int = Field(description="version of the checkpoint that made the vector")
+    behaviors: int = Field(description="stored behaviors the vector averages over")
+    dim: int
+    profile: list[float] = Field(
+        description="L2-normalized mean of the item vectors of the stored history: "
+        "features for profiling and targeting models"
+    )
+
+
 class Stats(BaseModel):
     events_ingested: int
     events_dead_lettered: int

@@ -123,3 +123,26 @@ def test_reloads_when_the_model_version_in_redis_changes(settings, redis_client,
         assert second["model_version"] == 2
         assert second["items"] != first["items"]
         assert second["items"][0]["item_id"] == "i4"
+
+
+def test_profile_is_the_normalized_mean_item_vector_of_the_stored_history(
+    settings, redis_client, store, users
+):
+    app = create_app(settings, redis_client=redis_client, start_follower=False)
+    with TestClient(app) as c:
+        r = c.get("/users/c/profile")
+        assert r.status_code == 503 and "no model checkpoint" in r.json()["detail"]
+
+        trainer = train_and_save(settings, steps=5)
+        store.set_model_info(ModelInfo(trainer.version, "x", 10, 1.0, trainer.last_loss))
+        body = c.get("/users/c/profile").json()
+        assert body["user_id"] == "c" and body["model_version"] == trainer.version
+        assert body["behaviors"] == len(users["c"]) and body["dim"] == settings.hidden_size
+        table = trainer.encoder.item_emb.weight.detach()
+        rows = trainer.items.rows_for([x.item_id for x in users["c"]])
+        expected = table[rows].mean(0)
+        expected = (expected / expected.norm()).tolist()
+        assert body["profile"] == pytest.approx(expected, abs=1e-5)
+        # another history, another vector
+        assert c.get("/users/a/profile").json()["profile"] != body["profile"]
+        assert c.get("/users/nobody/profile").status_code == 404
