@@ -13,13 +13,15 @@ the comparison with SVD is paired, repeat by repeat.
 
 The encoder is pre-trained self-supervised with ``model.offline`` on the
 ratings with the PROFILE objective (``PROFILE_WEIGHTS``: cloze, future items,
-bag and contrastive, no next-item term; docs/architecture.md) for a fixed
+bag, contrastive and item bag, no next-item term; docs/architecture.md) for a fixed
 budget, keeping the last epoch, so attributes never choose anything.
 ``--max-len 200`` (default here) lets it read most of a MovieLens history
 (median ~65 ratings), as the SVD reads all of it. Representations probed: the
-served embedding (``Trainer.embed_many``, what the API returns), the causal
-state of the last step (the next-item query) and the plain mean of the
-learned item vectors over the whole history.
+served embedding (``Trainer.embed_many``, what ``/users/{id}/embedding``
+returns), the causal state of the last step (the next-item query), the plain
+mean of the learned item vectors over the whole history, and the profile vector
+(``model.profile``, what ``/users/{id}/profile`` returns: the normalized mean of
+the profile table's rows, a table of its own when ``--item-bag-weight`` > 0).
 """
 
 from __future__ import annotations
@@ -37,8 +39,15 @@ from _common import OUT, data_path, threads, write_json
 METRICS = ("accuracy", "macro_f1", "auc")
 AGE_EDGES = (18, 25, 35, 45, 50, 56)  # MovieLens 1M buckets: <18, 18-24, ..., 56+
 # the profile objective (docs/architecture.md): no next-item term; cloze, future items,
-# the bag and the contrastive term, a fixed budget, last epoch kept
-PROFILE_WEIGHTS = {"next": 0.0, "mlm": 1.0, "contrastive": 1.0, "future": 1.0, "bag": 2.0}
+# the bag, the contrastive term and the item bag, a fixed budget, last epoch kept
+PROFILE_WEIGHTS = {
+    "next": 0.0,
+    "mlm": 1.0,
+    "contrastive": 1.0,
+    "future": 1.0,
+    "bag": 2.0,
+    "item_bag": 1.0,  # trains the profile vector's own table (model.profile)
+}
 
 
 def read_users(path) -> dict[str, dict[str, str]]:
@@ -93,7 +102,8 @@ def main() -> None:
     p.add_argument("--select", choices=("valid", "last"), default="last",
                    help="pre-training checkpoint: best valid NDCG@10, or the last of the budget")  # fmt: skip
     for task, weight in PROFILE_WEIGHTS.items():
-        p.add_argument(f"--{task}-weight", type=float, default=weight, help="pre-training weight")
+        p.add_argument(f"--{task.replace('_', '-')}-weight", type=float, default=weight,
+                       help="pre-training weight")  # fmt: skip
     p.add_argument(
         "--pretrained", help="reuse the checkpoint folder of an earlier run (skips pre-training)"
     )
@@ -111,6 +121,7 @@ def main() -> None:
     from model.evaluate import encode_many
     from model.finetune import FinetuneConfig, finetune_classifier, predict_proba
     from model.offline import OfflineConfig, train_offline
+    from model.profile import profile_many
     from model.split import leave_one_out
     from model.trainer import Trainer
     from userstream.settings import Settings
@@ -160,6 +171,7 @@ def main() -> None:
     with torch.inference_mode():  # plain mean of the learned item vectors, whole history
         table = trainer.encoder.item_emb.weight.float().numpy()  # (rows, H)
         item_mean = np.stack([table[e[:, 0]].mean(0) for e in encoded])  # (U, H)
+    profile = profile_many(trainer.encoder, trainer.items, trainer.behaviors, full)  # /profile
 
     # --- bag-of-items SVD baseline, same dimension ------------------------------
     items = sorted({b.item_id for s in full for b in s})
@@ -183,6 +195,7 @@ def main() -> None:
         f"ours: served embedding ({H})": served,
         f"ours: last causal state ({H})": last,
         f"ours: mean item vector ({H})": item_mean,
+        f"ours: profile vector ({H})": profile,
     }
     for name, y in attrs.items():
         # repeated 5-fold CV: shuffle r = 0..R-1, the SAME folds for every method (paired)
