@@ -284,14 +284,18 @@ class SequenceEncoder(nn.Module):
         real = (items != PAD).unsqueeze(-1).to(h.dtype)  # (B, T, 1)
         return (h * real).sum(1) / real.sum(1).clamp(min=1.0)  # (B, H)
 
+    def split_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(everything but the profile table, the profile table's; empty without one)."""
+        profile = list(self.profile_emb.parameters()) if self.profile_emb is not None else []
+        return [p for p in self.parameters() if all(p is not q for q in profile)], profile
+
     def clip_gradients(self, max_norm: float) -> None:
         """Clip the gradient norm to ``max_norm``: the profile table on its own,
         everything else together, so the item-bag task never rescales the
         gradients of the sequence tasks (nor they its)."""
-        rest = [p for n, p in self.named_parameters() if not n.startswith("profile_emb.")]
-        nn.utils.clip_grad_norm_(rest, max_norm)
-        if self.profile_emb is not None:
-            nn.utils.clip_grad_norm_(self.profile_emb.parameters(), max_norm)
+        for params in self.split_parameters():
+            if params:
+                nn.utils.clip_grad_norm_(params, max_norm)
 
     # --- growth ----------------------------------------------------------------
     @torch.no_grad()

@@ -104,6 +104,19 @@ def bag_loss(
     return _cloze(encoder, batch, n_valid, generator, bag=True)[2]
 
 
+def _hide(
+    items: torch.Tensor, prob: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(real, hidden) (B, T) bool masks on CPU: each real position of ``items``
+    is hidden with probability ``prob``, and always at least one per non-empty row."""
+    real = (items != PAD).cpu()  # (B, T)
+    rand = torch.rand(items.shape, generator=generator)  # (B, T)
+    hidden = (rand < prob) & real  # (B, T)
+    pick = rand.masked_fill(~real, -1.0).argmax(dim=1)  # (B,)
+    hidden[torch.arange(items.shape[0]), pick] |= real.any(dim=1)
+    return real, hidden
+
+
 def item_bag_loss(
     encoder: SequenceEncoder,
     batch: Batch,
@@ -117,18 +130,14 @@ def item_bag_loss(
     mean of the profile table's rows of the others scores all rows of that
     table (a tied linear autoencoder with Mult-DAE's multinomial likelihood;
     ``encoder.profile_table`` is the shared item table unless the config gives
-    the profile its own), and the
-    loss is the mean negative log-likelihood of the hidden items. It learns
+    the profile its own), and the loss is the mean negative log-likelihood of
+    the hidden items. It learns
     which items go together in one history wherever they sit, which is what a
     profile is made of; next-item and cloze learn what comes next or between.
     Reads that table only (no encoder pass). Rows that show nothing are skipped.
     """
     items = batch.columns(-encoder.config.max_len).items  # (B, T)
-    real = (items != PAD).cpu()  # (B, T)
-    rand = torch.rand(items.shape, generator=generator)  # (B, T)
-    hidden = (rand < hide_prob) & real  # (B, T)
-    pick = rand.masked_fill(~real, -1.0).argmax(dim=1)  # (B,) at least one hidden
-    hidden[torch.arange(items.shape[0]), pick] |= real.any(dim=1)
+    real, hidden = _hide(items, hide_prob, generator)  # (B, T) each, on CPU
     rows = (real & ~hidden).any(1)  # (B,) the windows with something shown
     if not bool(rows.any()):
         return _zero(encoder)
@@ -152,12 +161,7 @@ def _cloze(
     masked, bag loss or a zero when not asked for)."""
     batch = batch.columns(-encoder.config.max_len)
     items = batch.items  # (B, T)
-    real = (items != PAD).cpu()  # (B, T)
-    rand = torch.rand(items.shape, generator=generator)  # (B, T)
-    masked = (rand < mask_prob) & real  # (B, T)
-    # always at least one masked position per non-empty sequence
-    pick = rand.masked_fill(~real, -1.0).argmax(dim=1)  # (B,)
-    masked[torch.arange(items.shape[0]), pick] |= real.any(dim=1)
+    real, masked = _hide(items, mask_prob, generator)  # (B, T) each, on CPU
     masked = masked.to(items.device)
     if not bool(masked.any()):
         return _zero(encoder), None, _zero(encoder)

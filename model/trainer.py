@@ -69,8 +69,7 @@ def _param_groups(encoder: SequenceEncoder, lr: float) -> list[dict[str, Any]]:
     """The encoder's parameters for the optimizer: the profile table (if any) in
     a group of its own at ``PROFILE_LR_SCALE`` times ``lr``. Each group keeps
     its ``lr_scale`` so a reload can set the rate again."""
-    profile = [p for n, p in encoder.named_parameters() if n.startswith("profile_emb.")]
-    rest = [p for n, p in encoder.named_parameters() if not n.startswith("profile_emb.")]
+    rest, profile = encoder.split_parameters()
     groups: list[dict[str, Any]] = [{"params": rest, "lr": lr, "lr_scale": 1.0}]
     if profile:
         groups.append(
