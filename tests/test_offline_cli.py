@@ -8,6 +8,8 @@ import random
 
 import pytest
 
+from model.recommend import NextItemModel
+from model.trainer import Trainer
 from userstream.cli import main
 
 GROUPS, RING = 8, 12  # 96 items: each user walks a ring of 12 items
@@ -65,13 +67,15 @@ def test_train_then_evaluate_via_the_cli(tmp_path, tiny_args, capsys, monkeypatc
 
 
 def test_select_last_keeps_the_last_epoch_with_the_profile_objectives(tmp_path, tiny_args):
-    """``--select last`` (fixed budget, no selection) with the bag and future tasks on:
-    the kept checkpoint is the final epoch's, and both new losses are logged and fall."""
+    """``--select last`` (fixed budget, no selection) with the bag, future and
+    item-bag tasks on: the kept checkpoint is the final epoch's (with its profile
+    table), and the three losses are logged and fall."""
     data = tmp_path / "rings.txt"
     write_rings(data)
     out = tmp_path / "run"
     args = [a if a != "12" else "4" for a in tiny_args]  # 4 epochs
-    weights = ["--next-weight", "0", "--bag-weight", "1", "--future-weight", "1"]
+    weights = ["--next-weight", "0", "--bag-weight", "1", "--future-weight", "1",
+               "--item-bag-weight", "1"]  # fmt: skip
     with pytest.raises(ValueError, match="--examples windows"):  # prefixes feed next-item only
         main(["train", "--data", str(data), "--format", "amazon-seq", "--out", str(out),
               "--examples", "prefixes", *weights, *args])  # fmt: skip
@@ -81,7 +85,9 @@ def test_select_last_keeps_the_last_epoch_with_the_profile_objectives(tmp_path, 
     assert log["config"]["select"] == "last" and log["best_epoch"] == len(log["history"]) == 4
     first, last = log["history"][0], log["history"][-1]
     assert "next" not in last and last["bag"] < first["bag"] and last["future"] < first["future"]
+    assert last["item_bag"] < first["item_bag"]
     assert "ckpt-00000004.pt" in (out / "latest").read_text()
+    assert NextItemModel.load(Trainer.latest_checkpoint(out)).encoder.config.profile_items
 
 
 def test_evaluate_without_a_checkpoint_says_so(tmp_path):
