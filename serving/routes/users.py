@@ -1,4 +1,4 @@
-"""``/users/{user_id}/...``: similar users, the user's embedding and profile vector."""
+"""``/users/{user_id}/...``: similar users and the user's embedding."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Query
 
 from serving import queries
 from serving.deps import ContextDep
-from serving.schemas import SimilarUsers, UserEmbedding, UserProfile
+from serving.schemas import SimilarUsers, UserEmbedding
 
 __all__ = ["router"]
 
@@ -43,22 +43,3 @@ def embedding(user_id: str, ctx: ContextDep) -> UserEmbedding:
         return queries.user_embedding(ctx, user_id)
     except queries.NoEmbedding as exc:
         raise HTTPException(404, str(exc)) from exc
-
-
-@router.get(
-    "/{user_id}/profile",
-    response_model=UserProfile,
-    responses={
-        404: {"description": "no behaviors are stored for this user"},
-        503: {"description": "no model checkpoint exists yet (the message says where)"},
-    },
-)
-def profile(user_id: str, ctx: ContextDep) -> UserProfile:
-    """The user's profile vector (features for profiling and targeting): the
-    normalized mean of the item vectors of the stored history, newest checkpoint."""
-    try:
-        return queries.user_profile(ctx, user_id)
-    except queries.UnknownUser as exc:
-        raise HTTPException(404, str(exc)) from exc
-    except queries.ModelNotReady as exc:
-        raise HTTPException(503, str(exc), headers={"Retry-After": "10"}) from exc
