@@ -13,7 +13,8 @@ Offline (``userstream train`` / ``evaluate``): ``model/split.py`` (leave-one-out
 ``model/offline.py`` (epochs, prefixes or windows, early stopping on
 validation; ``model/averaging.py``, the weights' moving average), ``model/evaluate.py``
 and ``model/metrics.py`` (PROTOCOL section 1), ``model/recommend.py`` (the
-next-item ranking the API serves), ``model/finetune.py`` (a supervised head).
+next-item ranking the API serves), ``model/profile.py`` (profile vectors for
+``/users/{id}/profile``), ``model/finetune.py`` (a supervised head).
 
 The names below are imported lazily (PEP 562): ``serving/`` imports
 ``model.embedding_store`` and should not pay for importing torch (~1.5 s).

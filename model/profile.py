@@ -6,8 +6,9 @@ stored history, L2-normalized (:meth:`SequenceEncoder.profile_embedding`): no
 encoder pass, no order, every behavior counts the same. It answers "what is
 this user like" where the user embedding (the pooled bidirectional states,
 ``Trainer.embed_many``) answers "who behaves like this user now". The item-bag
-task (``ITEM_BAG_WEIGHT``, :func:`model.tasks.item_bag_loss`) trains the item
-table for it; the persona probe measures it (benchmarks/README.md).
+task (``ITEM_BAG_WEIGHT``, :func:`model.tasks.item_bag_loss`) trains a table of
+its own for it (``SequenceEncoder.profile_table``; without the task the shared
+item table is read); the persona probe measures it (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ def profile_many(
     """(N, H) float32 L2-normalized profile vectors of whole sequences (no
     ``max_len`` cut); zero rows for empty sequences."""
     n_gap = encoder.config.n_gap_buckets
-    table = encoder.profile_table.weight  # (rows, H)
+    device = encoder.profile_table.weight.device
     out = np.zeros((len(sequences), encoder.config.hidden), dtype=np.float32)
     for i, seq in enumerate(sequences):
         if seq:
             rows = torch.from_numpy(encode_sequence(seq, items, behaviors, n_gap)[:, 0])
-            z = encoder.profile_embedding(rows.to(table.device).unsqueeze(0))  # (1, H)
+            z = encoder.profile_embedding(rows.to(device).unsqueeze(0))  # (1, H)
             out[i] = z[0].float().cpu().numpy()
     return out
