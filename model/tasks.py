@@ -131,10 +131,10 @@ def item_bag_loss(
     table (a tied linear autoencoder with Mult-DAE's multinomial likelihood;
     ``encoder.profile_table`` is the shared item table unless the config gives
     the profile its own), and the loss is the mean negative log-likelihood of
-    the hidden items. It learns
-    which items go together in one history wherever they sit, which is what a
-    profile is made of; next-item and cloze learn what comes next or between.
-    Reads that table only (no encoder pass). Rows that show nothing are skipped.
+    the hidden items. It learns which items go together in one history wherever
+    they sit, which is what a profile is made of; next-item and cloze learn what
+    comes next or between. Reads that table only (no encoder pass). Rows that
+    show nothing are skipped.
     """
     items = batch.columns(-encoder.config.max_len).items  # (B, T)
     real, hidden = _hide(items, hide_prob, generator)  # (B, T) each, on CPU

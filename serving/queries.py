@@ -25,6 +25,7 @@ from serving.schemas import (
     UserEmbedding,
     UserProfile,
 )
+from userstream.types import Behavior
 
 __all__ = [
     "IndexNotReady",
@@ -132,13 +133,19 @@ def user_embedding(ctx: ServingContext, user_id: str) -> UserEmbedding:
     )
 
 
+def _stored_sequence(ctx: ServingContext, user_id: str) -> list[Behavior]:
+    """The user's stored behaviors; :class:`UnknownUser` when there are none."""
+    seq = ctx.sequences.read_many([user_id])[0]
+    if not seq:
+        raise UnknownUser(f"user {user_id!r} has no stored behaviors (unknown user id)")
+    return seq
+
+
 def recommendations(
     ctx: ServingContext, user_id: str, k: int, exclude_seen: bool = True
 ) -> Recommendations:
     """Next items for the user's stored sequence, scored by the newest checkpoint."""
-    seq = ctx.sequences.read_many([user_id])[0]
-    if not seq:
-        raise UnknownUser(f"user {user_id!r} has no stored behaviors (unknown user id)")
+    seq = _stored_sequence(ctx, user_id)
     model = ctx.recommender.current()
     recs = model.recommend_many([seq], k, exclude_seen)[0]
     return Recommendations(
@@ -151,9 +158,7 @@ def recommendations(
 
 def user_profile(ctx: ServingContext, user_id: str) -> UserProfile:
     """The profile vector of the user's stored sequence, from the newest checkpoint."""
-    seq = ctx.sequences.read_many([user_id])[0]
-    if not seq:
-        raise UnknownUser(f"user {user_id!r} has no stored behaviors (unknown user id)")
+    seq = _stored_sequence(ctx, user_id)
     model = ctx.recommender.current()
     vector = model.profile_many([seq])[0]
     return UserProfile(
