@@ -19,14 +19,13 @@ from fastapi import FastAPI
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from model.embedding_store import EmbeddingStore
 from serving.context import ServingContext
 from serving.follower import IndexFollower
 from serving.metrics import RequestMetricsMiddleware, ServingMetrics
 from serving.recommender import Recommender
 from serving.routes import api_router
-from stream.state import SequenceStore
 from userstream.settings import Settings
+from userstream.stores import RedisEmbeddingStore, RedisSequenceStore, connect
 from userstream.types import Keys
 
 __all__ = ["create_app", "serve"]
@@ -57,13 +56,13 @@ def create_app(
 ) -> FastAPI:
     """Build the API app for ``settings``.
 
-    ``redis_client``: use this client (the caller closes it) instead of one made
-    from ``settings.effective_redis_url``. ``start_follower=False`` leaves the
+    ``redis_client``: use this client (from :func:`userstream.stores.connect`; the
+    caller closes it) instead of one made from ``settings.effective_redis_url``. ``start_follower=False`` leaves the
     index follower thread off: ``/healthz`` then answers 503 and callers may
     drive ``app.state.ctx.follower.sync_once()`` themselves.
     """
     own_client = redis_client is None
-    client = redis_client or redis.Redis.from_url(
+    client = redis_client or connect(
         settings.effective_redis_url,
         socket_connect_timeout=_REDIS_CONNECT_TIMEOUT_S,
         socket_timeout=_REDIS_SOCKET_TIMEOUT_S,
@@ -71,8 +70,8 @@ def create_app(
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), _REDIS_RETRIES),
     )
     keys = Keys(settings.redis_prefix)
-    embeddings = EmbeddingStore(client, keys, feed_maxlen=settings.update_feed_maxlen)
-    sequences = SequenceStore(client, keys, max_len=settings.sequence_length)
+    embeddings = RedisEmbeddingStore(client, keys, feed_maxlen=settings.update_feed_maxlen)
+    sequences = RedisSequenceStore(client, keys, max_len=settings.sequence_length)
     follower = IndexFollower(embeddings, settings.index_dir, settings.index_snapshot_interval_s)
     metrics = ServingMetrics(sequences, embeddings, follower)
     ctx = ServingContext(

@@ -6,12 +6,11 @@ from dataclasses import dataclass
 
 import redis
 
-from model.embedding_store import EmbeddingStore
 from serving.follower import IndexFollower
 from serving.metrics import ServingMetrics
 from serving.recommender import Recommender
-from stream.state import SequenceStore
 from userstream.settings import Settings
+from userstream.stores import EmbeddingStore, SequenceStore
 from userstream.types import Keys
 
 __all__ = ["ServingContext"]

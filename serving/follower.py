@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import redis
 
-from model.embedding_store import EmbeddingStore, EmbeddingUpdate
 from serving.index import UserIndex
+from userstream.stores import EmbeddingStore, EmbeddingUpdate
 
 __all__ = ["IndexFollower", "FollowerStats", "feed_lag_s", "parse_stream_id", "SNAPSHOT_NAME"]
 
@@ -44,10 +44,6 @@ def parse_stream_id(stream_id: str) -> tuple[int, int]:
     """``"1732900000000-3"`` -> ``(1732900000000, 3)``, comparable in feed order."""
     ms, _, seq = stream_id.partition("-")
     return int(ms), int(seq or 0)
-
-
-def _s(x: bytes | str) -> str:
-    return x.decode() if isinstance(x, bytes) else x
 
 
 def feed_lag_s(applied_id: str, head_id: str) -> float:
@@ -218,19 +214,14 @@ class IndexFollower:
         entry is newer than nothing in the feed is not trusted: the feed may be a
         new one (Redis restored or flushed), with user numbers reassigned.
         """
-        oldest = self.store.feed_oldest()
-        if oldest is not None and parse_stream_id(oldest) <= parse_stream_id(feed_id):
+        feed = self.store.feed_state()
+        if feed.oldest is not None and parse_stream_id(feed.oldest) <= parse_stream_id(feed_id):
             return True
-        try:
-            info = self.store.r.xinfo_stream(self.store.keys.updates)
-        except redis.ResponseError:  # no feed at all: nothing after feed_id to miss
+        if feed.last_id is None:  # no feed at all: nothing after feed_id to miss
             return True
-        info = {_s(k): v for k, v in info.items()}
-        added = info.get("entries-added")  # Redis >= 7 only
-        if feed_id == "0-0" and added is not None and int(added) == int(info["length"]):
+        if feed_id == "0-0" and feed.added is not None and feed.added == feed.length:
             return True
-        last = info.get("last-generated-id")
-        return last is not None and parse_stream_id(_s(last)) <= parse_stream_id(feed_id)
+        return parse_stream_id(feed.last_id) <= parse_stream_id(feed_id)
 
     def _initial_load(self) -> None:
         if self._load_snapshot():

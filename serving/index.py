@@ -2,7 +2,7 @@
 
 :class:`UserIndex` wraps a FAISS ``IDMap2,Flat`` index (``IndexIDMap2`` over an
 ``IndexFlatIP``) keyed by the stable int64 user numbers that
-:class:`model.embedding_store.EmbeddingStore` assigns. Embeddings are
+:class:`userstream.stores.EmbeddingStore` assigns. Embeddings are
 L2-normalized by the writer, so inner product is cosine similarity.
 
 Flat search is exact: recall@10 against brute force is 1.0 by construction

@@ -21,9 +21,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
-from model.embedding_store import EmbeddingStore
 from serving.follower import IndexFollower, feed_lag_s
-from stream.state import SequenceStore
+from userstream.stores import EmbeddingStore, SequenceStore
 
 __all__ = ["CONTENT_TYPE_LATEST", "RequestMetricsMiddleware", "ServingMetrics"]
 

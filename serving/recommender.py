@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model.embedding_store import EmbeddingStore
+from userstream.stores import EmbeddingStore
 
 if TYPE_CHECKING:
     from model.recommend import NextItemModel
@@ -52,11 +52,11 @@ class Recommender:
             return self._model  # type: ignore[return-value]  # _refresh raised otherwise
 
     def _refresh(self) -> None:
+        from model.checkpoint import latest_checkpoint
         from model.recommend import NextItemModel
-        from model.trainer import Trainer
 
         for _ in range(3):  # the worker may prune the file between naming and reading it
-            path = Trainer.latest_checkpoint(self.checkpoint_dir)
+            path = latest_checkpoint(self.checkpoint_dir)
             if path is None:
                 break
             if self._model is not None and str(path) == self._model.path:

@@ -2,8 +2,8 @@
 
 Start reading at :mod:`stream.app` (``run_worker``: topics, Faust app, readiness),
 then :mod:`stream.agents` (the thin ingest loop and its delivery guarantees),
-:mod:`stream.events` (pure decode + validation) and :mod:`stream.state`
-(the exactly-once Redis write). Producers: :mod:`stream.replay` (data sets and
+:mod:`stream.events` (pure decode + validation); the exactly-once Redis write
+is :class:`userstream.stores.RedisSequenceStore`. Producers: :mod:`stream.replay` (data sets and
 any event iterable), :mod:`stream.datasets` (readers), :mod:`stream.generator`
 (synthetic clickstream with planted groups). Run a worker with
 ``userstream stream-worker``.
@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 from stream.datasets import FORMATS, Dataset, read_dataset
 from stream.events import Invalid, encode_events, event_to_json, parse_message
 from stream.generator import ClickstreamGenerator
-from stream.state import AppliedBatch, SequenceStore
 
 if TYPE_CHECKING:
     from stream.app import create_app, run_worker
@@ -28,12 +27,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FORMATS",
-    "AppliedBatch",
     "ClickstreamGenerator",
     "Dataset",
     "Invalid",
     "ReplayReport",
-    "SequenceStore",
     "create_app",
     "encode_events",
     "ensure_topics",

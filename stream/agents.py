@@ -30,8 +30,8 @@ import faust
 import redis
 
 from stream.events import DeadLetter, dead_letter_value, split_batch
-from stream.state import AppliedBatch, SequenceStore
 from userstream.settings import Settings
+from userstream.stores import AppliedBatch, SequenceStore
 
 __all__ = ["BatchWriter", "EXIT_UNAPPLIED", "attach_ingest_agent"]
 

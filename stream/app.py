@@ -27,9 +27,9 @@ import faust
 import redis
 
 from stream.agents import attach_ingest_agent
-from stream.state import SequenceStore
 from stream.topics import ensure_topics_async
 from userstream.settings import Settings
+from userstream.stores import RedisSequenceStore, connect
 from userstream.types import Keys
 
 __all__ = ["create_app", "read_ready", "ready_field", "ready_key", "run_worker"]
@@ -74,8 +74,8 @@ def create_app(settings: Settings) -> faust.App:
         broker_session_timeout=10.0,
         stream_buffer_maxsize=max(4096, 2 * settings.stream_batch_max),
     )
-    client = redis.Redis.from_url(settings.effective_redis_url)
-    store = SequenceStore(client, Keys(settings.redis_prefix), settings.sequence_length)
+    client = connect(settings.effective_redis_url)
+    store = RedisSequenceStore(client, Keys(settings.redis_prefix), settings.sequence_length)
     attach_ingest_agent(app, settings, store)
     key, field = ready_key(settings), ready_field()
 

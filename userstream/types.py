@@ -45,9 +45,7 @@ def encode_behavior(item_id: str, behavior: str, ts: float) -> str:
     return f"{item_id}{_SEP}{behavior}{_SEP}{ts:.3f}"
 
 
-def decode_behavior(raw: str | bytes) -> Behavior:
-    if isinstance(raw, bytes):
-        raw = raw.decode()
+def decode_behavior(raw: str) -> Behavior:
     item_id, behavior, ts = raw.split(_SEP)
     return Behavior(item_id, behavior, float(ts))
 

@@ -1,54 +1,39 @@
 """User embeddings in Redis plus an append-only update feed (a Redis Stream).
 
 The training worker is the only writer. API replicas materialize their FAISS
-index from :meth:`EmbeddingStore.read_all` once, then follow the feed with
-:meth:`EmbeddingStore.read_updates` from the last stream id they applied.
+index from :meth:`RedisEmbeddingStore.read_all` once, then follow the feed with
+:meth:`RedisEmbeddingStore.read_updates` from the last stream id they applied.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import redis
 
+from userstream.stores.client import require_text_client, to_bytes
+from userstream.stores.contracts import EmbeddingUpdate, FeedState, ModelInfo
 from userstream.types import Keys
 
-__all__ = ["EmbeddingStore", "EmbeddingUpdate", "ModelInfo"]
+__all__ = ["RedisEmbeddingStore"]
 
 
-@dataclass(frozen=True, slots=True)
-class EmbeddingUpdate:
-    stream_id: str  # Redis Stream entry id, e.g. "1732900000000-0"
-    user_id: str
-    num: int  # stable int64 id for FAISS
-    vector: np.ndarray  # (D,) float32, L2-normalized
+def _vector(raw: str) -> np.ndarray:
+    return np.frombuffer(to_bytes(raw), dtype=np.float32)
 
 
-@dataclass(frozen=True, slots=True)
-class ModelInfo:
-    version: int
-    checkpoint: str
-    items: int
-    updated_at: float
-    loss: float
-    drifts: int = 0  # drifts detected by the training worker's DriftMonitor so far
+class RedisEmbeddingStore:
+    """:class:`~userstream.stores.EmbeddingStore` on Redis (a client from
+    :func:`userstream.stores.connect`)."""
 
-
-def _s(x: bytes | str) -> str:
-    return x.decode() if isinstance(x, bytes) else x
-
-
-class EmbeddingStore:
     def __init__(self, client: redis.Redis, keys: Keys, feed_maxlen: int = 2_000_000) -> None:
-        self.r = client
+        self.r = require_text_client(client)
         self.keys = keys
         self.feed_maxlen = feed_maxlen
 
     # --- ids ---------------------------------------------------------------
     def nums_for(self, user_ids: Sequence[str]) -> list[int]:
-        """Stable int64 ids for users, assigned on first sight."""
         known = self.r.hmget(self.keys.user_num, list(user_ids)) if user_ids else []
         out: list[int] = []
         for u, n in zip(user_ids, known, strict=True):
@@ -64,23 +49,19 @@ class EmbeddingStore:
         return out
 
     def num_of(self, user_id: str) -> int | None:
-        """The user's int64 id if it was ever embedded (read-only: assigns nothing)."""
         raw = self.r.hget(self.keys.user_num, user_id)
         return None if raw is None else int(raw)
 
     def count(self) -> int:
-        """Number of users with a stored embedding."""
         return int(self.r.hlen(self.keys.emb))
 
     def users_for(self, nums: Sequence[int]) -> list[str | None]:
         if not nums:
             return []
-        got = self.r.hmget(self.keys.user_num_rev, [int(n) for n in nums])
-        return [None if g is None else _s(g) for g in got]
+        return self.r.hmget(self.keys.user_num_rev, [int(n) for n in nums])
 
     # --- writes (training worker) ------------------------------------------
     def upsert(self, user_ids: Sequence[str], vectors: np.ndarray, version: int) -> None:
-        """Store embeddings (N, D) float32 and append them to the update feed."""
         if len(user_ids) == 0:
             return
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -114,7 +95,7 @@ class EmbeddingStore:
 
     # --- reads (API) -------------------------------------------------------
     def model_info(self) -> ModelInfo | None:
-        raw = {_s(k): _s(v) for k, v in self.r.hgetall(self.keys.model).items()}
+        raw = self.r.hgetall(self.keys.model)
         if not raw:
             return None
         return ModelInfo(
@@ -128,24 +109,22 @@ class EmbeddingStore:
 
     def get(self, user_id: str) -> np.ndarray | None:
         raw = self.r.hget(self.keys.emb, user_id)
-        return None if raw is None else np.frombuffer(raw, dtype=np.float32).copy()
+        return None if raw is None else _vector(raw).copy()
 
     def version_of(self, user_id: str) -> int | None:
         raw = self.r.hget(self.keys.emb_version, user_id)
         return None if raw is None else int(raw)
 
     def feed_head(self) -> str:
-        """Id of the newest feed entry ("0-0" when empty): follow from here after read_all."""
         last = self.r.xrevrange(self.keys.updates, count=1)
-        return _s(last[0][0]) if last else "0-0"
+        return last[0][0] if last else "0-0"
 
     def read_all(self) -> tuple[list[str], np.ndarray, list[int]]:
-        """Every stored embedding: (user_ids, (N, D) float32, nums)."""
         users: list[str] = []
         vecs: list[np.ndarray] = []
         for u, raw in self.r.hscan_iter(self.keys.emb, count=2000):
-            users.append(_s(u))
-            vecs.append(np.frombuffer(raw, dtype=np.float32))
+            users.append(u)
+            vecs.append(_vector(raw))
         nums = self.nums_for(users)
         mat = np.stack(vecs) if vecs else np.zeros((0, 0), dtype=np.float32)
         return users, mat, nums
@@ -153,23 +132,20 @@ class EmbeddingStore:
     def read_updates(
         self, after: str, count: int = 10_000, block_ms: int | None = None
     ) -> list[EmbeddingUpdate]:
-        """Feed entries strictly after stream id ``after`` (blocking up to block_ms)."""
         got = self.r.xread({self.keys.updates: after}, count=count, block=block_ms)
-        out: list[EmbeddingUpdate] = []
-        for _key, entries in got or []:
-            for sid, fields in entries:
-                f = {_s(k): v for k, v in fields.items()}
-                out.append(
-                    EmbeddingUpdate(
-                        stream_id=_s(sid),
-                        user_id=_s(f["u"]),
-                        num=int(f["i"]),
-                        vector=np.frombuffer(f["v"], dtype=np.float32).copy(),
-                    )
-                )
-        return out
+        return [
+            EmbeddingUpdate(sid, f["u"], int(f["i"]), _vector(f["v"]).copy())
+            for _key, entries in got or []
+            for sid, f in entries
+        ]
 
-    def feed_oldest(self) -> str | None:
-        """Id of the oldest entry still in the (trimmed) feed, None when empty."""
+    def feed_state(self) -> FeedState:
         first = self.r.xrange(self.keys.updates, count=1)
-        return _s(first[0][0]) if first else None
+        oldest = first[0][0] if first else None
+        try:
+            info = self.r.xinfo_stream(self.keys.updates)
+        except redis.ResponseError:  # no feed yet
+            return FeedState(0, 0, None, None)
+        added = info.get("entries-added")  # Redis >= 7 only
+        last = info.get("last-generated-id")
+        return FeedState(int(info["length"]), None if added is None else int(added), oldest, last)

@@ -10,31 +10,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 
 import redis
 
-from userstream.types import Behavior, Event, Keys, decode_behavior, encode_behavior
+from userstream.stores.client import require_text_client
+from userstream.stores.contracts import COUNTERS, AppliedBatch, OffsetEvent, plan_batch
+from userstream.types import Behavior, Keys, decode_behavior, encode_behavior
 
-__all__ = [
-    "AppliedBatch",
-    "BatchPlan",
-    "OffsetEvent",
-    "SequenceStore",
-    "plan_batch",
-    "stored_behavior",
-]
+__all__ = ["RedisSequenceStore"]
 
 LOG = logging.getLogger(__name__)
 
-OffsetEvent = tuple[int, int, Event]  # (partition, offset, event)
-
-# Append + trim every touched sequence in ONE command: one EVALSHA packs and
-# parses far faster in redis-py than an RPUSH and an LTRIM per user (about 3x
-# for a 2000-event batch of distinct users). It runs inside the batch's
-# MULTI/EXEC, so the transaction still holds all writes of the batch.
-# ARGV = max_len, then per KEY: count, entries...; pushes in chunks because
-# Lua's unpack() is limited to a few thousand values.
+# Append + trim every touched sequence in ONE command: redis-py packs one EVALSHA
+# far faster than an RPUSH and an LTRIM per user (benchmarks/README.md).
+# It runs inside the batch's MULTI/EXEC, so the transaction still holds every
+# write. ARGV = max_len, then per KEY: count, entries...; pushed in chunks
+# because Lua's unpack() takes a few thousand values at most.
 _APPEND_LUA = """
 local max_len = tonumber(ARGV[1])
 local i = 2
@@ -54,69 +45,21 @@ return #KEYS
 """
 
 
-@dataclass(frozen=True, slots=True)
-class AppliedBatch:
-    applied: int  # events written
-    skipped: int  # events at or below the stored offset (already applied before)
-    users: int  # distinct users touched
-    dead_lettered: int = 0  # invalid events counted
-
-
-@dataclass(slots=True)
-class BatchPlan:
-    """What one batch changes, after dropping everything already applied."""
-
-    per_user: dict[str, list[Event]]  # new events per user, in order
-    items: set[str]
-    behaviors: dict[str, int]  # behavior name -> count
-    last: dict[int, int]  # partition -> highest offset in the batch (events and dead)
-    applied: int
-    skipped: int  # at or below the stored offset: applied before
-    dead: int  # dead-lettered events not counted before
-
-
-def stored_behavior(ev: Event) -> Behavior:
-    """The behavior a store gives back for ``ev``: Redis keeps ts to the millisecond."""
-    return Behavior(ev.item_id, ev.behavior, float(f"{ev.ts:.3f}"))
-
-
-def plan_batch(
-    events: Sequence[OffsetEvent], dead: Sequence[tuple[int, int]], done: dict[int, int]
-) -> BatchPlan:
-    """The pure part of :meth:`SequenceStore.apply_many` (``done``: applied offsets)."""
-    plan = BatchPlan({}, set(), {}, {}, 0, 0, 0)
-    last = plan.last
-    for partition, offset in dead:
-        if offset > done.get(partition, -1):
-            plan.dead += 1
-            last[partition] = max(offset, last.get(partition, -1))
-    for partition, offset, ev in events:
-        if offset <= done.get(partition, -1):
-            plan.skipped += 1
-            continue
-        last[partition] = max(offset, last.get(partition, -1))
-        plan.per_user.setdefault(ev.user_id, []).append(ev)
-        plan.items.add(ev.item_id)
-        plan.behaviors[ev.behavior] = plan.behaviors.get(ev.behavior, 0) + 1
-    plan.applied = len(events) - plan.skipped
-    return plan
-
-
-class SequenceStore:
-    """Reads and writes the rolling sequences of the last ``max_len`` behaviors per user."""
+class RedisSequenceStore:
+    """:class:`~userstream.stores.SequenceStore` on Redis (a client from
+    :func:`userstream.stores.connect`)."""
 
     def __init__(self, client: redis.Redis, keys: Keys, max_len: int = 200) -> None:
-        self.r = client
+        self.r = require_text_client(client)
         self.keys = keys
         self.max_len = max_len
         self._append = client.register_script(_APPEND_LUA)
 
     # --- writes (stream worker) ----------------------------------------------
     def applied_offsets(self, topic: str) -> dict[int, int]:
-        raw = self.r.hgetall(self.keys.offsets)
         out: dict[int, int] = {}
-        for k, v in raw.items():
-            t, _, p = (k.decode() if isinstance(k, bytes) else k).rpartition(":")
+        for k, v in self.r.hgetall(self.keys.offsets).items():
+            t, _, p = k.rpartition(":")
             if t == topic:
                 out[int(p)] = int(v)
         return out
@@ -172,14 +115,12 @@ class SequenceStore:
 
     # --- reads (training worker, API) ----------------------------------------
     def read_many(self, user_ids: Sequence[str]) -> list[list[Behavior]]:
-        """Each user's sequence, oldest first (empty list for unknown users)."""
         pipe = self.r.pipeline(transaction=False)
         for u in user_ids:
             pipe.lrange(self.keys.seq(u), 0, -1)
         return [[decode_behavior(x) for x in raw] for raw in pipe.execute()]
 
     def read_tail(self, user_id: str, n: int) -> list[Behavior]:
-        """The last ``n`` behaviors of one user, oldest first."""
         return [decode_behavior(x) for x in self.r.lrange(self.keys.seq(user_id), -n, -1)]
 
     def take_dirty(self, max_users: int) -> list[str]:
@@ -188,14 +129,10 @@ class SequenceStore:
         Sorted, not in SPOP's random order: a training cycle (its batches and
         reservoir updates follow this order) is then reproducible from the state.
         """
-        got = self.r.spop(self.keys.dirty, max_users) or []
-        return sorted(u.decode() if isinstance(u, bytes) else u for u in got)
+        return sorted(self.r.spop(self.keys.dirty, max_users) or [])
 
     def dirty_users(self) -> list[str]:
-        """The dirty set, sorted, without taking it (for checks and benchmarks)."""
-        return sorted(
-            u.decode() if isinstance(u, bytes) else u for u in self.r.smembers(self.keys.dirty)
-        )
+        return sorted(self.r.smembers(self.keys.dirty))
 
     def mark_dirty(self, user_ids: Iterable[str]) -> None:
         ids = list(user_ids)
@@ -206,8 +143,7 @@ class SequenceStore:
         return int(self.r.scard(self.keys.dirty))
 
     def iter_users(self, batch: int = 1000) -> Iterator[str]:
-        for u in self.r.sscan_iter(self.keys.users, count=batch):
-            yield u.decode() if isinstance(u, bytes) else u
+        yield from self.r.sscan_iter(self.keys.users, count=batch)
 
     def num_users(self) -> int:
         return int(self.r.scard(self.keys.users))
@@ -216,8 +152,6 @@ class SequenceStore:
         return int(self.r.scard(self.keys.items))
 
     def counters(self) -> dict[str, int]:
-        raw = self.r.hgetall(self.keys.counters)
-        out = {"events_ingested": 0, "events_dead_lettered": 0, "events_duplicate_skipped": 0}
-        for k, v in raw.items():
-            out[k.decode() if isinstance(k, bytes) else k] = int(v)
+        out = dict.fromkeys(COUNTERS, 0)
+        out.update({k: int(v) for k, v in self.r.hgetall(self.keys.counters).items()})
         return out

@@ -1,0 +1,49 @@
+"""The state every stage shares, behind two typed contracts.
+
+Start reading at :mod:`userstream.stores.contracts` (the :class:`SequenceStore`
+and :class:`EmbeddingStore` Protocols and the data that crosses them). Each has
+two implementations with the same semantics: Redis
+(:mod:`~userstream.stores.redis_sequences`, :mod:`~userstream.stores.redis_embeddings`,
+the service's system of record) and memory (:mod:`~userstream.stores.memory`, the
+one-process benchmark loop and tests). Redis clients come from :func:`connect`.
+
+Any stage may import this package; it imports nothing of ``stream``, ``model``
+or ``serving``.
+"""
+
+from userstream.stores.client import connect
+from userstream.stores.contracts import (
+    COUNTERS,
+    AppliedBatch,
+    BatchPlan,
+    EmbeddingStore,
+    EmbeddingUpdate,
+    FeedState,
+    ModelInfo,
+    OffsetEvent,
+    SequenceStore,
+    plan_batch,
+    stored_behavior,
+)
+from userstream.stores.memory import MemoryEmbeddingStore, MemorySequenceStore
+from userstream.stores.redis_embeddings import RedisEmbeddingStore
+from userstream.stores.redis_sequences import RedisSequenceStore
+
+__all__ = [
+    "COUNTERS",
+    "AppliedBatch",
+    "BatchPlan",
+    "EmbeddingStore",
+    "EmbeddingUpdate",
+    "FeedState",
+    "MemoryEmbeddingStore",
+    "MemorySequenceStore",
+    "ModelInfo",
+    "OffsetEvent",
+    "RedisEmbeddingStore",
+    "RedisSequenceStore",
+    "SequenceStore",
+    "connect",
+    "plan_batch",
+    "stored_behavior",
+]

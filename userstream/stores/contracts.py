@@ -1,0 +1,232 @@
+"""What a store promises: the two Protocols every stage codes against, and the
+plain data that crosses them.
+
+:class:`SequenceStore` holds the per-user rolling sequences (the stream worker
+writes them, the training worker and the API read them); :class:`EmbeddingStore`
+holds user embeddings, their ids for FAISS and the update feed (the training
+worker writes, API replicas read and follow). Each has a Redis implementation
+(the service) and an in-memory one (the one-process benchmark loop, tests);
+``tests/test_stores_contract.py`` runs both through the same checks.
+
+:func:`plan_batch` is the pure part of ``apply_many`` that both implementations
+share, so they cannot disagree on what a batch changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from userstream.types import Behavior, Event
+
+__all__ = [
+    "COUNTERS",
+    "AppliedBatch",
+    "BatchPlan",
+    "EmbeddingStore",
+    "EmbeddingUpdate",
+    "FeedState",
+    "ModelInfo",
+    "OffsetEvent",
+    "SequenceStore",
+    "plan_batch",
+    "stored_behavior",
+]
+
+OffsetEvent = tuple[int, int, Event]  # (partition, offset, event)
+
+# counters every store reports, zero until something happened
+COUNTERS = ("events_ingested", "events_dead_lettered", "events_duplicate_skipped")
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedBatch:
+    applied: int  # events written
+    skipped: int  # events at or below the stored offset (already applied before)
+    users: int  # distinct users touched
+    dead_lettered: int = 0  # invalid events counted
+
+
+@dataclass(slots=True)
+class BatchPlan:
+    """What one batch changes, after dropping everything already applied."""
+
+    per_user: dict[str, list[Event]]  # new events per user, in order
+    items: set[str]
+    behaviors: dict[str, int]  # behavior name -> count
+    last: dict[int, int]  # partition -> highest offset in the batch (events and dead)
+    applied: int
+    skipped: int  # at or below the stored offset: applied before
+    dead: int  # dead-lettered events not counted before
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingUpdate:
+    stream_id: str  # feed entry id, e.g. "1732900000000-0" (ms timestamp - sequence)
+    user_id: str
+    num: int  # stable int64 id for FAISS
+    vector: np.ndarray  # (D,) float32, L2-normalized
+
+
+@dataclass(frozen=True, slots=True)
+class FeedState:
+    """Where the update feed stands: what a follower needs to know whether the
+    entries after some id are all still there (trimming drops the oldest)."""
+
+    length: int  # entries in the feed now
+    added: int | None  # entries ever added (None where the store cannot tell)
+    oldest: str | None  # id of the oldest entry still there
+    last_id: str | None  # id of the newest entry ever added, trimmed or not
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    version: int
+    checkpoint: str
+    items: int
+    updated_at: float
+    loss: float
+    drifts: int = 0  # drifts detected by the training worker's DriftMonitor so far
+
+
+def stored_behavior(ev: Event) -> Behavior:
+    """The behavior a store gives back for ``ev``: ts kept to the millisecond."""
+    return Behavior(ev.item_id, ev.behavior, float(f"{ev.ts:.3f}"))
+
+
+def plan_batch(
+    events: Sequence[OffsetEvent], dead: Sequence[tuple[int, int]], done: dict[int, int]
+) -> BatchPlan:
+    """What ``apply_many`` writes, given ``done``: the applied offset per partition.
+
+    Events and dead letters at or below their partition's applied offset were
+    applied before and are skipped (a redelivered batch changes nothing).
+    """
+    plan = BatchPlan({}, set(), {}, {}, 0, 0, 0)
+    last = plan.last
+    for partition, offset in dead:
+        if offset > done.get(partition, -1):
+            plan.dead += 1
+            last[partition] = max(offset, last.get(partition, -1))
+    for partition, offset, ev in events:
+        if offset <= done.get(partition, -1):
+            plan.skipped += 1
+            continue
+        last[partition] = max(offset, last.get(partition, -1))
+        plan.per_user.setdefault(ev.user_id, []).append(ev)
+        plan.items.add(ev.item_id)
+        plan.behaviors[ev.behavior] = plan.behaviors.get(ev.behavior, 0) + 1
+    plan.applied = len(events) - plan.skipped
+    return plan
+
+
+@runtime_checkable
+class SequenceStore(Protocol):
+    """The last ``max_len`` behaviors of every user, applied exactly once per offset."""
+
+    max_len: int
+
+    # --- writes (stream worker) ------------------------------------------------
+    def applied_offsets(self, topic: str) -> dict[int, int]:
+        """partition -> highest offset of ``topic`` applied so far."""
+        ...
+
+    def apply_many(
+        self, topic: str, events: Sequence[OffsetEvent], dead: Sequence[tuple[int, int]] = ()
+    ) -> AppliedBatch:
+        """Append ``events`` (in order) to their users' sequences, all or nothing,
+        together with the new applied offsets; ``dead`` (partition, offset) are
+        invalid events already dead-lettered: counted, and they advance offsets."""
+        ...
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to counter ``name``."""
+        ...
+
+    # --- reads (training worker, API) ------------------------------------------
+    def read_many(self, user_ids: Sequence[str]) -> list[list[Behavior]]:
+        """Each user's sequence, oldest first (empty for unknown users)."""
+        ...
+
+    def read_tail(self, user_id: str, n: int) -> list[Behavior]:
+        """The last ``n`` behaviors of one user, oldest first."""
+        ...
+
+    def take_dirty(self, max_users: int) -> list[str]:
+        """Remove and return up to ``max_users`` changed users, sorted."""
+        ...
+
+    def dirty_users(self) -> list[str]:
+        """The changed users, sorted, without taking them."""
+        ...
+
+    def mark_dirty(self, user_ids: Iterable[str]) -> None: ...
+
+    def dirty_count(self) -> int: ...
+
+    def iter_users(self, batch: int = 1000) -> Iterator[str]:
+        """Every user with a sequence (in no promised order)."""
+        ...
+
+    def num_users(self) -> int: ...
+
+    def num_items(self) -> int: ...
+
+    def counters(self) -> dict[str, int]:
+        """At least every name in :data:`COUNTERS`."""
+        ...
+
+
+@runtime_checkable
+class EmbeddingStore(Protocol):
+    """User embeddings, their stable FAISS ids, the model info and the update feed."""
+
+    # --- ids ---------------------------------------------------------------------
+    def nums_for(self, user_ids: Sequence[str]) -> list[int]:
+        """Stable int64 ids, assigned on first sight."""
+        ...
+
+    def num_of(self, user_id: str) -> int | None:
+        """The user's id if it has one (assigns nothing)."""
+        ...
+
+    def users_for(self, nums: Sequence[int]) -> list[str | None]: ...
+
+    # --- writes (training worker) ----------------------------------------------------
+    def upsert(self, user_ids: Sequence[str], vectors: np.ndarray, version: int) -> None:
+        """Store (N, D) float32 embeddings made by model ``version`` and append
+        them to the update feed."""
+        ...
+
+    def set_model_info(self, info: ModelInfo) -> None: ...
+
+    # --- reads (API) -------------------------------------------------------------------
+    def model_info(self) -> ModelInfo | None: ...
+
+    def get(self, user_id: str) -> np.ndarray | None: ...
+
+    def version_of(self, user_id: str) -> int | None: ...
+
+    def count(self) -> int:
+        """Users with a stored embedding."""
+        ...
+
+    def read_all(self) -> tuple[list[str], np.ndarray, list[int]]:
+        """Every stored embedding: (user ids, (N, D) float32, ids)."""
+        ...
+
+    def feed_head(self) -> str:
+        """Id of the newest feed entry ("0-0" when empty): follow from here after read_all."""
+        ...
+
+    def feed_state(self) -> FeedState: ...
+
+    def read_updates(
+        self, after: str, count: int = 10_000, block_ms: int | None = None
+    ) -> list[EmbeddingUpdate]:
+        """Feed entries strictly after id ``after``, oldest first (waiting up to
+        ``block_ms`` for one when there is none)."""
+        ...

@@ -1,0 +1,215 @@
+"""In-process stores with the Redis stores' semantics, for the one-process
+benchmark loop and for tests.
+
+A prequential run applies events one at a time between predictions, where a
+Redis round trip per event would cost far more than the dict update here
+(benchmarks/README.md), for the same state.
+``tests/test_stores_contract.py`` drives these and the Redis stores through the
+same operations and compares every read.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from userstream.stores.contracts import (
+    COUNTERS,
+    AppliedBatch,
+    EmbeddingUpdate,
+    FeedState,
+    ModelInfo,
+    OffsetEvent,
+    plan_batch,
+    stored_behavior,
+)
+from userstream.types import Behavior
+
+__all__ = ["MemoryEmbeddingStore", "MemorySequenceStore"]
+
+
+class MemorySequenceStore:
+    """Dict-backed :class:`~userstream.stores.SequenceStore`."""
+
+    def __init__(self, max_len: int = 200) -> None:
+        self.max_len = max_len
+        self._seqs: dict[str, list[Behavior]] = {}  # insertion order = users set
+        self._dirty: dict[str, None] = {}
+        self._items: set[str] = set()
+        self._behaviors: dict[str, int] = {}
+        self._offsets: dict[str, int] = {}  # "topic:partition" -> offset
+        self._counters = dict.fromkeys(COUNTERS, 0)
+
+    # --- writes ----------------------------------------------------------------
+    def applied_offsets(self, topic: str) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for k, v in self._offsets.items():
+            t, _, p = k.rpartition(":")
+            if t == topic:
+                out[int(p)] = v
+        return out
+
+    def apply_many(
+        self, topic: str, events: Sequence[OffsetEvent], dead: Sequence[tuple[int, int]] = ()
+    ) -> AppliedBatch:
+        if not events and not dead:
+            return AppliedBatch(0, 0, 0)
+        plan = plan_batch(events, dead, self.applied_offsets(topic))
+        self._counters["events_duplicate_skipped"] += plan.skipped
+        if plan.applied == 0 and plan.dead == 0:
+            return AppliedBatch(0, plan.skipped, 0)
+        for user, evs in plan.per_user.items():
+            seq = self._seqs.setdefault(user, [])
+            seq.extend(stored_behavior(e) for e in evs)
+            if len(seq) > self.max_len:
+                del seq[: len(seq) - self.max_len]
+            self._dirty[user] = None
+        self._items |= plan.items
+        for name, n in plan.behaviors.items():
+            self._behaviors[name] = self._behaviors.get(name, 0) + n
+        self._counters["events_ingested"] += plan.applied
+        self._counters["events_dead_lettered"] += plan.dead
+        for p, o in plan.last.items():
+            self._offsets[f"{topic}:{p}"] = o
+        return AppliedBatch(plan.applied, plan.skipped, len(plan.per_user), plan.dead)
+
+    def count(self, name: str, n: int = 1) -> None:
+        self._counters[name] = self._counters.get(name, 0) + n
+
+    # --- reads -------------------------------------------------------------------
+    def read_many(self, user_ids: Sequence[str]) -> list[list[Behavior]]:
+        return [list(self._seqs.get(u, ())) for u in user_ids]
+
+    def read_tail(self, user_id: str, n: int) -> list[Behavior]:
+        return self._seqs.get(user_id, [])[-n:]
+
+    def take_dirty(self, max_users: int) -> list[str]:
+        taken = sorted(self._dirty)[:max_users]
+        for u in taken:
+            del self._dirty[u]
+        return taken
+
+    def dirty_users(self) -> list[str]:
+        return sorted(self._dirty)
+
+    def mark_dirty(self, user_ids: Iterable[str]) -> None:
+        for u in user_ids:
+            self._dirty[u] = None
+
+    def dirty_count(self) -> int:
+        return len(self._dirty)
+
+    def iter_users(self, batch: int = 1000) -> Iterator[str]:
+        yield from list(self._seqs)
+
+    def num_users(self) -> int:
+        return len(self._seqs)
+
+    def num_items(self) -> int:
+        return len(self._items)
+
+    def counters(self) -> dict[str, int]:
+        return dict(self._counters)
+
+
+class MemoryEmbeddingStore:
+    """Dict-backed :class:`~userstream.stores.EmbeddingStore`, feed included.
+
+    Feed ids look like Redis Stream ids (``"<ms>-<seq>"``, increasing), so a
+    follower computes the same lag from them. ``feed_maxlen=0`` keeps no feed
+    (for a run that nobody follows: the prequential loop).
+    """
+
+    def __init__(self, feed_maxlen: int = 2_000_000) -> None:
+        self.feed_maxlen = feed_maxlen
+        self.vectors: dict[str, np.ndarray] = {}
+        self.versions: dict[str, int] = {}
+        self.info: ModelInfo | None = None
+        self._num: dict[str, int] = {}
+        self._user: dict[int, str] = {}
+        self._feed: list[EmbeddingUpdate] = []
+        self._feed_ids: list[tuple[int, int]] = []  # parsed ids of _feed, increasing
+        self._last_id = (0, 0)
+        self._added = 0
+
+    # --- ids ---------------------------------------------------------------------
+    def nums_for(self, user_ids: Sequence[str]) -> list[int]:
+        out = []
+        for u in user_ids:
+            num = self._num.get(u)
+            if num is None:
+                num = self._num[u] = len(self._num) + 1  # Redis INCR starts at 1 too
+                self._user[num] = u
+            out.append(num)
+        return out
+
+    def num_of(self, user_id: str) -> int | None:
+        return self._num.get(user_id)
+
+    def users_for(self, nums: Sequence[int]) -> list[str | None]:
+        return [self._user.get(int(n)) for n in nums]
+
+    # --- writes --------------------------------------------------------------------
+    def upsert(self, user_ids: Sequence[str], vectors: np.ndarray, version: int) -> None:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        for u, num, v in zip(user_ids, self.nums_for(user_ids), vectors, strict=True):
+            self.vectors[u] = v.copy()
+            self.versions[u] = version
+            if self.feed_maxlen:
+                self._feed.append(EmbeddingUpdate(self._next_id(), u, num, v.copy()))
+                self._feed_ids.append(self._last_id)
+                self._added += 1
+        extra = len(self._feed) - self.feed_maxlen
+        if extra > 0:
+            del self._feed[:extra], self._feed_ids[:extra]
+
+    def _next_id(self) -> str:
+        ms = int(time.time() * 1000)
+        last_ms, seq = self._last_id
+        self._last_id = (ms, 0) if ms > last_ms else (last_ms, seq + 1)
+        return "{}-{}".format(*self._last_id)
+
+    def set_model_info(self, info: ModelInfo) -> None:
+        self.info = info
+
+    # --- reads -----------------------------------------------------------------------
+    def model_info(self) -> ModelInfo | None:
+        return self.info
+
+    def get(self, user_id: str) -> np.ndarray | None:
+        v = self.vectors.get(user_id)
+        return None if v is None else v.copy()
+
+    def version_of(self, user_id: str) -> int | None:
+        return self.versions.get(user_id)
+
+    def count(self) -> int:
+        return len(self.vectors)
+
+    def read_all(self) -> tuple[list[str], np.ndarray, list[int]]:
+        users = list(self.vectors)
+        mat = (
+            np.stack([self.vectors[u] for u in users])
+            if users
+            else np.zeros((0, 0), dtype=np.float32)
+        )
+        return users, mat, self.nums_for(users)
+
+    def feed_head(self) -> str:
+        return self._feed[-1].stream_id if self._feed else "0-0"
+
+    def feed_state(self) -> FeedState:
+        oldest = self._feed[0].stream_id if self._feed else None
+        last = "{}-{}".format(*self._last_id) if self._added else None
+        return FeedState(len(self._feed), self._added, oldest, last)
+
+    def read_updates(
+        self, after: str, count: int = 10_000, block_ms: int | None = None
+    ) -> list[EmbeddingUpdate]:
+        # nothing can arrive while this thread waits, so block_ms is not waited out
+        ms, _, seq = after.partition("-")
+        start = bisect.bisect_right(self._feed_ids, (int(ms), int(seq or 0)))
+        return self._feed[start : start + count]
