@@ -1,93 +1,46 @@
 """model: the incremental self-supervised learner of user embeddings.
 
-Start reading at ``model/encoder.py`` (the Transformer, ~170 lines), then
-``model/tasks.py`` (the three losses: cloze, next-item, contrastive),
-``model/trainer.py`` (vocabulary growth, optimizer steps, checkpoints) and
-``model/worker.py`` (the loop: dirty users -> train -> checkpoint -> embed ->
-Redis). ``model/vocab.py`` explains what bounds memory as items keep arriving;
-``model/batching.py`` turns behavior sequences into left-padded tensors and
-``model/augment.py`` makes the contrastive views; ``model/embedding_store.py``
-is the Redis side that ``serving/`` reads.
+The learner, top to bottom:
 
-Offline (``userstream train`` / ``evaluate``): ``model/split.py`` (leave-one-out),
-``model/offline.py`` (epochs, prefixes or windows, early stopping on
-validation; ``model/averaging.py``, the weights' moving average), ``model/evaluate.py``
-and ``model/metrics.py`` (PROTOCOL section 1), ``model/recommend.py`` (the
-next-item ranking the API serves), ``model/profile.py`` (profile vectors for
-``/users/{id}/profile``), ``model/finetune.py`` (a supervised head).
+* :mod:`model.encoder` — the Transformer over a user's recent behaviors
+  (attention beside a low-pass branch, relative positions);
+* :mod:`model.tasks` — the six self-supervised losses (cloze, next item,
+  contrastive; future item, bag and item bag for profiles) and their sum;
+* :mod:`model.trainer` — vocabulary growth, the optimizer step, embeddings,
+  checkpoints (:mod:`model.checkpoint`), configured by
+  :class:`userstream.settings.ModelSettings`;
+* :mod:`model.vocab`, :mod:`model.batching`, :mod:`model.augment` — item
+  rows that grow, left-padded batches, the contrastive views;
+* what the learner is used for: :mod:`model.recommend` (next items),
+  :mod:`model.profile` (profile vectors), :mod:`model.finetune` (a head for a
+  labelled attribute), :mod:`model.hf` (the encoder as a Hugging Face model);
+  :mod:`model.metrics` (HR / NDCG with one tie rule).
 
-The names below are imported lazily (PEP 562): ``serving/`` imports
-``model.embedding_store`` and should not pay for importing torch (~1.5 s).
+Around it, one sub-package per role: :mod:`model.live` (the training worker
+process), :mod:`model.offline` (PROTOCOL section 1: ``userstream train`` /
+``evaluate``) and :mod:`model.prequential` (PROTOCOL section 2, the streaming
+benchmark). ``model`` imports ``stream`` and ``userstream.stores`` /
+``userstream.settings``, never ``serving``.
+
+Importing ``model`` registers the encoder with ``transformers``' Auto classes
+(:mod:`model.hf`).
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from model.batching import Batch, make_batch
-    from model.embedding_store import EmbeddingStore, EmbeddingUpdate, ModelInfo
-    from model.encoder import EncoderConfig, SequenceEncoder
-    from model.tasks import (
-        LossWeights,
-        cloze_loss,
-        contrastive_loss,
-        next_item_loss,
-        total_loss,
-    )
-    from model.trainer import Trainer
-    from model.vocab import BehaviorVocab, ItemVocab
-    from model.worker import CycleReport, TrainingWorker, main
+from model import hf as _hf  # noqa: F401  (registers the Auto classes)
+from model.batching import Batch, make_batch
+from model.encoder import EncoderConfig, SequenceEncoder
+from model.tasks import LossWeights, total_loss
+from model.trainer import Trainer
+from model.vocab import BehaviorVocab, ItemVocab
 
 __all__ = [
     "Batch",
     "BehaviorVocab",
-    "CycleReport",
-    "EmbeddingStore",
-    "EmbeddingUpdate",
     "EncoderConfig",
     "ItemVocab",
     "LossWeights",
-    "ModelInfo",
     "SequenceEncoder",
     "Trainer",
-    "TrainingWorker",
-    "cloze_loss",
-    "contrastive_loss",
-    "main",
     "make_batch",
-    "next_item_loss",
     "total_loss",
 ]
-
-_HOME = {
-    "Batch": "batching",
-    "make_batch": "batching",
-    "EmbeddingStore": "embedding_store",
-    "EmbeddingUpdate": "embedding_store",
-    "ModelInfo": "embedding_store",
-    "EncoderConfig": "encoder",
-    "SequenceEncoder": "encoder",
-    "LossWeights": "tasks",
-    "cloze_loss": "tasks",
-    "contrastive_loss": "tasks",
-    "next_item_loss": "tasks",
-    "total_loss": "tasks",
-    "Trainer": "trainer",
-    "BehaviorVocab": "vocab",
-    "ItemVocab": "vocab",
-    "CycleReport": "worker",
-    "TrainingWorker": "worker",
-    "main": "worker",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _HOME:
-        return getattr(importlib.import_module(f"model.{_HOME[name]}"), name)
-    raise AttributeError(f"module 'model' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)

@@ -238,7 +238,7 @@ class SequenceEncoder(nn.Module):
         With ``n_valid`` (rows in use, ``len(ItemVocab)``) only those rows are
         scored, (..., H) -> (..., n_valid), and PAD and MASK get -inf, so none of
         them is ever predicted. The -inf is written in place into two columns:
-        masking the whole (M, n_items) matrix cost about 8% of a training step.
+        masking the whole (M, n_items) matrix was a measurable share of a step.
         """
         return _tied_logits(self.item_emb.weight, h, n_valid)
 

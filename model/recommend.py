@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from model.batching import Batch, collate, encode_sequence
-from model.encoder import EncoderConfig, SequenceEncoder
+from model.checkpoint import read_checkpoint
+from model.encoder import SequenceEncoder
 from model.profile import profile_many
 from model.vocab import BehaviorVocab, ItemVocab
 from userstream.types import Behavior
@@ -102,21 +103,19 @@ class NextItemModel:
     path: str
 
     @classmethod
-    def load(cls, path: str | Path) -> NextItemModel:
+    def load(cls, path: str | Path, device: str = "cpu") -> NextItemModel:
+        """The model of one checkpoint file (``device`` "auto": cuda when present)."""
+        from model.trainer import resolve_device
+
         t0 = time.perf_counter()
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        encoder = SequenceEncoder(EncoderConfig(**payload["config"]))
-        encoder.load_state_dict(payload["model"])
-        encoder.eval()
-        items = ItemVocab()
-        items.load_state_dict(payload["items"])
-        behaviors = BehaviorVocab(int(payload["behaviors"]["capacity"]))
-        behaviors.load_state_dict(payload["behaviors"])
-        version = int(payload["version"])
-        LOG.info(
-            "next-item model v%d loaded from %s in %.3fs", version, path, time.perf_counter() - t0
-        )
-        return cls(encoder, items, behaviors, version, str(path))
+        ckpt = read_checkpoint(path)
+        encoder = SequenceEncoder(ckpt.config)
+        encoder.load_state_dict(ckpt.model)
+        encoder.to(resolve_device(device)).eval()
+        items, behaviors = ckpt.vocabularies()
+        LOG.info("next-item model v%d loaded from %s in %.3fs", ckpt.version, path,
+                 time.perf_counter() - t0)  # fmt: skip
+        return cls(encoder, items, behaviors, ckpt.version, str(path))
 
     def recommend_many(
         self, sequences: Sequence[Sequence[Behavior]], k: int, exclude_seen: bool = True

@@ -47,6 +47,7 @@ from model.augment import augment
 from model.batching import Batch
 from model.encoder import SequenceEncoder
 from model.vocab import MASK, PAD
+from userstream.settings import ModelSettings
 
 __all__ = [
     "LossWeights",
@@ -63,12 +64,27 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LossWeights:
-    mlm: float = 1.0
-    next: float = 1.0
-    contrastive: float = 0.1
+    """How much each task counts in :func:`total_loss`; a task not named is off.
+    The defaults of a run are ``ModelSettings``' (:meth:`of`), not these zeros."""
+
+    mlm: float = 0.0
+    next: float = 0.0
+    contrastive: float = 0.0
     future: float = 0.0
     bag: float = 0.0
     item_bag: float = 0.0
+
+    @classmethod
+    def of(cls, settings: ModelSettings) -> LossWeights:
+        """The weights ``settings`` give (``*_weight`` fields)."""
+        return cls(
+            mlm=settings.mlm_weight,
+            next=settings.next_weight,
+            contrastive=settings.contrastive_weight,
+            future=settings.future_weight,
+            bag=settings.bag_weight,
+            item_bag=settings.item_bag_weight,
+        )
 
 
 def _zero(encoder: SequenceEncoder) -> torch.Tensor:
@@ -308,7 +324,7 @@ def total_loss(
     encoder: SequenceEncoder,
     batch: Batch,
     n_valid: int,
-    weights: LossWeights = LossWeights(),
+    weights: LossWeights,
     generator: torch.Generator | None = None,
     last_only: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:

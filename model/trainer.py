@@ -1,38 +1,34 @@
 """The training loop beside the model: vocabularies, optimizer, checkpoints.
 
 :class:`Trainer` owns the encoder, its AdamW optimizer, the item and behavior
-vocabularies and a version counter. ``learn_many`` takes a few optimizer steps
-on minibatches of the sequences it is given (growing the item table first when
-new items were admitted); ``embed_many`` turns sequences into L2-normalized
-user embeddings; ``save`` / ``load_latest`` write and restore everything a
-restarted worker needs to continue where it stopped.
-
-Checkpoints are ``ckpt-{version:08d}.pt`` files plus a ``latest`` pointer file,
-both written to a temporary name, fsynced and ``os.replace``d (atomic on POSIX),
-so a reader never sees a half-written file.
+vocabularies and a version counter, all configured by one
+:class:`~userstream.settings.ModelSettings` (live and offline alike).
+``learn_many`` takes a few optimizer steps on minibatches of the sequences it
+is given (growing the item table first when new items were admitted); ``step``
+is the one optimizer step every training loop takes; ``embed_many`` turns
+sequences into L2-normalized user embeddings; ``save`` / ``load`` write and
+restore everything a restarted worker needs (:mod:`model.checkpoint`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import os
-import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from model.batching import make_batch
+from model.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from model.encoder import EncoderConfig, SequenceEncoder
 from model.tasks import LossWeights, total_loss
 from model.vocab import BehaviorVocab, ItemVocab
-from userstream.settings import Settings
+from userstream.settings import ModelSettings
 from userstream.types import Behavior
 
 __all__ = ["Trainer", "resolve_device"]
@@ -43,13 +39,10 @@ INITIAL_ITEM_ROWS = 1024  # first allocation of the item table (grows on demand)
 N_BEHAVIORS = 64  # behavior-type table rows (PAD, unknown, 62 names)
 N_GAP_BUCKETS = 32  # log2 seconds: up to ~2**28 s between behaviors
 GRAD_CLIP = 1.0
-# learning-rate multiplier of the profile table (EncoderConfig.profile_items), a
-# linear softmax model trained by the item-bag task alone. At the encoder's 1e-3 it
-# is far from converged within a profile run (MovieLens 100K, ~2,500 steps: item-bag
-# loss 5.86 against 5.59 at 1e-2; the persona probe agrees; docs/architecture.md)
+# learning-rate multiplier of the profile table (EncoderConfig.profile_items): a
+# linear softmax model trained by the item-bag task alone is far from converged at
+# the encoder's rate within a profile run (docs/architecture.md, "Profiles")
 PROFILE_LR_SCALE = 10.0
-_CKPT = re.compile(r"^ckpt-(\d{8,})\.pt$")
-_FORMAT = 1
 
 
 def resolve_device(name: str) -> torch.device:
@@ -95,25 +88,7 @@ def _swap_optimizer_param(
     optimizer.state[new] = state
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
-def encoder_config(settings: Settings, n_items: int) -> EncoderConfig:
+def encoder_config(settings: ModelSettings, n_items: int) -> EncoderConfig:
     """The encoder ``settings`` describe, with ``n_items`` rows in its item table."""
     return EncoderConfig(
         n_items=n_items,
@@ -135,7 +110,7 @@ def encoder_config(settings: Settings, n_items: int) -> EncoderConfig:
 class Trainer:
     """Encoder + optimizer + vocabularies + version: one incremental learner."""
 
-    def __init__(self, settings: Settings, config: EncoderConfig | None = None) -> None:
+    def __init__(self, settings: ModelSettings, config: EncoderConfig | None = None) -> None:
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.items = ItemVocab(settings.item_min_count, settings.item_capacity_max)
@@ -150,14 +125,7 @@ class Trainer:
             lr=settings.learning_rate,
             weight_decay=settings.weight_decay,
         )
-        self.weights = LossWeights(
-            settings.mlm_weight,
-            settings.next_weight,
-            settings.contrastive_weight,
-            settings.future_weight,
-            settings.bag_weight,
-            settings.item_bag_weight,
-        )
+        self.weights = LossWeights.of(settings)
         self.generator = torch.Generator().manual_seed(settings.seed)  # masks, sampling
         self.version = 0
         self.last_loss = math.nan
@@ -208,10 +176,7 @@ class Trainer:
                 [seqs[i] for i in pick], self.items, self.behaviors, T, self.config.n_gap_buckets
             ).to(self.device)
             loss, parts = total_loss(self.encoder, batch, n_valid, self.weights, self.generator)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.encoder.clip_gradients(GRAD_CLIP)
-            self.optimizer.step()
+            self.step(loss)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
         self.version += 1
@@ -229,6 +194,13 @@ class Trainer:
             n_valid,
         )
         return out
+
+    def step(self, loss: torch.Tensor) -> None:
+        """One optimizer step on ``loss``: backward, clip (``GRAD_CLIP``), AdamW."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.encoder.clip_gradients(GRAD_CLIP)
+        self.optimizer.step()
 
     # --- inference -------------------------------------------------------------
     @torch.inference_mode()
@@ -248,63 +220,33 @@ class Trainer:
 
     # --- checkpoints -----------------------------------------------------------
     def save(
-        self, checkpoint_dir: Path | str | None = None, extra: Mapping[str, Any] | None = None
+        self, folder: Path | str, keep: int = 3, extra: Mapping[str, Any] | None = None
     ) -> Path:
-        """Write ``ckpt-{version:08d}.pt`` and the ``latest`` pointer atomically.
-
-        ``extra`` (plain data: lists, dicts, numbers, strings) is stored too and
-        comes back as ``Trainer.extra``. Keeps the newest ``keep_checkpoints``.
-        """
-        t0 = time.perf_counter()
-        folder = Path(checkpoint_dir or self.settings.checkpoint_dir)
-        folder.mkdir(parents=True, exist_ok=True)
+        """Write the checkpoint of the current version into ``folder`` (keeping the
+        newest ``keep``). ``extra`` (plain data: lists, dicts, numbers, strings)
+        is stored too and comes back as ``Trainer.extra``."""
         if extra is not None:
             self.extra = dict(extra)
-        payload = {
-            "format": _FORMAT,
-            "version": self.version,
-            "config": dataclasses.asdict(self.config),
-            "model": self.encoder.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "items": self.items.state_dict(),
-            "behaviors": self.behaviors.state_dict(),
-            "generator": self.generator.get_state(),
-            "last_loss": self.last_loss,
-            "extra": self.extra,
-            "saved_at": time.time(),
-        }
-        name = f"ckpt-{self.version:08d}.pt"
-        path = folder / name
-        _atomic_write(path, lambda f: torch.save(payload, f))
-        _atomic_write(folder / "latest", lambda f: f.write(name.encode()))
-        self._prune(folder, keep_name=name)
-        LOG.info(
-            "checkpoint %s written in %.3fs (%.1f MB)",
-            path,
-            time.perf_counter() - t0,
-            path.stat().st_size / 1e6,
+        ckpt = Checkpoint(
+            version=self.version,
+            config=self.config,
+            model=self.encoder.state_dict(),
+            items=self.items.state_dict(),
+            behaviors=self.behaviors.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            generator=self.generator.get_state(),
+            last_loss=self.last_loss,
+            extra=self.extra,
         )
-        return path
-
-    def _prune(self, folder: Path, keep_name: str) -> None:
-        found = sorted(
-            (int(m.group(1)), p.name)
-            for p in folder.iterdir()
-            if (m := _CKPT.match(p.name)) is not None
-        )
-        for _, name in found[: -self.settings.keep_checkpoints]:
-            if name != keep_name:
-                (folder / name).unlink(missing_ok=True)
+        return write_checkpoint(folder, ckpt, keep)
 
     @classmethod
-    def load(cls, path: Path | str, settings: Settings) -> Trainer:
+    def load(cls, path: Path | str, settings: ModelSettings) -> Trainer:
         """Restore a trainer from one checkpoint file (the checkpoint's architecture
         wins over ``settings``; learning rate and batch sizes come from ``settings``)."""
         t0 = time.perf_counter()
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if payload.get("format") != _FORMAT:
-            raise ValueError(f"{path}: unknown checkpoint format {payload.get('format')!r}")
-        config = EncoderConfig(**payload["config"])
+        ckpt = read_checkpoint(path)
+        config = ckpt.config
         trainer = cls(settings, config=config)
         wanted = encoder_config(settings, config.n_items)  # what the settings describe
         for name in ("hidden", "layers", "heads", "max_len", "lowpass_alpha", "lowpass_window",
@@ -313,35 +255,16 @@ class Trainer:
             if getattr(config, name) != ours:
                 LOG.warning("%s: checkpoint has %s=%s, settings say %s; using the checkpoint's",
                             path, name, getattr(config, name), ours)  # fmt: skip
-        trainer.encoder.load_state_dict(payload["model"])
-        trainer.optimizer.load_state_dict(payload["optimizer"])
+        trainer.encoder.load_state_dict(ckpt.model)
+        if ckpt.optimizer is not None:
+            trainer.optimizer.load_state_dict(ckpt.optimizer)
         for group in trainer.optimizer.param_groups:
             group["lr"] = settings.learning_rate * group.get("lr_scale", 1.0)
-        trainer.items.load_state_dict(payload["items"])
-        trainer.behaviors.load_state_dict(payload["behaviors"])
-        trainer.generator.set_state(payload["generator"])
-        trainer.version = int(payload["version"])
-        trainer.last_loss = float(payload["last_loss"])
-        trainer.extra = dict(payload["extra"])
+        trainer.items, trainer.behaviors = ckpt.vocabularies()
+        if ckpt.generator is not None:
+            trainer.generator.set_state(ckpt.generator)
+        trainer.version = ckpt.version
+        trainer.last_loss = ckpt.last_loss
+        trainer.extra = dict(ckpt.extra)
         LOG.info("loaded %s (v%d) in %.3fs", path, trainer.version, time.perf_counter() - t0)
         return trainer
-
-    @classmethod
-    def latest_checkpoint(cls, checkpoint_dir: Path | str) -> Path | None:
-        """The file ``latest`` names, else the highest-numbered ``ckpt-*.pt``, else None."""
-        folder = Path(checkpoint_dir)
-        pointer = folder / "latest"
-        if pointer.is_file():
-            named = folder / pointer.read_text().strip()
-            if named.is_file():
-                return named
-        if not folder.is_dir():
-            return None
-        found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT.match(p.name)))
-        return found[-1][1] if found else None
-
-    @classmethod
-    def load_latest(cls, settings: Settings) -> Trainer | None:
-        """Restore from ``settings.checkpoint_dir``; None when there is no checkpoint."""
-        path = cls.latest_checkpoint(settings.checkpoint_dir)
-        return None if path is None else cls.load(path, settings)

@@ -4,8 +4,9 @@ One cycle (:meth:`TrainingWorker.run_cycle`):
 
 1. take the dirty users (changed since the last cycle) and read their sequences;
 2. train on them plus a replay sample of older users (a reservoir, Algorithm R),
-   so the model does not forget users who are quiet right now;
-3. feed the cycle's loss to the :class:`~model.drift.DriftMonitor` (ADWIN): a
+   so the model does not forget users who are quiet right now
+   (:mod:`model.live.reservoir`);
+3. feed the cycle's loss to the :class:`~model.live.drift.DriftMonitor` (ADWIN): a
    significant rise is a drift, counted and answered by a catch-up cycle
    (``catchup_factor`` x the usual steps) next time;
 4. write a versioned checkpoint (with the reservoir and the drift count);
@@ -22,23 +23,28 @@ If the cycle fails, the dirty users it took are put back in the dirty set.
 from __future__ import annotations
 
 import logging
-import random
 import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import redis
-
-from model.drift import DriftMonitor
-from model.embedding_store import EmbeddingStore, ModelInfo
+from model.checkpoint import latest_checkpoint
+from model.live.drift import DriftMonitor
+from model.live.reservoir import Reservoir
 from model.trainer import Trainer
-from stream.state import SequenceStore
 from userstream.settings import Settings
+from userstream.stores import (
+    EmbeddingStore,
+    ModelInfo,
+    RedisEmbeddingStore,
+    RedisSequenceStore,
+    SequenceStore,
+    connect,
+)
 from userstream.types import Behavior, Keys
 
-__all__ = ["CycleReport", "Reservoir", "TrainingWorker", "main"]
+__all__ = ["CycleReport", "TrainingWorker", "load_trainer", "main"]
 
 LOG = logging.getLogger(__name__)
 
@@ -64,52 +70,6 @@ class CycleReport:
         return self.dirty_users > 0
 
 
-class Reservoir:
-    """Algorithm R over the stream of dirty user ids (a uniform sample of size k).
-
-    A user already in the sample is not added twice; users who come back often
-    are offered more often, so the sample leans slightly towards active users,
-    which is fine for replay.
-    """
-
-    def __init__(self, size: int, seed: int = 0) -> None:
-        self.size = size
-        self.seen = 0
-        self.users: list[str] = []
-        self._members: set[str] = set()
-        self._rng = random.Random(seed)
-
-    def __len__(self) -> int:
-        return len(self.users)
-
-    def add_many(self, user_ids: Sequence[str]) -> None:
-        for u in user_ids:
-            if u in self._members or self.size == 0:
-                continue
-            self.seen += 1
-            if len(self.users) < self.size:
-                self.users.append(u)
-                self._members.add(u)
-                continue
-            j = self._rng.randrange(self.seen)
-            if j < self.size:
-                self._members.discard(self.users[j])
-                self.users[j] = u
-                self._members.add(u)
-
-    def sample(self, k: int, exclude: set[str]) -> list[str]:
-        pool = [u for u in self.users if u not in exclude]
-        return self._rng.sample(pool, min(k, len(pool)))
-
-    def state_dict(self) -> dict:
-        return {"size": self.size, "seen": self.seen, "users": list(self.users)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seen = int(state["seen"])
-        self.users = [str(u) for u in state["users"]][: self.size]
-        self._members = set(self.users)
-
-
 class TrainingWorker:
     def __init__(
         self,
@@ -131,6 +91,7 @@ class TrainingWorker:
         self.drift = drift if drift is not None else DriftMonitor()
         self.drift.count = max(self.drift.count, int(self.trainer.extra.get("drifts", 0)))
         self._refresh_iter: Iterator[str] | None = None
+        self.polls = 0  # checks of the cadence by run_forever (tests wait on it)
 
     # --- one cycle -----------------------------------------------------------
     def run_cycle(self) -> CycleReport:
@@ -163,7 +124,9 @@ class TrainingWorker:
         stats = self.trainer.learn_many([q for _, q in kept] + replay_seqs, steps=steps)
         self.drift.update("loss", stats["loss"])
         path = self.trainer.save(
-            extra={"reservoir": self.reservoir.state_dict(), "drifts": self.drift.count}
+            s.checkpoint_dir,
+            keep=s.keep_checkpoints,
+            extra={"reservoir": self.reservoir.state_dict(), "drifts": self.drift.count},
         )
         train_s = time.perf_counter() - t_train
 
@@ -256,8 +219,15 @@ class TrainingWorker:
                 LOG.exception("training cycle failed; retrying in %.0fs", ERROR_BACKOFF_S)
                 stop.wait(ERROR_BACKOFF_S)
                 continue
+            self.polls += 1
             stop.wait(POLL_S)
         LOG.info("training worker stopped (v%d)", self.trainer.version)
+
+
+def load_trainer(settings: Settings) -> Trainer:
+    """The trainer of the newest checkpoint in ``settings.checkpoint_dir``, else a new one."""
+    path = latest_checkpoint(settings.checkpoint_dir)
+    return Trainer(settings) if path is None else Trainer.load(path, settings)
 
 
 def main(settings: Settings | None = None) -> None:
@@ -265,12 +235,11 @@ def main(settings: Settings | None = None) -> None:
     SIGTERM/SIGINT. Continues from the latest checkpoint when there is one."""
     settings = settings or Settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    client = redis.Redis.from_url(settings.effective_redis_url)
+    client = connect(settings.effective_redis_url)
     keys = Keys(settings.redis_prefix)
-    sequences = SequenceStore(client, keys, settings.sequence_length)
-    embeddings = EmbeddingStore(client, keys, settings.update_feed_maxlen)
-    trainer = Trainer.load_latest(settings) or Trainer(settings)
-    worker = TrainingWorker(settings, sequences, embeddings, trainer)
+    sequences = RedisSequenceStore(client, keys, settings.sequence_length)
+    embeddings = RedisEmbeddingStore(client, keys, settings.update_feed_maxlen)
+    worker = TrainingWorker(settings, sequences, embeddings, load_trainer(settings))
     stop = threading.Event()
 
     def _stop(signum: int, _frame: object) -> None:

@@ -1,15 +1,15 @@
 """``bench prequential --via-kafka``: the prequential loop through the real ingest path.
 
-:func:`run_prequential` normally feeds a :class:`~model.prequential.MemoryFeed`
+:func:`run_prequential` normally feeds a :class:`~model.prequential.feeds.MemoryFeed`
 (one process, SequenceStore's semantics in dicts). :class:`KafkaFeed` is the
-same :class:`~model.prequential.Feed` over the deployed path instead:
+same :class:`~model.prequential.feeds.Feed` over the deployed path instead:
 
 * the embedded Kafka-compatible broker (Tansu) unless ``kafka_bootstrap_servers``
   is set, topics created explicitly (:func:`stream.topics.ensure_topics`);
 * the real stream worker (``userstream stream-worker``, Faust) as a child
   process, waited for through its readiness record in Redis;
-* the real Redis :class:`~stream.state.SequenceStore` and
-  :class:`~model.embedding_store.EmbeddingStore` under a fresh key prefix
+* the real :class:`~userstream.stores.RedisSequenceStore` and
+  :class:`~userstream.stores.RedisEmbeddingStore` under a fresh key prefix
   (``<redis_prefix>pq-<tag>:``), deleted at the end, with fresh topic names and
   consumer group.
 
@@ -44,21 +44,21 @@ from typing import Any
 
 import numpy as np
 import redis
-from aiokafka.admin import AIOKafkaAdminClient
 
-from model.embedding_store import EmbeddingStore
-from model.prequential import (
-    MemoryFeed,
-    PrequentialConfig,
-    PrequentialResult,
-    run_prequential,
-)
+from model.prequential.feeds import MemoryFeed
+from model.prequential.loop import PrequentialConfig, PrequentialResult, run_prequential
 from stream.app import read_ready
 from stream.replay import new_producer, produce_events_async
-from stream.state import SequenceStore, stored_behavior
-from stream.topics import ensure_topics
+from stream.topics import delete_topics, ensure_topics
 from userstream.embedded import free_port, resolve_redis, start_broker
 from userstream.settings import Settings
+from userstream.stores import (
+    RedisEmbeddingStore,
+    RedisSequenceStore,
+    SequenceStore,
+    connect,
+    stored_behavior,
+)
 from userstream.types import Behavior, Event, Keys
 
 __all__ = ["KafkaFeed", "agreement", "compare_via_kafka"]
@@ -86,8 +86,8 @@ class KafkaFeed:
         self.apply_timeout_s = apply_timeout_s
         self.keep_keys = keep_keys
         self.settings = settings  # the run's settings, once started
-        self.store: SequenceStore | None = None
-        self.embeddings: EmbeddingStore | None = None
+        self.store: RedisSequenceStore | None = None
+        self.embeddings: RedisEmbeddingStore | None = None
         self.client: redis.Redis | None = None
         self.worker: subprocess.Popen | None = None
         self.worker_exit: int | None = None
@@ -137,22 +137,20 @@ class KafkaFeed:
         if proc is not None:
             self._infra.append(proc)
         tag = uuid.uuid4().hex[:10]
-        s = self.settings = b.model_copy(
-            update={
-                "kafka_bootstrap_servers": kafka,
-                "redis_url": redis_url,
-                "redis_prefix": f"{b.redis_prefix}pq-{tag}:",
-                "events_topic": f"prequential-{tag}",
-                "dlq_topic": f"prequential-{tag}-dlq",
-                "stream_app_id": f"prequential-{tag}",
-                "data_dir": work,
-            }
+        s = self.settings = b.replace(
+            kafka_bootstrap_servers=kafka,
+            redis_url=redis_url,
+            redis_prefix=f"{b.redis_prefix}pq-{tag}:",
+            events_topic=f"prequential-{tag}",
+            dlq_topic=f"prequential-{tag}-dlq",
+            stream_app_id=f"prequential-{tag}",
+            data_dir=work,
         )
         ensure_topics(kafka, s)
-        self.client = redis.Redis.from_url(redis_url)
+        self.client = connect(redis_url)
         keys = Keys(s.redis_prefix)
-        self.store = SequenceStore(self.client, keys, s.sequence_length)
-        self.embeddings = EmbeddingStore(self.client, keys, s.update_feed_maxlen)
+        self.store = RedisSequenceStore(self.client, keys, s.sequence_length)
+        self.embeddings = RedisEmbeddingStore(self.client, keys, s.update_feed_maxlen)
         self._start_worker(work / "stream-worker.log")
         self._loop = asyncio.new_event_loop()
         self._producer = self._loop.run_until_complete(self._new_producer())
@@ -262,16 +260,7 @@ class KafkaFeed:
         if not self.base.kafka_bootstrap_servers or self.settings is self.base:
             return
         s = self.settings
-
-        async def drop() -> None:
-            admin = AIOKafkaAdminClient(bootstrap_servers=s.effective_kafka)
-            await admin.start()
-            try:
-                await admin.delete_topics([s.events_topic, s.dlq_topic])
-            finally:
-                await admin.close()
-
-        asyncio.run(drop())
+        delete_topics(s.effective_kafka, [s.events_topic, s.dlq_topic])
 
     def _stop_infra(self) -> None:
         for proc in reversed(self._infra):
@@ -346,7 +335,7 @@ def _stop(proc: subprocess.Popen, timeout_s: float) -> int:
 
 # --- the comparison ---------------------------------------------------------------
 def agreement(
-    a: PrequentialResult, a_store: Any, b: PrequentialResult, b_store: Any
+    a: PrequentialResult, a_store: SequenceStore, b: PrequentialResult, b_store: SequenceStore
 ) -> dict[str, Any]:
     """Do two runs on the same events agree? Final sequences, counters, every
     cycle (dirty-user set, replay count, version, loss), drifts and per-event metrics."""

@@ -1,7 +1,7 @@
 """PROTOCOL section 1 for a trained encoder: full ranking, history masked, pessimistic ties.
 
 :func:`evaluate_split` ranks the validation or test target of every user of a
-:class:`~model.split.LeaveOneOut` split against ALL catalogue items;
+:class:`~model.offline.split.LeaveOneOut` split against ALL catalogue items;
 :func:`evaluate_checkpoint` is the ``userstream evaluate`` command's body.
 """
 
@@ -18,8 +18,8 @@ import torch
 
 from model.batching import collate, encode_sequence
 from model.metrics import KS, metric_sums, pessimistic_ranks
-from model.recommend import catalogue_rows, next_item_scores
-from model.split import LeaveOneOut
+from model.offline.split import LeaveOneOut
+from model.recommend import NextItemModel, catalogue_rows, next_item_scores
 from userstream.types import Behavior
 
 __all__ = ["evaluate_checkpoint", "evaluate_split", "format_table", "rank_encoded"]
@@ -28,7 +28,7 @@ LOG = logging.getLogger(__name__)
 
 
 def rank_encoded(
-    trainer: Any,
+    model: Any,
     inputs: Sequence[np.ndarray],
     targets: np.ndarray,
     batch_size: int = 1024,
@@ -38,9 +38,10 @@ def rank_encoded(
     ``inputs``: (L_u, 3) arrays from ``encode_sequence`` (the WHOLE input
     history: its last ``max_len`` steps are read, all of it is masked);
     ``targets``: (U,) item rows. A target outside the catalogue (never seen in
-    the training data of the checkpoint) gets the worst rank.
+    the training data of the checkpoint) gets the worst rank. ``model``: a
+    :class:`~model.trainer.Trainer` or a :class:`~model.recommend.NextItemModel`.
     """
-    encoder, items = trainer.encoder, trainer.items
+    encoder, items = model.encoder, model.items
     first, stop = catalogue_rows(items)
     n = stop - first
     T = encoder.config.max_len
@@ -63,7 +64,7 @@ def rank_encoded(
 
 
 def evaluate_split(
-    trainer: Any,
+    model: Any,
     split: LeaveOneOut,
     part: str,
     ks: Sequence[int] = KS,
@@ -78,18 +79,20 @@ def evaluate_split(
     if part not in ("valid", "test"):
         raise ValueError(f"part must be 'valid' or 'test', not {part!r}")
     if encoded is None:
-        encoded = encode_many(trainer, split.full)
+        encoded = encode_many(model, split.full)
     cut = 2 if part == "valid" else 1
     inputs = [e[:-cut] for e in encoded]
     targets = np.fromiter((e[-cut, 0] for e in encoded), dtype=np.int64, count=len(encoded))
-    ranks = rank_encoded(trainer, inputs, targets, batch_size)
+    ranks = rank_encoded(model, inputs, targets, batch_size)
     sums = metric_sums(ranks, ks)
     return {k: v / max(len(ranks), 1) for k, v in sums.items()}
 
 
-def encode_many(trainer: Any, sequences: Sequence[Sequence[Behavior]]) -> list[np.ndarray]:
-    n_gap = trainer.config.n_gap_buckets
-    return [encode_sequence(s, trainer.items, trainer.behaviors, n_gap) for s in sequences]
+def encode_many(model: Any, sequences: Sequence[Sequence[Behavior]]) -> list[np.ndarray]:
+    """(L, 3) arrays of ``sequences`` with ``model``'s vocabularies (a Trainer or a
+    NextItemModel)."""
+    n_gap = model.encoder.config.n_gap_buckets
+    return [encode_sequence(s, model.items, model.behaviors, n_gap) for s in sequences]
 
 
 def format_table(results: dict[str, dict[str, float]], ks: Sequence[int] = KS) -> str:
@@ -105,38 +108,33 @@ def evaluate_checkpoint(
     data: str | Path,
     fmt: str,
     checkpoint: str | Path,
-    settings: Any = None,
     report: str | Path | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Load the latest checkpoint under ``checkpoint`` (a folder, or one ``.pt``
     file), rank the validation and test targets of ``data``, print a table and
     optionally write the JSON report of PROTOCOL section 1."""
     import json
 
-    from model.datasets import load_sequences
-    from model.split import leave_one_out
-    from model.trainer import Trainer
+    from model.checkpoint import latest_checkpoint
+    from model.offline.datasets import load_sequences
+    from model.offline.split import leave_one_out
 
-    if settings is None:
-        from userstream.settings import Settings
-
-        settings = Settings()
-    path = Path(checkpoint)
-    ckpt = path if path.is_file() else Trainer.latest_checkpoint(path)
+    ckpt = latest_checkpoint(checkpoint)
     if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint under {path}")
-    trainer = Trainer.load(ckpt, settings)
+        raise FileNotFoundError(f"no checkpoint under {checkpoint}")
+    model = NextItemModel.load(ckpt, device=device)
     t0 = time.perf_counter()
     split = leave_one_out(load_sequences(data, fmt))
-    encoded = encode_many(trainer, split.full)
+    encoded = encode_many(model, split.full)
     results = {
-        "valid": evaluate_split(trainer, split, "valid", encoded=encoded),
-        "test": evaluate_split(trainer, split, "test", encoded=encoded),
+        "valid": evaluate_split(model, split, "valid", encoded=encoded),
+        "test": evaluate_split(model, split, "test", encoded=encoded),
     }
     out: dict[str, Any] = {
         **results,
         "users": len(split),
-        "items": trainer.items.num_admitted,
+        "items": model.items.num_admitted,
         "checkpoint": str(ckpt),
         "seconds": time.perf_counter() - t0,
     }

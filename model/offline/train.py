@@ -1,9 +1,10 @@
-"""Offline training over epochs: the SAME encoder and losses as the live worker.
+"""Offline training over epochs: the SAME encoder, losses and optimizer step as
+the live worker, configured by the same :class:`~userstream.settings.ModelSettings`.
 
 :func:`train_offline` builds a :class:`~model.trainer.Trainer` whose vocabulary
 holds every item of the data set, then trains the self-supervised objective
 (next-behavior + masked behavior + contrastive, weights in
-:class:`OfflineConfig`) on every prefix of each user's training sequence,
+``OfflineConfig.model``) on every prefix of each user's training sequence,
 checks validation NDCG@10 after each epoch, keeps the best checkpoint (the
 ``latest`` pointer names it), multiplies the learning rate by ``lr_decay``
 after every ``lr_patience`` epochs without improvement (reduce-on-plateau) and
@@ -21,7 +22,7 @@ data by :func:`derive_examples`):
   last step (each target its own dropout mask; better on Beauty); the other
   tasks read the windows, riding on the same optimizer steps.
 
-The weights' moving average (``ema_decay``; :mod:`model.averaging`) is what is
+The weights' moving average (``ema_decay``; :mod:`model.offline.averaging`) is what is
 evaluated and saved.
 """
 
@@ -39,16 +40,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
-from model.averaging import WeightAverage
 from model.batching import Batch, collate
-from model.evaluate import encode_many, evaluate_split
-from model.split import LeaveOneOut
+from model.offline.averaging import WeightAverage
+from model.offline.evaluate import encode_many, evaluate_split
+from model.offline.split import LeaveOneOut
 from model.tasks import LossWeights, total_loss
+from model.trainer import Trainer, encoder_config
+from model.vocab import ItemVocab
+from userstream.settings import ModelSettings, OfflineConfig
 
 __all__ = [
-    "OfflineConfig",
     "Examples",
     "TrainResult",
     "derive_dropout",
@@ -68,48 +72,6 @@ TARGETS_PER_BATCH = 384  # next-item targets an optimizer step should see (about
 SELECT_ON = "NDCG@10"
 
 
-@dataclass(frozen=True)
-class OfflineConfig:
-    max_epochs: int = 200
-    patience: int = 10  # epochs without a better valid NDCG@10 before stopping
-    lr_patience: int = 3  # epochs without a better valid NDCG@10 before the lr is cut
-    lr_decay: float = 0.5  # factor applied to the learning rate at each cut
-    batch_size: int | None = None  # windows per step; None: derived (derive_batch_size)
-    learning_rate: float = 1e-3
-    max_len: int = 50
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 2
-    dropout: float | None = None  # None: derived from the data (derive_dropout)
-    lowpass_alpha: float = 0.7  # share of the low-pass branch beside attention (MixerBlock)
-    lowpass_window: int = 10
-    post_norm: bool = True
-    positions: str = "relative"  # or "absolute" (EncoderConfig.positions)
-    weight_decay: float = 0.0
-    # evaluate and keep an exponential moving average of the weights (model.averaging);
-    # 0 = the raw weights
-    ema_decay: float = 0.999
-    next_weight: float = 1.0
-    mlm_weight: float = 0.1
-    contrastive_weight: float = 0.05
-    future_weight: float = 0.0  # dense all-action: a random later item (model.tasks)
-    bag_weight: float = 0.0  # the pooled user state predicts every item of the window
-    item_bag_weight: float = 0.0  # profile vector (own item table) predicts hidden items
-    # "windows": next-item loss at every step of each window, other tasks on the windows;
-    # "prefixes": one example per target (the prefix ending in it), next-item loss at its
-    # last step only (the FMLP-Rec / BSARec / RecBole regime), the other tasks on the
-    # windows in the same steps (on Beauty ~2x the epoch time of windows, next-item alone);
-    # None: derived from the data (derive_examples)
-    examples: str | None = None
-    seed: int = 0
-    eval_batch_size: int = 1024
-    max_minutes: float | None = None  # wall-clock budget; stops after the epoch that passes it
-    # "valid": keep the epoch with the best valid NDCG@10 (early stop, lr cuts); "last": keep
-    # the last epoch of a fixed budget (representations for other tasks, e.g. profiles, where
-    # next-item NDCG is not what is wanted and labels must not choose)
-    select: str = "valid"
-
-
 @dataclass
 class TrainResult:
     config: OfflineConfig  # resolved (dropout filled in)
@@ -123,7 +85,7 @@ class TrainResult:
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["config"] = dataclasses.asdict(self.config)
+        out["config"] = self.config.model_dump(mode="json")
         return out
 
 
@@ -147,10 +109,9 @@ def derive_examples(train_lengths: Sequence[int], next_weight: float) -> str:
 
 def derive_batch_size(targets_per_window: float) -> int:
     """About ``TARGETS_PER_BATCH`` next-item targets per optimizer step, 32..256
-    windows. Short sequences (Beauty: ~6 targets per window) get ~64 windows, so
-    an epoch takes enough steps; long ones (MovieLens) get 32 full windows.
-    Measured on Beauty: 64 windows reach valid NDCG@10 0.0123 after one epoch,
-    256 windows 0.0092 (and 0.0087 at lr 3e-3), for the same epoch time."""
+    windows: short sequences (Beauty: ~6 targets per window) get ~64 windows, so
+    an epoch takes enough steps (fewer, larger steps learned less per epoch on
+    Beauty; benchmarks/README.md); long ones (MovieLens) get 32 full windows."""
     return int(min(256, max(32, round(TARGETS_PER_BATCH / max(targets_per_window, 1e-9)))))
 
 
@@ -221,16 +182,17 @@ def training_examples(encoded: Sequence[np.ndarray], config: OfflineConfig) -> E
     """The training part of whole encoded sequences (all but the last two
     steps) cut per ``config.examples``."""
     train = [e[:-2] for e in encoded]
-    side = windows(train, config.max_len)
+    max_len = config.model.max_len
+    side = windows(train, max_len)
     side_lengths = np.array([len(x) for x in side])
     if config.examples == "prefixes":
-        rows = prefixes(train, config.max_len)
+        rows = prefixes(train, max_len)
         return Examples(rows, np.array([len(x) for x in rows]), len(rows), side, side_lengths)
     return Examples(side, side_lengths, int((side_lengths - 1).sum()), side, side_lengths)
 
 
 def train_step(
-    trainer: Any, batch: Batch, config: OfflineConfig, side: Batch | None = None
+    trainer: Trainer, batch: Batch, config: OfflineConfig, side: Batch | None = None
 ) -> dict[str, float]:
     """One optimizer step; returns the loss parts. Windows: every task on
     ``batch``. Prefixes: next-item at the last step of each row of ``batch``,
@@ -239,17 +201,14 @@ def train_step(
     if config.examples == "windows":
         loss, parts = total_loss(encoder, batch, n_valid, w, trainer.generator)
     else:
-        next_only = LossWeights(mlm=0.0, next=w.next, contrastive=0.0)
+        next_only = LossWeights(next=w.next)
         loss, parts = total_loss(encoder, batch, n_valid, next_only, last_only=True)
         if side is not None:  # total_loss skips the tasks whose weight is 0
             others = dataclasses.replace(w, next=0.0)
             side_loss, side_parts = total_loss(encoder, side, n_valid, others, trainer.generator)
             loss = loss + side_loss
             parts = {**side_parts, "next": parts["next"], "loss": float(loss.detach())}
-    trainer.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    encoder.clip_gradients(1.0)
-    trainer.optimizer.step()
+    trainer.step(loss)
     return parts
 
 
@@ -258,42 +217,14 @@ def _evaluated(average: WeightAverage | None, encoder: nn.Module):
     return average.applied(encoder) if average is not None else contextlib.nullcontext()
 
 
-def _make_trainer(split: LeaveOneOut, config: OfflineConfig, settings: Any, out_dir: Path):
-    from model.trainer import Trainer, encoder_config
-    from model.vocab import ItemVocab
-
+def _make_trainer(split: LeaveOneOut, model: ModelSettings) -> Trainer:
     catalogue = split.items()
-    s = settings.model_copy(
-        update={
-            "max_len": config.max_len,
-            "sequence_length": max(settings.sequence_length, config.max_len),
-            "hidden_size": config.hidden,
-            "num_layers": config.layers,
-            "num_heads": config.heads,
-            "dropout": float(config.dropout or 0.0),
-            "learning_rate": config.learning_rate,
-            "weight_decay": config.weight_decay,
-            "lowpass_alpha": config.lowpass_alpha,
-            "lowpass_window": config.lowpass_window,
-            "post_norm": config.post_norm,
-            "positions": config.positions,
-            "train_batch_size": config.batch_size or settings.train_batch_size,
-            "mlm_weight": config.mlm_weight,
-            "next_weight": config.next_weight,
-            "contrastive_weight": config.contrastive_weight,
-            "future_weight": config.future_weight,
-            "bag_weight": config.bag_weight,
-            "item_bag_weight": config.item_bag_weight,
-            "item_min_count": 1,  # every item of the data set gets its own row
-            "item_capacity_max": max(settings.item_capacity_max, len(catalogue)),
-            "keep_checkpoints": 1,
-            "seed": config.seed,
-            "data_dir": out_dir,
-        }
+    m = model.replace(
+        item_min_count=1,  # every item of the data set gets its own row
+        item_capacity_max=max(model.item_capacity_max, len(catalogue)),
     )
-    rows = ItemVocab(1, s.item_capacity_max).first_item_row + len(catalogue)
-    enc = encoder_config(s, rows)
-    trainer = Trainer(s, config=enc)
+    rows = ItemVocab(1, m.item_capacity_max).first_item_row + len(catalogue)
+    trainer = Trainer(m, config=encoder_config(m, rows))
     trainer.items.observe_many(catalogue)
     trainer.behaviors.observe_many(sorted({b.behavior for seq in split.full for b in seq}))
     trainer.observe_many([])  # grows the table if the layout ever needs more rows
@@ -325,23 +256,13 @@ def _plot(history: list[dict[str, float]], path: Path) -> None:
 
 
 def resolve_config(config: OfflineConfig, train_lengths: Sequence[int]) -> OfflineConfig:
-    """``config`` with the fields left to the data (dropout, examples) derived from
-    the training sequence lengths, and checked."""
-    if config.dropout is None:
-        config = dataclasses.replace(config, dropout=derive_dropout(train_lengths))
+    """``config`` with what is left to the data derived from the training sequence
+    lengths: dropout (when in ``config.derive``) and ``examples`` (when None).
+    The batch size needs the examples, so :func:`train_offline` derives it."""
+    if "dropout" in config.derive:
+        config = config.with_model(dropout=derive_dropout(train_lengths))
     if config.examples is None:
-        config = dataclasses.replace(
-            config, examples=derive_examples(train_lengths, config.next_weight)
-        )
-    if config.examples not in ("windows", "prefixes"):
-        raise ValueError(
-            f"OfflineConfig.examples must be 'windows' or 'prefixes', not {config.examples!r}"
-        )
-    if config.examples == "prefixes" and not config.next_weight:
-        raise ValueError(
-            "examples='prefixes' feeds the prefixes to the next-item task only, and its weight "
-            "is 0: use examples='windows' (--examples windows) to train without it"
-        )
+        config = config.replace(examples=derive_examples(train_lengths, config.model.next_weight))
     return config
 
 
@@ -349,7 +270,6 @@ def train_offline(
     split: LeaveOneOut,
     config: OfflineConfig = OfflineConfig(),
     out_dir: str | Path = "benchmarks/out/train",
-    settings: Any = None,
     progress: bool = True,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
@@ -358,16 +278,25 @@ def train_offline(
     Writes to ``out_dir``: the best checkpoint (``ckpt-*.pt`` + ``latest``),
     ``train_log.json`` (config, data properties, per-epoch history) and
     ``curves.png``. Returns the :class:`TrainResult`; the checkpoint's trainer
-    is restored with ``Trainer.load``.
+    is restored with ``Trainer.load``. Torch's global RNG (dropout) is seeded
+    with ``config.model.seed`` for the run and restored after, so a run is
+    reproducible on the same machine.
     """
+    devices = list(range(torch.cuda.device_count()))
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.model.seed)
+        return _train_offline(split, config, out_dir, progress, on_epoch)
+
+
+def _train_offline(
+    split: LeaveOneOut,
+    config: OfflineConfig,
+    out_dir: str | Path,
+    progress: bool,
+    on_epoch: Callable[[dict[str, float]], None] | None,
+) -> TrainResult:
     from tqdm import tqdm
 
-    if config.select not in ("valid", "last"):
-        raise ValueError(f"OfflineConfig.select must be 'valid' or 'last', not {config.select!r}")
-    if settings is None:
-        from userstream.settings import Settings
-
-        settings = Settings()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -380,21 +309,20 @@ def train_offline(
         "median_train_len": float(np.median(train_lengths)) if train_lengths else 0.0,
         "mean_train_len": float(np.mean(train_lengths)) if train_lengths else 0.0,
     }
-    trainer = _make_trainer(split, config, settings, out)
+    trainer = _make_trainer(split, config.model)
     encoded = encode_many(trainer, split.full)  # (n_u, 3) each: the whole sequence
     examples = training_examples(encoded, config)
     data["train_windows"] = len(examples.side)
     data["train_examples"] = len(examples.rows)  # windows or prefixes
     data["train_targets"] = examples.targets
-    if config.batch_size is None:
+    if "train_batch_size" in config.derive:
         per_example = data["train_targets"] / max(len(examples.rows), 1)
-        config = dataclasses.replace(config, batch_size=derive_batch_size(per_example))
+        config = config.with_model(train_batch_size=derive_batch_size(per_example))
+    batch_size = config.model.train_batch_size
     result = TrainResult(config, data, best_epoch=0, best_valid={})
-    LOG.info(
-        "offline training: %s, dropout %.2f, batch %d", data, config.dropout, config.batch_size
-    )
+    LOG.info("offline training: %s, dropout %.2f, batch %d", data, config.model.dropout, batch_size)
 
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(config.model.seed)
     device = trainer.device
     encoder = trainer.encoder
     average = WeightAverage(encoder, config.ema_decay) if config.ema_decay else None
@@ -404,7 +332,7 @@ def train_offline(
         t0 = time.perf_counter()
         encoder.train()
         sums: dict[str, float] = {}
-        batches = examples.epoch(config.batch_size, rng)
+        batches = examples.epoch(batch_size, rng)
         for idx, side_idx in batches:
             batch = collate([examples.rows[i] for i in idx]).to(device)
             side = None
@@ -435,7 +363,9 @@ def train_offline(
             trainer.version = epoch
             trainer.last_loss = row.get("loss", math.nan)
             with _evaluated(average, encoder):
-                path = trainer.save(out, extra={"offline": {"epoch": epoch, "valid": valid}})
+                path = trainer.save(
+                    out, keep=1, extra={"offline": {"epoch": epoch, "valid": valid}}
+                )
             result.checkpoint = str(path)
         bar.set_postfix(loss=f"{row.get('loss', math.nan):.3f}", ndcg10=f"{valid[SELECT_ON]:.4f}",
                         best=f"{best:.4f}@{result.best_epoch}")  # fmt: skip

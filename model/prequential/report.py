@@ -1,6 +1,7 @@
 """Report of a prequential run: the JSON (PROTOCOL section 5), a table, a PNG plot.
 
->>> # r = run_prequential(...); write_report(r, Path("out/ml100k.json"))   # doctest: +SKIP
+``write_report(run_prequential(...), Path("out/ml100k.json"))`` writes
+``out/ml100k.json`` and ``out/ml100k.png``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from model.prequential import MODELS, PrequentialResult
+from model.prequential.loop import MODELS, PrequentialResult
 
 __all__ = ["recovery", "summary", "table", "plot", "via_kafka_table", "write_report"]
 
@@ -72,7 +73,7 @@ def summary(result: PrequentialResult, **extra: Any) -> dict[str, Any]:
 
     out = {
         "protocol": "PROTOCOL.md section 2 (prequential, test-then-train), full ranking over "
-        "the items seen so far, the user's earlier items excluded, expected-value ties",
+        "the items seen so far, the user's earlier items excluded, ties against the target",
         "models": models,
         "events": r.n_events,
         "scored_events": int(r.scored.sum()),
@@ -149,7 +150,7 @@ def table(result: PrequentialResult) -> str:
 
 def via_kafka_table(via: dict[str, Any], k: int = 10) -> str:
     """``bench prequential --via-kafka``: both runs side by side and whether they agree
-    (``via`` as made by :func:`model.prequential_kafka.compare_via_kafka`)."""
+    (``via`` as made by :func:`model.prequential.kafka_feed.compare_via_kafka`)."""
     a = via["agreement"]
     lines = [
         f"{'model':<14}{'HR@' + str(k):>9}{'(Kafka)':>9}{'NDCG@' + str(k):>9}{'(Kafka)':>9}"
