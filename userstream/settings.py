@@ -1,6 +1,15 @@
-"""The one typed settings object for every userstream process.
+"""Every typed configuration, in one place.
 
-Values come from, highest priority first: keyword arguments, environment
+* :class:`Settings`: the one settings object of every userstream process;
+* :class:`ModelSettings`: the learner's part of it (architecture, tasks,
+  optimizer), which offline training uses on its own;
+* :class:`OfflineConfig` (``userstream train``) and :class:`FinetuneConfig`
+  (``userstream finetune``): the jobs on recorded data.
+
+Each is a pydantic model: unknown keys and values of the wrong type are errors,
+and command-line options are derived from the fields (``userstream.cli.options``).
+
+:class:`Settings` values come from, highest priority first: keyword arguments, environment
 variables (the upper-case field name, e.g. ``KAFKA_BOOTSTRAP_SERVERS``), a TOML
 file named by ``USERSTREAM_CONFIG`` (or ``userstream.toml`` in the working
 directory when it exists), then the defaults below. Unknown keys in the file
@@ -11,17 +20,26 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from typing_extensions import Self
 
-__all__ = ["Settings", "DEFAULT_REDIS_URL"]
+__all__ = [
+    "DEFAULT_REDIS_URL",
+    "DERIVABLE",
+    "RANKING_MODEL",
+    "FinetuneConfig",
+    "ModelSettings",
+    "OfflineConfig",
+    "Settings",
+]
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -40,8 +58,86 @@ def _config_file() -> Path | None:
     return local if local.is_file() else None
 
 
-class Settings(BaseSettings):
-    """Every knob of the service. See README.md "Settings" for the table."""
+class ModelSettings(BaseModel):
+    """The learner: encoder architecture, task weights, optimizer, vocabulary.
+
+    One definition for the live training worker (as part of :class:`Settings`,
+    from the same environment variables) and for offline training
+    (``OfflineConfig.model`` in ``model.offline``). Unknown keys and values of
+    the wrong type are errors; :meth:`replace` validates too.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # --- encoder -------------------------------------------------------------
+    max_len: int = Field(50, ge=2, description="most recent behaviors the encoder reads")
+    hidden_size: int = Field(64, ge=8, description="embedding / model width")
+    num_layers: int = Field(2, ge=1, description="Transformer layers")
+    num_heads: int = Field(2, ge=1, description="attention heads")
+    dropout: float = Field(0.2, ge=0, lt=1, description="dropout")
+    lowpass_alpha: float = Field(
+        0.7, ge=0, le=1, description="share of the low-pass branch beside attention (BSARec)"
+    )
+    lowpass_window: int = Field(10, ge=1, description="behaviors in the low-pass moving mean")
+    post_norm: bool = Field(True, description="LayerNorm after residuals (SASRec) not before")
+    positions: Literal["absolute", "relative"] = Field(
+        "relative", description="slot embeddings, or a learned distance bias in attention"
+    )
+    item_min_count: int = Field(1, ge=1, description="sightings before an item gets its own row")
+    item_capacity_max: int = Field(
+        2_000_000, ge=16, description="hard cap on item rows; later items share hash buckets"
+    )
+
+    # --- tasks (a weight of 0 turns a task off) ---------------------------------
+    mlm_weight: float = Field(1.0, ge=0, description="masked behavior modeling (cloze)")
+    next_weight: float = Field(1.0, ge=0, description="next-behavior prediction")
+    contrastive_weight: float = Field(
+        1.0, ge=0, description="contrastive sequence similarity; keeps user embeddings apart"
+    )
+    future_weight: float = Field(
+        0.0, ge=0, description="dense all-action loss: predict a random later item (profiles)"
+    )
+    bag_weight: float = Field(
+        0.0, ge=0, description="bag loss: the user embedding predicts its window's items"
+    )
+    item_bag_weight: float = Field(
+        0.0,
+        ge=0,
+        description="item-bag task: the profile vector (mean of a second item table) of a "
+        "window's shown items predicts its hidden ones; > 0 adds that table",
+    )
+
+    # --- optimizer and inference -------------------------------------------------
+    train_batch_size: int = Field(128, ge=2, description="sequences per optimizer step")
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    embed_batch_size: int = Field(512, ge=1, description="sequences per embedding batch")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when present")
+    seed: int = Field(0, description="seed of weights, masks and sampling")
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ModelSettings:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
+            )
+        return self
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with ``changes``, validated like the constructor (``model_copy``
+        would not validate)."""
+        return type(self).model_validate({**self.model_dump(), **changes})
+
+    def model_settings(self) -> ModelSettings:
+        """Just the learner's fields (a :class:`Settings` holds them among others)."""
+        names = ModelSettings.model_fields
+        return ModelSettings.model_validate({k: getattr(self, k) for k in names})
+
+
+class Settings(BaseSettings, ModelSettings):
+    """Every knob of the service: :class:`ModelSettings` (the learner) plus where
+    things live, topics, stream worker, training worker and serving. See
+    README.md "Settings" for the table."""
 
     model_config = SettingsConfigDict(extra="forbid", frozen=True, case_sensitive=False)
 
@@ -70,49 +166,10 @@ class Settings(BaseSettings):
     stream_batch_max: int = Field(2000, ge=1, description="events per stream.take batch")
     stream_batch_within_s: float = Field(0.2, gt=0)
 
-    # --- model -------------------------------------------------------------
-    max_len: int = Field(50, ge=2, description="most recent behaviors the encoder reads")
-    hidden_size: int = Field(64, ge=8)
-    num_layers: int = Field(2, ge=1)
-    num_heads: int = Field(2, ge=1)
-    dropout: float = Field(0.2, ge=0, lt=1)
-    lowpass_alpha: float = Field(
-        0.7, ge=0, le=1, description="share of the low-pass branch beside attention (BSARec)"
-    )
-    lowpass_window: int = Field(10, ge=1, description="behaviors in the low-pass moving mean")
-    post_norm: bool = Field(True, description="LayerNorm after residuals (SASRec) not before")
-    positions: Literal["absolute", "relative"] = Field(
-        "relative", description="slot embeddings, or a learned distance bias in attention"
-    )
-    item_min_count: int = Field(1, ge=1, description="sightings before an item gets its own row")
-    item_capacity_max: int = Field(
-        2_000_000, ge=16, description="hard cap on item rows; later items share hash buckets"
-    )
-    mlm_weight: float = Field(1.0, ge=0)
-    next_weight: float = Field(1.0, ge=0)
-    contrastive_weight: float = Field(
-        1.0, ge=0, description="high enough that user embeddings do not collapse (see docs)"
-    )
-    future_weight: float = Field(
-        0.0, ge=0, description="dense all-action loss: predict a random later item (profiles)"
-    )
-    bag_weight: float = Field(
-        0.0, ge=0, description="bag loss: the user embedding predicts its window's items"
-    )
-    item_bag_weight: float = Field(
-        0.0,
-        ge=0,
-        description="item-bag task: the profile vector (mean of a second item table) of a "
-        "window's shown items predicts its hidden ones; > 0 adds that table",
-    )
-
     # --- training worker ---------------------------------------------------
     train_interval_s: float = Field(10.0, gt=0, description="T: train at least this often")
     train_every_events: int = Field(5000, ge=1, description="B: or after this many new events")
     train_steps: int = Field(4, ge=1, description="K: optimizer steps per cycle")
-    train_batch_size: int = Field(128, ge=2)
-    learning_rate: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
     reservoir_size: int = Field(10_000, ge=0, description="older users kept for replay")
     replay_ratio: float = Field(
         1.0, ge=0, description="replayed older users per dirty user in a cycle"
@@ -120,10 +177,7 @@ class Settings(BaseSettings):
     refresh_budget: int = Field(
         4096, ge=0, description="extra not-dirty users re-embedded per cycle (round robin)"
     )
-    embed_batch_size: int = Field(512, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
 
     # --- serving -----------------------------------------------------------
     api_host: str = "127.0.0.1"
@@ -132,11 +186,7 @@ class Settings(BaseSettings):
     update_feed_maxlen: int = Field(2_000_000, ge=1000)
 
     @model_validator(mode="after")
-    def _check(self) -> Settings:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
-            )
+    def _check_lengths(self) -> Settings:
         if self.max_len > self.sequence_length:
             raise ValueError(
                 f"max_len={self.max_len} cannot exceed sequence_length={self.sequence_length}"
@@ -178,3 +228,85 @@ class Settings(BaseSettings):
     @property
     def effective_kafka(self) -> str:
         return self.kafka_bootstrap_servers or f"127.0.0.1:{self.embedded_kafka_port}"
+
+
+# What `userstream train` starts from: the live defaults, with the task weights and
+# weight decay chosen on Beauty validation for next-item ranking (benchmarks/README.md)
+RANKING_MODEL = ModelSettings(mlm_weight=0.1, contrastive_weight=0.05, weight_decay=0.0)
+# model fields derived from the training data unless given (model.offline.train)
+DERIVABLE = ("dropout", "train_batch_size")
+
+
+class OfflineConfig(BaseModel):
+    """One offline run: the learner (``model``) and the epoch loop around it.
+
+    Unknown keys and wrong types are errors, as for :class:`ModelSettings`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ModelSettings = RANKING_MODEL
+    derive: frozenset[Literal["dropout", "train_batch_size"]] = Field(
+        frozenset(DERIVABLE), description="model fields derived from the data, not taken as set"
+    )
+    max_epochs: int = Field(200, ge=1, description="most epochs")
+    patience: int = Field(10, ge=1, description="epochs without a better valid NDCG@10")
+    lr_patience: int = Field(
+        3, ge=0, description="epochs without a better valid NDCG@10 before the lr is cut (0: never)"
+    )
+    lr_decay: float = Field(0.5, gt=0, le=1, description="factor of each lr cut")
+    ema_decay: float = Field(
+        0.999,
+        ge=0,
+        lt=1,
+        description="evaluate and keep a moving average of the weights (0: the raw weights)",
+    )
+    examples: Literal["windows", "prefixes"] | None = Field(
+        None,
+        description="windows: next-item loss at every step of a user's window; prefixes: one "
+        "example per target, loss at its last step (default: derived from sequence lengths)",
+    )
+    select: Literal["valid", "last"] = Field(
+        "valid",
+        description="keep the best valid NDCG@10 epoch, or the last epoch of the budget "
+        "(representations for other tasks, where labels must not choose)",
+    )
+    eval_batch_size: int = Field(1024, ge=1, description="users per ranking batch")
+    max_minutes: float | None = Field(
+        None, gt=0, description="wall-clock budget; stops after the epoch that passes it"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> OfflineConfig:
+        if self.examples == "prefixes" and not self.model.next_weight:
+            raise ValueError(
+                "examples='prefixes' feeds the prefixes to the next-item task only, and its "
+                "weight is 0: use examples='windows' (--examples windows) to train without it"
+            )
+        return self
+
+    def replace(self, **changes: Any) -> OfflineConfig:
+        """A copy with ``changes``, validated like the constructor."""
+        return OfflineConfig.model_validate({**dict(self), **changes})
+
+    def with_model(self, **changes: Any) -> OfflineConfig:
+        """A copy whose ``model`` has ``changes`` (validated); a derivable field
+        set here is no longer derived."""
+        return self.replace(model=self.model.replace(**changes), derive=self.derive - set(changes))
+
+
+class FinetuneConfig(BaseModel):
+    """``userstream finetune``: a head on a copy of the pre-trained encoder for one
+    labelled user attribute (``model.finetune``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(15, ge=1, description="passes over the labelled users")
+    batch_size: int = Field(64, ge=1, description="users per step")
+    encoder_lr: float = Field(3e-4, ge=0, description="learning rate of the encoder copy")
+    head_lr: float = Field(3e-3, gt=0, description="learning rate of the head")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    valid_fraction: float = Field(
+        0.2, gt=0, lt=1, description="labelled users held out to report accuracy and macro-F1"
+    )
+    seed: int = Field(0, description="seed of the split, the head and the batches")

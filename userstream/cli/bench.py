@@ -1,0 +1,186 @@
+"""``userstream bench``: the benchmarks of PROTOCOL.md, as commands.
+
+``bench prequential`` runs :mod:`model.prequential`. Settings come from the
+usual sources (env vars, ``USERSTREAM_CONFIG``), then the cadence options and
+``--set KEY=VALUE`` override them; the resolved settings go into the report.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from stream.datasets import FORMATS
+from userstream.cli.common import existing, resolved_settings
+from userstream.cli.options import add_fields, given
+
+__all__ = ["add_commands", "bench_settings", "river_grid"]
+
+LOG = logging.getLogger(__name__)
+
+_CADENCE = ("train_interval_s", "train_every_events", "train_steps")
+
+
+def bench_settings(args: Any):
+    """The service settings with the run's options (cadence fields, ``--set``)."""
+    from userstream.settings import Settings
+
+    overrides: dict[str, Any] = dict(given(args, "settings"))
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in Settings.model_fields:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY a setting name")
+        overrides[key.strip()] = value.strip()
+    return resolved_settings(**overrides)
+
+
+def river_grid(args: Any):
+    from model.prequential.baselines import RiverMFConfig
+
+    def floats(text: str) -> list[float]:
+        return [float(x) for x in text.split(",") if x.strip()]
+
+    return tuple(
+        RiverMFConfig(int(f), int(neg), lr, args.river_l2, args.river_biased)
+        for f, neg, lr in itertools.product(
+            floats(args.river_factors), floats(args.river_negatives), floats(args.river_lr)
+        )
+    )
+
+
+def _cmd_prequential(args: Any) -> int:
+    import torch
+
+    from model.prequential import PrequentialConfig, run_prequential
+    from model.prequential.planted import shifted_clickstream
+    from model.prequential.report import table, write_report
+
+    torch.set_num_threads(max(1, args.threads))
+    settings = bench_settings(args)
+    shift_at = None
+    if args.planted_shift:
+        events = shifted_clickstream(args.planted_shift, seed=args.seed)
+        shift_at = args.planted_shift // 2
+        source = f"planted-shift:{args.planted_shift}"
+    else:
+        if not args.format:
+            raise SystemExit("--data needs --format")
+        from stream.datasets import read_dataset
+
+        existing(args.data)
+        events = read_dataset(Path(args.data), args.format).events
+        source = str(args.data)
+    if args.max_events > 0:
+        events = events[: args.max_events]
+    config = PrequentialConfig(
+        window=args.window,
+        warmup=args.warmup,
+        frozen_steps=args.frozen_steps,
+        river=river_grid(args),
+        models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+        drift=not args.no_drift,
+        catchup_factor=args.catchup_factor,
+        exclude_seen=not args.keep_seen,
+        seed=args.seed,
+    )
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        if done % 10_000 == 0:
+            LOG.info("%d / %d events (%.0fs)", done, total, time.perf_counter() - t0)
+
+    extra = {}
+    if args.via_kafka:
+        from model.prequential.kafka_feed import compare_via_kafka
+        from model.prequential.report import via_kafka_table
+
+        result, _, extra["via_kafka"] = compare_via_kafka(
+            events, settings, config, progress=progress
+        )
+    else:
+        try:
+            result = run_prequential(events, settings, config, progress=progress)
+        except ValueError as exc:  # e.g. an unknown model name
+            raise SystemExit(str(exc)) from None
+    print(table(result))
+    if "via_kafka" in extra:
+        print("\nin process vs via Kafka (broker, stream worker, Redis) on the same events:")
+        print(via_kafka_table(extra["via_kafka"], config.k))
+    if args.report:
+        report = Path(args.report)
+        write_report(
+            result,
+            report,
+            title=f"prequential HR@10: {Path(source).name}",
+            shift_at=shift_at,
+            data=source,
+            format=args.format,
+            command=" ".join(sys.argv),
+            **extra,
+        )
+        print(f"report {report}, plot {report.with_suffix('.png')}")
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    from userstream.settings import Settings
+
+    bench = sub.add_parser("bench", help="benchmarks (PROTOCOL.md)")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    pq = bsub.add_parser(
+        "prequential", help="test-then-train over a data set: ours vs frozen and online baselines"
+    )
+    src = pq.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="a data set file (see --format)")
+    src.add_argument(
+        "--planted-shift",
+        type=int,
+        metavar="N",
+        help="instead of --data: N planted events with an abrupt shift half way (drift demo)",
+    )
+    pq.add_argument("--format", choices=FORMATS, help="format of --data")
+    pq.add_argument("--report", help="write the JSON report here (and a .png plot beside it)")
+    pq.add_argument("--window", type=int, default=5000, help="events per point of the curve")
+    pq.add_argument("--max-events", type=int, default=0, help="only the first N events (0 = all)")
+    pq.add_argument(
+        "--warmup", type=float, default=0.2, help="frozen model: fraction (<1) or number of events"
+    )
+    pq.add_argument(
+        "--frozen-steps", type=int, default=0, help="extra steps on the warm-up before freezing"
+    )
+    pq.add_argument(
+        "--models", default="popular,river_mf,cooccurrence,frozen,incremental", help="comma list"
+    )
+    pq.add_argument("--river-factors", default="32", help="comma list: a grid when several")
+    pq.add_argument("--river-negatives", default="16", help="comma list")
+    pq.add_argument("--river-lr", default="0.1", help="comma list")
+    pq.add_argument("--river-l2", type=float, default=0.001)
+    pq.add_argument("--river-biased", action="store_true", help="BiasedMF instead of FunkMF")
+    pq.add_argument("--no-drift", action="store_true", help="no drift detection / catch-up")
+    pq.add_argument(
+        "--keep-seen",
+        action="store_true",
+        help="do not exclude the user's earlier items (repeat-heavy streams such as Taobao)",
+    )
+    pq.add_argument("--catchup-factor", type=int, default=4)
+    add_fields(pq.add_argument_group("training cadence (settings)"), Settings, "settings", _CADENCE)
+    pq.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other setting, e.g. --set learning_rate=0.003 (repeatable)",
+    )
+    pq.add_argument(
+        "--via-kafka",
+        action="store_true",
+        help="run the same events a second time through the real broker, stream worker and "
+        "Redis (use with --max-events) and report whether both runs agree",
+    )
+    pq.add_argument("--threads", type=int, default=1, help="torch threads (machines are shared)")
+    pq.add_argument("--seed", type=int, default=0)
+    pq.set_defaults(func=_cmd_prequential)
