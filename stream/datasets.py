@@ -1,8 +1,12 @@
-"""Read recorded interaction data sets as event dicts in timestamp order.
+r"""Read recorded interaction data sets as event dicts in timestamp order.
 
->>> ds = read_dataset(path, "movielens")   # doctest: +SKIP
->>> ds.count, next(iter(ds))               # doctest: +SKIP
-(100000, {'user_id': '259', 'item_id': '255', 'behavior': 'rate', 'ts': 874724710.0, 'props': {'rating': 4.0}})
+>>> import pathlib, tempfile
+>>> path = pathlib.Path(tempfile.mkdtemp()) / "tiny.inter"
+>>> _ = path.write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+...                     "259\t255\t4\t874724710\n259\t286\t4\t874724700\n")
+>>> ds = read_dataset(path, "movielens")
+>>> ds.count, next(iter(ds))  # timestamp order
+(2, {'user_id': '259', 'item_id': '286', 'behavior': 'rate', 'ts': 874724700.0, 'props': {'rating': 4.0}})
 
 Formats (see ../shared/data/README.md for the real files):
 

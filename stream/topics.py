@@ -1,8 +1,10 @@
-"""Create the events and dead-letter topics and wait until they are usable.
+"""Topic administration (kafka-python, a synchronous client) and a topic reader.
 
 Topics are created explicitly (never left to broker auto-creation, which may
 pick another partition count and crash a Faust agent) and then polled until
 metadata shows a leader for every partition, so callers do not sleep.
+:func:`ensure_topics` blocks; code inside an event loop awaits
+:func:`ensure_topics_async`, which runs it in a thread.
 """
 
 from __future__ import annotations
@@ -10,22 +12,48 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from kafka.admin import KafkaAdminClient, NewTopic
 
 from userstream.settings import Settings
 
-__all__ = ["ensure_topics", "ensure_topics_async", "read_topic_async"]
+__all__ = [
+    "admin_client",
+    "delete_topics",
+    "ensure_topics",
+    "ensure_topics_async",
+    "read_topic_async",
+]
 
 LOG = logging.getLogger(__name__)
 
 _TOPIC_ALREADY_EXISTS = 36
 
 
-async def ensure_topics_async(
-    bootstrap: str, settings: Settings, timeout_s: float = 60.0
-) -> dict[str, int]:
+def admin_client(bootstrap: str, timeout_s: float = 60.0) -> KafkaAdminClient:
+    """An admin client for ``bootstrap``, retried until the broker answers or
+    ``timeout_s`` passes (a broker that is still starting refuses connections)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return KafkaAdminClient(
+                bootstrap_servers=bootstrap,
+                request_timeout_ms=int(min(timeout_s, 30.0) * 1000),
+                client_id="userstream-admin",
+            )
+        except Exception as exc:  # NoBrokersAvailable, connection refused, ...
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"could not reach Kafka at {bootstrap} within {timeout_s:.0f}s: {exc!r}; "
+                    "check KAFKA_BOOTSTRAP_SERVERS (or that the embedded broker started)"
+                ) from exc
+            LOG.debug("admin client failed (%r); retrying", exc)
+            time.sleep(0.2)
+
+
+def ensure_topics(bootstrap: str, settings: Settings, timeout_s: float = 60.0) -> dict[str, int]:
     """Create ``events_topic`` and ``dlq_topic`` (if absent) and wait for their leaders.
 
     Returns {topic: partition count}. Raises RuntimeError when the events topic
@@ -38,30 +66,29 @@ async def ensure_topics_async(
     }
     deadline = time.monotonic() + timeout_s
     t0 = time.perf_counter()
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000)
-    )
-    await _start_with_deadline(admin, deadline)
+    admin = admin_client(bootstrap, timeout_s)
     try:
-        resp = await admin.create_topics([NewTopic(t, n, 1) for t, n in wanted.items()])
-        for err in resp.to_object().get("topic_errors", []):
+        resp = admin.create_topics(
+            [NewTopic(t, n, 1) for t, n in wanted.items()], raise_errors=False
+        )
+        for err in resp["topics"]:
             code = err["error_code"]
             if code not in (0, _TOPIC_ALREADY_EXISTS):
                 raise RuntimeError(
-                    f"could not create topic {err['topic']!r}: error {code} {err.get('error_message')}"
+                    f"could not create topic {err['name']!r}: error {code} {err.get('error_message')}"
                 )
-            LOG.debug("topic %s: %s", err["topic"], "created" if code == 0 else "already exists")
+            LOG.debug("topic %s: %s", err["name"], "created" if code == 0 else "already exists")
         while True:
-            counts, missing = _readiness(await admin.describe_topics(list(wanted)), wanted)
+            counts, missing = _readiness(admin.describe_topics(list(wanted)), wanted)
             if not missing:
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"topics not ready after {timeout_s:.0f}s on {bootstrap}: " + "; ".join(missing)
                 )
-            await asyncio.sleep(0.2)
+            time.sleep(0.2)
     finally:
-        await admin.close()
+        admin.close()
     if counts[settings.events_topic] != settings.topic_partitions:
         raise RuntimeError(
             f"topic {settings.events_topic!r} has {counts[settings.events_topic]} partitions but "
@@ -76,23 +103,30 @@ async def ensure_topics_async(
     return counts
 
 
-async def _start_with_deadline(admin: AIOKafkaAdminClient, deadline: float) -> None:
-    while True:
-        try:
-            await admin.start()
-            return
-        except Exception as exc:  # the broker may still be starting
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"could not reach Kafka: {exc!r}") from exc
-            LOG.debug("admin client start failed (%r); retrying", exc)
-            await asyncio.sleep(0.5)
+async def ensure_topics_async(
+    bootstrap: str, settings: Settings, timeout_s: float = 60.0
+) -> dict[str, int]:
+    """:func:`ensure_topics` for code inside an event loop (runs in a thread)."""
+    return await asyncio.to_thread(ensure_topics, bootstrap, settings, timeout_s)
+
+
+def delete_topics(bootstrap: str, topics: Iterable[str], timeout_s: float = 30.0) -> None:
+    """Delete ``topics`` (those that exist)."""
+    admin = admin_client(bootstrap, timeout_s)
+    try:
+        present = set(admin.list_topics())
+        doomed = [t for t in topics if t in present]
+        if doomed:
+            admin.delete_topics(doomed)
+    finally:
+        admin.close()
 
 
 def _readiness(described: list[dict], wanted: dict[str, int]) -> tuple[dict[str, int], list[str]]:
     counts: dict[str, int] = {}
     missing: list[str] = []
     for topic in described:
-        name = topic["topic"]
+        name = topic["name"]
         parts = topic.get("partitions") or []
         counts[name] = len(parts)
         if topic["error_code"] != 0:
@@ -100,18 +134,15 @@ def _readiness(described: list[dict], wanted: dict[str, int]) -> tuple[dict[str,
         elif not parts:
             missing.append(f"{name}: no partitions yet")
         else:
-            leaderless = [p["partition"] for p in parts if p["error_code"] != 0 or p["leader"] < 0]
+            leaderless = [
+                p["partition_index"] for p in parts if p["error_code"] != 0 or p["leader_id"] < 0
+            ]
             if leaderless:
                 missing.append(f"{name}: partitions {leaderless} have no leader")
     for name in wanted:
         if name not in counts:
             missing.append(f"{name}: absent from metadata")
     return counts, missing
-
-
-def ensure_topics(bootstrap: str, settings: Settings, timeout_s: float = 60.0) -> dict[str, int]:
-    """Blocking wrapper of :func:`ensure_topics_async` (not for use inside a running loop)."""
-    return asyncio.run(ensure_topics_async(bootstrap, settings, timeout_s))
 
 
 async def read_topic_async(
