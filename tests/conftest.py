@@ -11,9 +11,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-import redis
 
 from userstream.embedded import free_port, redis_answers, start_broker, start_redis
+from userstream.stores import connect
 from userstream.types import Keys
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -40,7 +40,7 @@ def redis_prefix() -> str:
 
 @pytest.fixture
 def redis_client(redis_url, redis_prefix):
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url)
     yield client
     keys = list(client.scan_iter(match=f"{redis_prefix}*", count=1000))
     for i in range(0, len(keys), 500):

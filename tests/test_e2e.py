@@ -4,22 +4,32 @@ A generated clickstream with planted interest groups is replayed through Kafka;
 the stream worker builds sequences, the training worker trains and embeds, the
 API serves similar users. Asserts precision@5 of same-group neighbours, the
 dead-letter path, and (with the shared data) MovieLens 100K replay counts.
+
+The tests share one stack but each measures only what it added (counter
+deltas, its own users), so they pass in any order; the stop test runs a stack
+of its own. Waits are on conditions with deadlines, never on how often the
+training worker happens to cycle.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from tests.conftest import shared_data
+from tests.helpers import wait_until
 from userstream.embedded import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -28,33 +38,23 @@ N_USERS = 240
 N_GROUPS = 6  # chance of a same-group neighbour: 1/6 (< 0.25)
 
 
-def _wait(predicate, timeout_s: float, what: str, proc=None, log_dir=None, poll_s=0.5):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"stack exited ({proc.returncode}) while waiting for {what}")
-        try:
-            last = predicate()
-            if last:
-                return last
-        except (httpx.HTTPError, KeyError, ValueError):
-            pass
-        time.sleep(poll_s)
-    logs = ""
-    if log_dir is not None:
-        for f in sorted(Path(log_dir).glob("*.log")):
-            logs += f"\n--- {f.name} ---\n" + "\n".join(
-                f.read_text(errors="replace").splitlines()[-20:]
-            )
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what} (last={last}){logs}")
+def _wait(predicate, timeout_s: float, what: str, proc=None, log_dir=None):
+    def logs() -> str:
+        out = ""
+        for f in sorted(Path(log_dir).glob("*.log")) if log_dir is not None else ():
+            tail = f.read_text(errors="replace").splitlines()[-20:]
+            out += f"\n--- {f.name} ---\n" + "\n".join(tail)
+        return out
+
+    return wait_until(predicate, timeout_s, what, proc, poll_s=0.5, details=logs,
+                      ignore=(httpx.HTTPError, KeyError, ValueError))  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, redis_url):
-    import uuid
-
-    data_dir = tmp_path_factory.mktemp("stack")
+@contextmanager
+def running_stack(data_dir: Path, redis_url: str):
+    """``userstream up`` on its own ports, Redis prefix and consumer group; yields
+    {proc, env, client, data_dir} once the API is healthy, and on exit stops it
+    (SIGTERM) and records ``exit_code``."""
     port = free_port()
     env = {
         **os.environ,
@@ -70,7 +70,7 @@ def stack(tmp_path_factory, redis_url):
         "PYTHONUNBUFFERED": "1",
     }
     env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
-    log = open(data_dir / "up.log", "wb")
+    log = open(data_dir / "up.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", "userstream", "up"],
         env=env,
@@ -78,8 +78,7 @@ def stack(tmp_path_factory, redis_url):
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    base = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=base, timeout=10)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
     info = {"proc": proc, "env": env, "client": client, "data_dir": data_dir}
     try:
         _wait(
@@ -91,22 +90,64 @@ def stack(tmp_path_factory, redis_url):
         )
         yield info
     finally:
-        proc.send_signal(signal.SIGTERM)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         try:
-            code = proc.wait(60)
+            info["exit_code"] = proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-            code = None
+            info["exit_code"] = None
         log.close()
         client.close()
-        info["exit_code"] = code
-        keys_prefix = env["REDIS_PREFIX"]
-        import redis
-
         r = redis.Redis.from_url(redis_url)
-        keys = list(r.scan_iter(match=f"{keys_prefix}*", count=1000))
+        keys = list(r.scan_iter(match=f"{env['REDIS_PREFIX']}*", count=1000))
         for i in range(0, len(keys), 500):
             r.delete(*keys[i : i + 500])
+        r.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, redis_url):
+    with running_stack(tmp_path_factory.mktemp("stack"), redis_url) as info:
+        yield info
+
+
+def _produce(env, key: bytes, payload: bytes) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    async def send():
+        producer = AIOKafkaProducer(bootstrap_servers=f"127.0.0.1:{env['EMBEDDED_KAFKA_PORT']}")
+        await producer.start()
+        try:
+            await producer.send_and_wait("behavior-events", payload, key=key)
+        finally:
+            await producer.stop()
+
+    asyncio.run(send())
+
+
+def embeddings_cover_everything_ingested(stack, timeout_s: float = 240) -> None:
+    """Return once every event ingested so far is in its user's served embedding.
+
+    A marker event for a fresh user goes in after them: the training cycle that
+    embeds the marker user took its dirty users after every earlier event was
+    applied, and re-embeds every other user too (``REFRESH_BUDGET`` exceeds the
+    users here), so once the marker is in the index, everything before it is.
+    No assumption about how often cycles run.
+    """
+    client, env = stack["client"], stack["env"]
+    marker = f"marker-{uuid.uuid4().hex[:8]}"
+    event = {"user_id": marker, "item_id": "marker-item", "behavior": "view", "ts": time.time()}
+    _produce(env, marker.encode(), json.dumps(event).encode())
+
+    def served() -> bool:
+        if client.get(f"/users/{marker}/embedding").status_code != 200:
+            return False
+        s = client.get("/stats").json()
+        return s["index_applied_id"] == s["feed_head_id"]
+
+    _wait(served, timeout_s, "the marker user's embedding", stack["proc"],
+          stack["data_dir"] / "logs")  # fmt: skip
 
 
 def _run_cli(env, *args, timeout=300):
@@ -142,40 +183,33 @@ def test_similar_users_recover_planted_groups(stack, tmp_path):
     assert gen.returncode == 0, gen.stderr
     n_events = sum(1 for _ in events_path.open())
     truth = json.loads(truth_path.read_text())
-    before = client.get("/stats").json()["events_ingested"]
+    before = client.get("/stats").json()
 
     rep = _run_cli(env, "replay", str(events_path), "--format", "jsonl", "--no-progress")
     assert rep.returncode == 0, rep.stderr
 
     logs = stack["data_dir"] / "logs"
     _wait(
-        lambda: client.get("/stats").json()["events_ingested"] - before == n_events,
+        lambda: (
+            client.get("/stats").json()["events_ingested"] - before["events_ingested"] == n_events
+        ),
         180,
         f"{n_events} events ingested",
         stack["proc"],
         logs,
     )
-    v0 = client.get("/stats").json()["model_version"] or 0
-    # a model version trained after the last event, and every user in the index
-    _wait(
-        lambda: (
-            ((s := client.get("/stats").json())["model_version"] or 0) >= v0 + 2
-            and s["index_size"] >= len(truth)
-        ),
-        240,
-        "fresh embeddings of every user",
-        stack["proc"],
-        logs,
-    )
+    embeddings_cover_everything_ingested(stack)
     stats = client.get("/stats").json()
-    assert stats["users"] == len(truth)
-    assert stats["events_dead_lettered"] == 0
+    assert stats["users"] - before["users"] == len(truth) + 1  # and the marker user
+    assert stats["events_dead_lettered"] == before["events_dead_lettered"]
 
     hits = total = 0
     for user, group in truth.items():
-        resp = client.get(f"/users/{user}/similar", params={"k": 5})
+        # users other tests added (and the marker) may sit among the neighbours: the
+        # precision is over the planted users, the nearest 5 of them
+        resp = client.get(f"/users/{user}/similar", params={"k": 60})
         assert resp.status_code == 200, resp.text
-        neighbors = resp.json()["neighbors"]
+        neighbors = [n for n in resp.json()["neighbors"] if n["user_id"] in truth][:5]
         assert len(neighbors) == 5
         assert user not in {n["user_id"] for n in neighbors}
         scores = [n["score"] for n in neighbors]
@@ -190,22 +224,16 @@ def test_similar_users_recover_planted_groups(stack, tmp_path):
 
 
 def test_malformed_event_goes_to_dead_letter_topic(stack):
-    import asyncio
-
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka import AIOKafkaConsumer
 
     client, env = stack["client"], stack["env"]
     bootstrap = f"127.0.0.1:{env['EMBEDDED_KAFKA_PORT']}"
     before = client.get("/stats").json()["events_dead_lettered"]
     payload = b'{"user_id": "u-bad", "item_id": "i1", "behavior": "view"}'  # no ts
 
+    _produce(env, b"u-bad", payload)
+
     async def roundtrip():
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-        await producer.start()
-        try:
-            await producer.send_and_wait("behavior-events", payload, key=b"u-bad")
-        finally:
-            await producer.stop()
         consumer = AIOKafkaConsumer(
             "behavior-events-dlq",
             bootstrap_servers=bootstrap,
@@ -259,23 +287,15 @@ def test_movielens_replay_counts_every_event(stack):
     assert after["events_dead_lettered"] == before["events_dead_lettered"]
     # MovieLens user ids are numbers; the synthetic ones are "u0001"-style
     assert after["users"] - before["users"] == 943
-    v = after["model_version"] or 0
-    _wait(
-        lambda: (
-            ((s := client.get("/stats").json())["model_version"] or 0) >= v + 2
-            and s["index_size"] >= after["users"]
-        ),
-        300,
-        "MovieLens users embedded",
-        stack["proc"],
-    )
+    embeddings_cover_everything_ingested(stack, timeout_s=300)
+    assert client.get("/stats").json()["index_size"] >= after["users"]
     resp = client.get("/users/1/similar", params={"k": 10})
     assert resp.status_code == 200, resp.text
     assert len(resp.json()["neighbors"]) == 10
 
 
-def test_stack_stops_cleanly_on_sigterm(stack):
-    # runs last in this module: the fixture's teardown records the exit code
-    proc = stack["proc"]
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(90) == 0
+def test_stack_stops_cleanly_on_sigterm(tmp_path, redis_url):
+    # a stack of its own: stopping it leaves the module's stack to the other tests
+    with running_stack(tmp_path, redis_url) as own:
+        own["proc"].send_signal(signal.SIGTERM)
+        assert own["proc"].wait(90) == 0

@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from model.batching import gap_buckets, make_batch
+from model.checkpoint import latest_checkpoint
 from model.encoder import EncoderConfig, MixerBlock, SequenceEncoder, moving_mean
+from model.live import load_trainer
 from model.tasks import (
     LossWeights,
     _future_columns,
@@ -32,6 +34,7 @@ from model.tasks import (
 )
 from model.trainer import PROFILE_LR_SCALE, Trainer
 from model.vocab import MASK, PAD, UNKNOWN_BEHAVIOR, BehaviorVocab, ItemVocab
+from tests.helpers import tiny_settings
 from userstream.settings import Settings
 from userstream.types import Behavior
 
@@ -64,21 +67,14 @@ def planted(n_users: int = 64, groups: int = 4, per_group: int = 12, length: int
 
 def small_settings(tmp_path, **kw) -> Settings:
     base = dict(
-        data_dir=tmp_path,
         max_len=T,
         sequence_length=50,
-        hidden_size=32,
-        num_layers=1,
-        num_heads=2,
-        dropout=0.0,
         train_batch_size=32,
         learning_rate=3e-3,
         embed_batch_size=16,
-        device="cpu",
         seed=0,
     )
-    base.update(kw)
-    return Settings(**base)
+    return tiny_settings(tmp_path, **{**base, **kw})
 
 
 def tiny_encoder(
@@ -284,7 +280,7 @@ def test_last_step_loss_over_all_prefixes_is_the_every_step_loss(mixing):
     only dropout (off here) differs. Prefixes of different lengths share a
     left-padded batch."""
     from model.batching import collate
-    from model.offline import prefixes
+    from model.offline.train import prefixes
 
     seqs, _ = planted(n_users=4)
     _, _, b = vocab_batch(seqs)
@@ -417,7 +413,7 @@ def test_losses_handle_degenerate_batches():
     assert next_item_loss(enc, one, len(items)).item() == 0.0  # no (t, t+1) pair
     assert contrastive_loss(enc, one).item() == 0.0  # fewer than two users
     assert cloze_loss(enc, one, len(items)).item() > 0  # the single item is masked
-    loss, parts = total_loss(enc, one, len(items))
+    loss, parts = total_loss(enc, one, len(items), LossWeights(mlm=1.0, next=1.0, contrastive=0.1))
     loss.backward()
     assert set(parts) == {"mlm", "next", "contrastive", "loss"}
     assert np.isfinite(parts["loss"])
@@ -669,8 +665,8 @@ def test_trainer_with_the_item_bag_task_grows_and_saves_its_profile_table(tmp_pa
     assert trainer.optimizer.state[new]["exp_avg"].shape == new.shape
     parts = trainer.learn_many(seqs + wide, steps=3)
     assert np.isfinite(parts["item_bag"])
-    trainer.save()
-    back = Trainer.load(Trainer.latest_checkpoint(tmp_path / "checkpoints"), trainer.settings)
+    trainer.save(tmp_path / "checkpoints")
+    back = Trainer.load(latest_checkpoint(tmp_path / "checkpoints"), trainer.settings)
     assert back.config.profile_items
     lr = trainer.settings.learning_rate  # the profile table learns PROFILE_LR_SCALE x faster
     for t in (trainer, back):
@@ -697,13 +693,13 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
     seqs, _ = planted(n_users=40)
     trainer = Trainer(s)
     trainer.learn_many(seqs, steps=5)
-    path = trainer.save(extra={"reservoir": {"users": ["u1", "u2"], "seen": 2}})
+    path = trainer.save(s.checkpoint_dir, extra={"reservoir": {"users": ["u1", "u2"], "seen": 2}})
     assert path == s.checkpoint_dir / "ckpt-00000001.pt"
     assert (s.checkpoint_dir / "latest").read_text() == "ckpt-00000001.pt"
     assert not [p for p in s.checkpoint_dir.iterdir() if ".tmp" in p.name]
 
-    restored = Trainer.load_latest(s)
-    assert restored is not None and restored.version == 1
+    restored = load_trainer(s)
+    assert restored.version == 1
     assert restored.extra == {"reservoir": {"users": ["u1", "u2"], "seen": 2}}
     assert restored.items.state_dict() == trainer.items.state_dict()
     assert np.array_equal(restored.embed_many(seqs), trainer.embed_many(seqs))
@@ -720,10 +716,10 @@ def test_checkpoints_are_pruned_and_writes_are_atomic(tmp_path, monkeypatch):
     trainer = Trainer(s)
     for _ in range(4):
         trainer.learn_many(seqs, steps=1)
-        trainer.save()
+        trainer.save(s.checkpoint_dir, keep=s.keep_checkpoints)
     names = sorted(p.name for p in s.checkpoint_dir.iterdir())
     assert names == ["ckpt-00000003.pt", "ckpt-00000004.pt", "latest"]
-    assert Trainer.latest_checkpoint(s.checkpoint_dir).name == "ckpt-00000004.pt"
+    assert latest_checkpoint(s.checkpoint_dir).name == "ckpt-00000004.pt"
 
     def crash(obj, f, *args, **kwargs):  # half a file, then the process "dies"
         f.write(b"partial")
@@ -732,22 +728,22 @@ def test_checkpoints_are_pruned_and_writes_are_atomic(tmp_path, monkeypatch):
     trainer.learn_many(seqs, steps=1)
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
-        trainer.save()
+        trainer.save(s.checkpoint_dir, keep=s.keep_checkpoints)
     monkeypatch.undo()
     names = sorted(p.name for p in s.checkpoint_dir.iterdir())
     assert names == ["ckpt-00000003.pt", "ckpt-00000004.pt", "latest"]  # no partial file
-    assert Trainer.load_latest(s).version == 4  # the previous checkpoint still loads
-    assert Trainer.load_latest(small_settings(tmp_path / "empty")) is None
+    assert load_trainer(s).version == 4  # the previous checkpoint still loads
+    assert latest_checkpoint(small_settings(tmp_path / "empty").checkpoint_dir) is None
 
 
-def test_package_exports_resolve_without_importing_torch_for_the_store():
+def test_package_exports_resolve_without_importing_torch_for_the_stores():
     import subprocess
     import sys
 
     import model
 
     assert all(getattr(model, name) is not None for name in model.__all__)
-    code = "import sys, model.embedding_store; assert 'torch' not in sys.modules"
+    code = "import sys, userstream.stores, serving; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)  # serving/ stays light
 
 
@@ -760,8 +756,8 @@ def test_trainer_on_cuda_matches_cpu_after_reload(tmp_path):
     stats = gpu.learn_many(seqs, steps=20)
     assert np.isfinite(stats["loss"])
     z_gpu = gpu.embed_many(seqs)
-    gpu.save()
-    cpu = Trainer.load_latest(small_settings(tmp_path, device="cpu"))
+    gpu.save(tmp_path / "checkpoints")
+    cpu = load_trainer(small_settings(tmp_path, device="cpu"))
     assert cpu.device.type == "cpu" and cpu.version == 1
     assert np.allclose(cpu.embed_many(seqs), z_gpu, atol=1e-4)
     assert np.isfinite(cpu.learn_many(seqs, steps=2)["loss"])  # optimizer state moved too

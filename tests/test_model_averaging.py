@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from model.averaging import WeightAverage
+from model.offline.averaging import WeightAverage
 
 
 def test_update_follows_the_ramped_decay_by_hand():

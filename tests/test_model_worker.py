@@ -6,17 +6,15 @@ from __future__ import annotations
 import itertools
 import random
 import threading
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from model.embedding_store import EmbeddingStore
-from model.trainer import Trainer
-from model.worker import Reservoir, TrainingWorker
-from stream.state import SequenceStore
+from model.live import Reservoir, TrainingWorker, load_trainer
+from tests.helpers import tiny_settings, wait_until
 from userstream.settings import Settings
+from userstream.stores import RedisEmbeddingStore, RedisSequenceStore, SequenceStore
 from userstream.types import Event
 
 torch.set_num_threads(1)
@@ -58,14 +56,9 @@ class Feed:
 
 def make_settings(tmp_path, keys, **kw) -> Settings:
     base = dict(
-        data_dir=tmp_path,
         redis_prefix=keys.prefix,
         max_len=16,
         sequence_length=32,
-        hidden_size=32,
-        num_layers=1,
-        num_heads=2,
-        dropout=0.0,
         train_steps=10,
         train_batch_size=16,
         learning_rate=3e-3,
@@ -73,15 +66,13 @@ def make_settings(tmp_path, keys, **kw) -> Settings:
         refresh_budget=1000,
         embed_batch_size=8,
         keep_checkpoints=2,
-        device="cpu",
     )
-    base.update(kw)
-    return Settings(**base)
+    return tiny_settings(tmp_path, **{**base, **kw})
 
 
 @pytest.fixture
 def stores(redis_client, keys):
-    return SequenceStore(redis_client, keys, 32), EmbeddingStore(redis_client, keys, 1000)
+    return RedisSequenceStore(redis_client, keys, 32), RedisEmbeddingStore(redis_client, keys, 1000)
 
 
 def test_cycles_embed_everybody_and_separate_the_planted_groups(tmp_path, keys, stores):
@@ -189,7 +180,7 @@ def test_restarted_worker_continues_from_the_checkpoint(tmp_path, keys, stores):
     feed.write(feed.users[:2], per_user=1)
     first.run_cycle()
 
-    again = TrainingWorker(s, seq_store, emb_store, Trainer.load_latest(s))
+    again = TrainingWorker(s, seq_store, emb_store, load_trainer(s))
     assert again.trainer.version == 2
     assert again.reservoir.users == first.reservoir.users and len(again.reservoir) == 8
     feed.write(feed.users[:2], per_user=1)
@@ -220,21 +211,15 @@ def test_run_forever_trains_when_enough_events_arrive(tmp_path, keys, stores):
     thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
     thread.start()
     try:
-        _wait_for(lambda: worker.trainer.version == 1)  # the backlog at start-up
+        wait_until(lambda: worker.trainer.version == 1)  # the backlog at start-up
         feed.write(feed.users, per_user=2)  # 10 events: below the threshold
-        time.sleep(1.0)
+        polls = worker.polls
+        wait_until(lambda: worker.polls >= polls + 3)  # it looked at the counter since
         assert worker.trainer.version == 1 and seq_store.dirty_count() == 5
         feed.write(feed.users, per_user=2)  # 20 since the last cycle: train now
-        _wait_for(lambda: worker.trainer.version == 2)
+        wait_until(lambda: worker.trainer.version == 2)
     finally:
         stop.set()
         thread.join(10)
     assert not thread.is_alive()
     assert emb_store.model_info().version == 2
-
-
-def _wait_for(condition, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)

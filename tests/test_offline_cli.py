@@ -8,8 +8,8 @@ import random
 
 import pytest
 
+from model.checkpoint import latest_checkpoint
 from model.recommend import NextItemModel
-from model.trainer import Trainer
 from userstream.cli import main
 
 GROUPS, RING = 8, 12  # 96 items: each user walks a ring of 12 items
@@ -28,8 +28,8 @@ def write_rings(path, n_users=240, seed=0):
 @pytest.fixture
 def tiny_args():
     return [
-        "--max-epochs", "12", "--patience", "12", "--batch-size", "32",
-        "--learning-rate", "3e-3", "--hidden", "32", "--layers", "1", "--heads", "2",
+        "--max-epochs", "12", "--patience", "12", "--train-batch-size", "32",
+        "--learning-rate", "3e-3", "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2",
         "--max-len", "8", "--dropout", "0.1", "--threads", "1", "--no-progress",
     ]  # fmt: skip
 
@@ -44,7 +44,7 @@ def test_train_then_evaluate_via_the_cli(tmp_path, tiny_args, capsys, monkeypatc
     log = json.loads((out / "train_log.json").read_text())
     assert (out / "curves.png").stat().st_size > 1000
     assert (out / "latest").is_file()
-    assert log["config"]["dropout"] == 0.1 and log["data"]["users"] == 240
+    assert log["config"]["model"]["dropout"] == 0.1 and log["data"]["users"] == 240
     assert 1 <= log["best_epoch"] <= 12 and len(log["history"]) >= log["best_epoch"]
     best = max(h["valid_NDCG@10"] for h in log["history"])
     assert log["best_valid"]["NDCG@10"] == pytest.approx(best)  # selected on validation
@@ -76,7 +76,7 @@ def test_select_last_keeps_the_last_epoch_with_the_profile_objectives(tmp_path, 
     args = [a if a != "12" else "4" for a in tiny_args]  # 4 epochs
     weights = ["--next-weight", "0", "--bag-weight", "1", "--future-weight", "1",
                "--item-bag-weight", "1"]  # fmt: skip
-    with pytest.raises(ValueError, match="--examples windows"):  # prefixes feed next-item only
+    with pytest.raises(SystemExit, match="--examples windows"):  # prefixes feed next-item only
         main(["train", "--data", str(data), "--format", "amazon-seq", "--out", str(out),
               "--examples", "prefixes", *weights, *args])  # fmt: skip
     assert main(["train", "--data", str(data), "--format", "amazon-seq", "--out", str(out),
@@ -87,7 +87,7 @@ def test_select_last_keeps_the_last_epoch_with_the_profile_objectives(tmp_path, 
     assert "next" not in last and last["bag"] < first["bag"] and last["future"] < first["future"]
     assert last["item_bag"] < first["item_bag"]
     assert "ckpt-00000004.pt" in (out / "latest").read_text()
-    assert NextItemModel.load(Trainer.latest_checkpoint(out)).encoder.config.profile_items
+    assert NextItemModel.load(latest_checkpoint(out)).encoder.config.profile_items
 
 
 def test_evaluate_without_a_checkpoint_says_so(tmp_path):
@@ -112,3 +112,31 @@ def test_prefix_examples_train_the_next_item_task(tmp_path, tiny_args):
     assert log["data"]["train_windows"] == 240  # what cloze and contrastive read
     assert set(log["history"][-1]) >= {"next", "mlm", "contrastive", "loss"}  # all three tasks
     assert log["best_valid"]["HR@10"] > 0.6, log["best_valid"]
+
+
+def test_the_same_command_gives_the_same_run(tmp_path, tiny_args):
+    """The seed covers dropout too: two runs of one command log the same losses."""
+    data = tmp_path / "rings.txt"
+    write_rings(data)
+    args = [a if a != "12" else "2" for a in tiny_args]
+    logs = []
+    for run in ("a", "b"):
+        assert main(["train", "--data", str(data), "--format", "amazon-seq",
+                     "--out", str(tmp_path / run), *args]) == 0  # fmt: skip
+        logs.append(json.loads((tmp_path / run / "train_log.json").read_text())["history"])
+    keys = ("loss", "next", "mlm", "contrastive", "valid_NDCG@10")
+    assert [[h[k] for k in keys] for h in logs[0]] == [[h[k] for k in keys] for h in logs[1]]
+
+
+def test_misspelt_or_mistyped_options_are_errors(tmp_path, capsys):
+    data = tmp_path / "rings.txt"
+    write_rings(data, n_users=10)
+    base = ["train", "--data", str(data), "--format", "amazon-seq", "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit):
+        main([*base, "--hiden-size", "32"])
+    assert "unrecognized arguments: --hiden-size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--hidden-size", "32.5"])
+    assert "invalid int value" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="hidden_size=30 must be divisible by num_heads=4"):
+        main([*base, "--hidden-size", "30", "--num-heads", "4"])

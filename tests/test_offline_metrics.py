@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from model import evaluate as ev
 from model.metrics import pessimistic_ranks, ranking_metrics
+from model.offline import evaluate as ev
 
 
 def ranks(scores, targets, exclude=None):
@@ -106,7 +106,7 @@ def test_rank_encoded_matches_brute_force_on_a_real_trainer(tmp_path):
     import random
 
     from model.batching import make_batch
-    from model.evaluate import encode_many, rank_encoded
+    from model.offline.evaluate import encode_many, rank_encoded
     from model.trainer import Trainer
     from userstream.settings import Settings
     from userstream.types import Behavior

@@ -5,17 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.datasets import load_sequences, sequences_from_events
-from model.offline import (
-    OfflineConfig,
+from model.offline.datasets import load_sequences, sequences_from_events
+from model.offline.split import leave_one_out
+from model.offline.train import (
     derive_dropout,
     derive_examples,
     prefixes,
     training_examples,
     windows,
 )
-from model.split import leave_one_out
 from tests.conftest import shared_data
+from userstream.settings import OfflineConfig
 
 
 def events(rows):
@@ -88,7 +88,7 @@ def test_an_epoch_reads_every_target_once_and_every_window_once(kind):
     seqs = [
         np.arange(n + 2).repeat(3).reshape(n + 2, 3) + 100 * u for u, n in enumerate(range(1, 30))
     ]
-    ex = training_examples(seqs, OfflineConfig(max_len=8, examples=kind))
+    ex = training_examples(seqs, OfflineConfig(examples=kind).with_model(max_len=8))
     steps = ex.epoch(batch_size=16, rng=rng)
     rows = sorted(i for idx, _ in steps for i in idx)
     assert rows == list(range(len(ex.rows)))

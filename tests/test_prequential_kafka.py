@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from model.baselines import RiverMFConfig
-from model.planted import shifted_clickstream
 from model.prequential import MemoryFeed, PrequentialConfig, run_prequential
-from model.prequential_kafka import KafkaFeed, agreement
-from stream.state import SequenceStore
+from model.prequential.baselines import RiverMFConfig
+from model.prequential.kafka_feed import KafkaFeed, agreement
+from model.prequential.planted import shifted_clickstream
 from tests.test_prequential import tiny_settings
 from userstream.cli import main
+from userstream.stores import SequenceStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

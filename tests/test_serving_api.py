@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from model.embedding_store import EmbeddingStore, ModelInfo
 from serving import create_app
-from stream.state import SequenceStore
 from userstream.embedded import free_port
 from userstream.settings import Settings
+from userstream.stores import (
+    EmbeddingStore,
+    ModelInfo,
+    RedisEmbeddingStore,
+    RedisSequenceStore,
+    SequenceStore,
+    connect,
+)
 from userstream.types import Event
 
 D = 16
@@ -27,12 +32,12 @@ def settings(tmp_path, redis_prefix, redis_url) -> Settings:
 
 @pytest.fixture
 def store(redis_client, keys) -> EmbeddingStore:
-    return EmbeddingStore(redis_client, keys, feed_maxlen=1000)
+    return RedisEmbeddingStore(redis_client, keys, feed_maxlen=1000)
 
 
 @pytest.fixture
 def sequences(redis_client, keys) -> SequenceStore:
-    return SequenceStore(redis_client, keys)
+    return RedisSequenceStore(redis_client, keys)
 
 
 @pytest.fixture
@@ -194,7 +199,8 @@ def test_healthz(settings, redis_client, store):
 
 
 def test_healthz_without_redis(settings, redis_prefix):
-    dead = redis.Redis(port=free_port(), socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
+    dead = connect(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.2,
+                   retry=Retry(NoBackoff(), 0))  # fmt: skip
     with TestClient(create_app(settings, redis_client=dead)) as c:
         r = c.get("/healthz")
         assert r.status_code == 503

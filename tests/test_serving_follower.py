@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import numpy as np
 import pytest
-import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from model.embedding_store import EmbeddingStore
 from serving.follower import IndexFollower, feed_lag_s, parse_stream_id
+from tests.helpers import wait_until
 from userstream.embedded import free_port
+from userstream.stores import EmbeddingStore, RedisEmbeddingStore, connect
 
 D = 16
 
@@ -21,17 +18,6 @@ D = 16
 def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
     x = rng.standard_normal((n, D)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def _until(pred, timeout: float = 5.0) -> bool:
-    """Poll ``pred`` until true or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    tick = threading.Event()
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        tick.wait(0.02)
-    return pred()
 
 
 def _assert_index_matches_store(follower: IndexFollower, store: EmbeddingStore) -> None:
@@ -43,7 +29,7 @@ def _assert_index_matches_store(follower: IndexFollower, store: EmbeddingStore) 
 
 @pytest.fixture
 def store(redis_client, keys) -> EmbeddingStore:
-    return EmbeddingStore(redis_client, keys, feed_maxlen=1000)
+    return RedisEmbeddingStore(redis_client, keys, feed_maxlen=1000)
 
 
 @pytest.fixture
@@ -130,7 +116,7 @@ def test_snapshot_is_written_on_interval(store, follower_factory):
     f.start()
     store.upsert(["a", "b"], _unit(rng, 2), version=1)
     assert f.wait_for(store.feed_head(), timeout=5)
-    assert _until(lambda: f.stats.snapshots_written >= 1)
+    wait_until(lambda: f.stats.snapshots_written >= 1)
     written = f.stats.snapshots_written
     assert not f.snapshot()  # nothing changed since: no rewrite
     assert f.stats.snapshots_written == written
@@ -198,11 +184,12 @@ def test_falling_behind_a_trimmed_feed_rebuilds(store, tmp_path, redis_client, k
 
 
 def test_redis_errors_are_retried_not_fatal(keys, tmp_path):
-    dead = redis.Redis(port=free_port(), socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
-    f = IndexFollower(EmbeddingStore(dead, keys), tmp_path / "index", block_ms=50)
+    dead = connect(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.2,
+                   retry=Retry(NoBackoff(), 0))  # fmt: skip
+    f = IndexFollower(RedisEmbeddingStore(dead, keys), tmp_path / "index", block_ms=50)
     f.start()
     try:
-        assert _until(lambda: f.stats.errors >= 2)
+        wait_until(lambda: f.stats.errors >= 2)
         assert f.is_alive() and not f.ready.is_set()
         assert "ConnectionError" in (f.stats.last_error or "")
     finally:

@@ -6,11 +6,15 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from model.embedding_store import EmbeddingStore, ModelInfo
 from model.trainer import Trainer
 from serving import create_app
-from stream.state import SequenceStore
 from userstream.settings import Settings
+from userstream.stores import (
+    EmbeddingStore,
+    ModelInfo,
+    RedisEmbeddingStore,
+    RedisSequenceStore,
+)
 from userstream.types import Behavior, Event
 
 RING = 10  # item i is always followed by item (i + 1) % RING
@@ -41,7 +45,7 @@ def settings(tmp_path, redis_prefix, redis_url) -> Settings:
 
 @pytest.fixture
 def store(redis_client, keys) -> EmbeddingStore:
-    return EmbeddingStore(redis_client, keys, feed_maxlen=1000)
+    return RedisEmbeddingStore(redis_client, keys, feed_maxlen=1000)
 
 
 @pytest.fixture
@@ -53,7 +57,7 @@ def users(redis_client, keys) -> dict[str, list[Behavior]]:
         for x in seq:
             offset += 1
             events.append((0, offset, Event(user, x.item_id, x.behavior, x.ts)))
-    SequenceStore(redis_client, keys).apply_many("behavior-events", events)
+    RedisSequenceStore(redis_client, keys).apply_many("behavior-events", events)
     return seqs
 
 
@@ -61,7 +65,7 @@ def train_and_save(settings: Settings, steps: int, trainer: Trainer | None = Non
     trainer = trainer or Trainer(settings)
     seqs = [ring_sequence(s, n) for s in range(RING) for n in (3, 5, 8)]
     trainer.learn_many(seqs, steps=steps)
-    trainer.save()
+    trainer.save(settings.checkpoint_dir)
     return trainer
 
 

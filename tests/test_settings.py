@@ -7,7 +7,13 @@ import pytest
 from pydantic import ValidationError
 
 from userstream.cli import build_parser
-from userstream.settings import Settings
+from userstream.settings import (
+    RANKING_MODEL,
+    FinetuneConfig,
+    ModelSettings,
+    OfflineConfig,
+    Settings,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,9 +76,45 @@ def test_readme_quick_start_has_the_two_commands_and_ci_uses_the_second():
 def test_cli_has_every_process_command():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    for cmd in ("up", "stream-worker", "train-worker", "api", "replay", "generate"):
+    for cmd in ("up", "stream-worker", "train-worker", "api", "replay", "generate", "train",
+                "evaluate", "finetune", "export", "bench", "settings"):  # fmt: skip
         assert cmd in sub.choices
     args = parser.parse_args(["replay", "x.inter", "--format", "movielens", "--rate", "0"])
     assert (args.format, args.rate) == ("movielens", 0.0)
     with pytest.raises(SystemExit):
         parser.parse_args(["replay", "x", "--format", "parquet"])
+
+
+def test_one_learner_configuration_live_and_offline():
+    """The live worker's settings ARE a ModelSettings; offline training holds one."""
+    live = Settings(hidden_size=32)
+    assert isinstance(live, ModelSettings)
+    assert live.model_settings() == ModelSettings(hidden_size=32)
+    assert isinstance(OfflineConfig().model, ModelSettings)
+    assert OfflineConfig().model == RANKING_MODEL
+    # the preset differs from the live defaults only where chosen on Beauty validation
+    changed = {k for k in ModelSettings.model_fields if getattr(RANKING_MODEL, k) != getattr(live.model_settings(), k)} - {"hidden_size"}  # fmt: skip
+    assert changed == {"mlm_weight", "contrastive_weight", "weight_decay"}
+    # no defaults of their own for task weights anywhere else
+    from model.tasks import LossWeights
+
+    assert LossWeights.of(live).contrastive == live.contrastive_weight == 1.0
+
+
+def test_every_configuration_rejects_typos_and_wrong_types():
+    for bad in ({"hiden_size": 32}, {"hidden_size": 64.5}, {"positions": "sideways"}):
+        with pytest.raises(ValidationError):
+            ModelSettings(**bad)
+        with pytest.raises(ValidationError):
+            Settings().replace(**bad)
+        with pytest.raises(ValidationError):
+            OfflineConfig().with_model(**bad)
+    with pytest.raises(ValidationError):
+        OfflineConfig(max_epoch=3)
+    with pytest.raises(ValidationError, match="--examples windows"):
+        OfflineConfig(examples="prefixes").with_model(next_weight=0.0)
+    with pytest.raises(ValidationError):
+        FinetuneConfig(epochs="many")
+    # a derivable field set by hand is no longer derived
+    c = OfflineConfig().with_model(dropout=0.3)
+    assert c.model.dropout == 0.3 and "dropout" not in c.derive and "train_batch_size" in c.derive

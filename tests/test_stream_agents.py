@@ -13,7 +13,7 @@ import redis
 
 from stream import agents
 from stream.agents import BatchWriter
-from stream.state import SequenceStore
+from userstream.stores import RedisSequenceStore
 
 pytestmark = pytest.mark.integration  # real Redis
 
@@ -33,7 +33,7 @@ class FakeTopic:
         return fut
 
 
-class FlakyStore(SequenceStore):
+class FlakyStore(RedisSequenceStore):
     """A real store whose first ``failures`` writes fail like a Redis outage."""
 
     def __init__(self, client, keys, failures: int) -> None:
@@ -49,7 +49,7 @@ class FlakyStore(SequenceStore):
 
 async def test_dead_letters_are_sent_once_and_counted(redis_client, keys):
     dlq = FakeTopic()
-    store = SequenceStore(redis_client, keys)
+    store = RedisSequenceStore(redis_client, keys)
     writer = BatchWriter(store, dlq)
     batch = [(0, 0, b"u1", GOOD), (0, 1, b"u2", b"{bad"), (1, 0, b"u3", b"[]")]
     res = await writer.write(TOPIC, batch)

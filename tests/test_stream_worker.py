@@ -26,26 +26,14 @@ from aiokafka import AIOKafkaProducer
 from stream.app import read_ready
 from stream.generator import ClickstreamGenerator
 from stream.replay import produce_events
-from stream.state import SequenceStore
 from stream.topics import read_topic_async
+from tests.helpers import wait_until
 from userstream.settings import Settings
+from userstream.stores import RedisSequenceStore, SequenceStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def wait_until(check, timeout_s: float, what: str, proc: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = check()
-        if got:
-            return got
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"worker exited with {proc.returncode} while waiting for {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -168,7 +156,7 @@ def expected(events) -> dict[str, list[tuple[str, str, float]]]:
 
 
 def test_worker_end_to_end_with_restart(settings, workers, redis_client, keys):
-    store = SequenceStore(redis_client, keys, settings.sequence_length)
+    store = RedisSequenceStore(redis_client, keys, settings.sequence_length)
     gen = ClickstreamGenerator(n_users=10, n_groups=3, items_per_group=20, seed=3)
     t0 = time.monotonic()
 
@@ -247,7 +235,7 @@ def test_worker_end_to_end_with_restart(settings, workers, redis_client, keys):
 
     # A worker of a new consumer group gets every message again (as after a crash
     # before the Kafka commit): the offsets in Redis make that a no-op.
-    fresh = settings.model_copy(update={"stream_app_id": settings.stream_app_id + "-b"})
+    fresh = settings.replace(stream_app_id=settings.stream_app_id + "-b")
     w3 = workers(fresh)
     wait_ready(w3, redis_client, fresh)
     wait_until(

@@ -1,0 +1,290 @@
+"""The store contracts (``userstream.stores``), one suite for every implementation.
+
+Each test runs on the Redis stores (real Redis, a private key prefix) and on the
+in-memory ones, River-style: whatever a stage codes against the Protocol must
+hold for both. ``test_same_operations_same_state`` replays a random workload on
+both and compares every read.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from userstream.stores import (
+    EmbeddingStore,
+    MemoryEmbeddingStore,
+    MemorySequenceStore,
+    RedisEmbeddingStore,
+    RedisSequenceStore,
+    SequenceStore,
+    plan_batch,
+)
+from userstream.types import Behavior, Event
+
+T = "behavior-events"
+KINDS = ["redis", "memory"]
+
+
+def e(user: str, item: str, ts: float, behavior: str = "view") -> Event:
+    return Event(user, item, behavior, ts)
+
+
+def make_sequences(kind: str, request, max_len: int) -> SequenceStore:
+    if kind == "memory":
+        return MemorySequenceStore(max_len)
+    return RedisSequenceStore(
+        request.getfixturevalue("redis_client"), request.getfixturevalue("keys"), max_len
+    )
+
+
+def make_embeddings(kind: str, request, feed_maxlen: int = 1000) -> EmbeddingStore:
+    if kind == "memory":
+        return MemoryEmbeddingStore(feed_maxlen)
+    return RedisEmbeddingStore(
+        request.getfixturevalue("redis_client"), request.getfixturevalue("keys"), feed_maxlen
+    )
+
+
+@pytest.fixture(params=KINDS)
+def kind(request):
+    if request.param == "redis":
+        request.applymarker(pytest.mark.integration)
+    return request.param
+
+
+@pytest.fixture
+def store(kind, request) -> SequenceStore:
+    return make_sequences(kind, request, max_len=3)
+
+
+@pytest.fixture
+def emb(kind, request) -> EmbeddingStore:
+    return make_embeddings(kind, request)
+
+
+# --- SequenceStore --------------------------------------------------------------------
+def test_implementations_satisfy_the_protocols(store, emb):
+    assert isinstance(store, SequenceStore) and isinstance(emb, EmbeddingStore)
+
+
+def test_rolling_window_keeps_last_n_in_order(store):
+    batch = [(0, i, e("u1", f"i{i}", float(i))) for i in range(5)]
+    res = store.apply_many(T, batch)
+    assert (res.applied, res.skipped, res.users) == (5, 0, 1)
+    assert store.read_many(["u1", "nobody"]) == [
+        [Behavior("i2", "view", 2.0), Behavior("i3", "view", 3.0), Behavior("i4", "view", 4.0)],
+        [],
+    ]
+    store.apply_many(T, [(0, 5, e("u1", "i5", 5.0, "cart"))])
+    assert [b.item_id for b in store.read_many(["u1"])[0]] == ["i3", "i4", "i5"]
+    assert store.read_many(["u1"])[0][-1].behavior == "cart"
+    assert store.num_items() == 6 and store.num_users() == 1
+    assert store.read_tail("u1", 2) == store.read_many(["u1"])[0][-2:]
+    assert store.read_tail("nobody", 2) == []
+
+
+def test_redelivered_batch_has_exactly_once_effect(store):
+    batch = [
+        (0, 0, e("u1", "a", 1.0)),
+        (1, 0, e("u2", "b", 1.0)),
+        (0, 1, e("u1", "c", 2.0)),
+        (0, 1, e("u1", "d", 2.0)),  # two events of one array message share its offset
+    ]
+    first = store.apply_many(T, batch, dead=[(1, 1)])
+    assert (first.applied, first.skipped, first.dead_lettered) == (4, 0, 1)
+    seqs = store.read_many(["u1", "u2"])
+    items = store.num_items()
+
+    again = store.apply_many(T, batch, dead=[(1, 1)])
+    assert (again.applied, again.skipped, again.dead_lettered) == (0, 4, 0)
+    assert store.read_many(["u1", "u2"]) == seqs and store.num_items() == items == 4
+    counters = store.counters()
+    assert counters["events_ingested"] == 4
+    assert counters["events_dead_lettered"] == 1
+    assert counters["events_duplicate_skipped"] == 4
+    assert store.applied_offsets(T) == {0: 1, 1: 1}
+    assert store.applied_offsets("other-topic") == {}
+
+    # a partly redelivered batch applies only the new tail
+    more = store.apply_many(T, [(0, 1, e("u1", "d", 2.0)), (0, 2, e("u1", "x", 3.0))])
+    assert (more.applied, more.skipped) == (1, 1)
+    assert [b.item_id for b in store.read_many(["u1"])[0]] == ["c", "d", "x"]
+
+
+@pytest.mark.integration
+def test_redis_behavior_counts_are_applied_once(redis_client, keys):
+    """Redis also keeps a count per behavior name; a redelivery does not add to it."""
+    store, r = RedisSequenceStore(redis_client, keys, 3), redis_client
+    batch = [(0, i, e("u1", f"i{i}", float(i))) for i in range(4)]
+    store.apply_many(T, batch)
+    store.apply_many(T, batch)
+    assert r.hgetall(keys.behaviors) == {"view": "4"}
+
+
+def test_dead_letters_count_and_advance_offsets(store):
+    res = store.apply_many(T, [], dead=[(2, 7), (2, 8), (2, 8)])
+    assert res.dead_lettered == 3 and res.applied == 0
+    assert store.applied_offsets(T) == {2: 8}
+    assert store.apply_many(T, [], dead=[(2, 8)]).dead_lettered == 0
+    assert store.counters()["events_dead_lettered"] == 3
+    assert store.apply_many(T, []).applied == 0
+
+
+def test_take_dirty_drains_changed_users(store):
+    store.apply_many(T, [(0, i, e(f"u{i}", "a", 1.0)) for i in range(5)])
+    assert store.dirty_count() == 5
+    assert store.dirty_users() == [f"u{i}" for i in range(5)]
+    got = store.take_dirty(3)
+    assert got == sorted(got) and len(got) == 3 and all(isinstance(u, str) for u in got)
+    rest = store.take_dirty(10)
+    assert sorted(got + rest) == [f"u{i}" for i in range(5)]
+    assert store.take_dirty(10) == [] and store.dirty_count() == 0
+    store.apply_many(T, [(0, 9, e("u1", "b", 2.0))])
+    assert store.take_dirty(10) == ["u1"]
+    store.mark_dirty(["u3"])
+    assert store.take_dirty(10) == ["u3"]
+    assert sorted(store.iter_users()) == [f"u{i}" for i in range(5)]
+
+
+def test_counters_start_at_zero_and_count(store):
+    assert store.counters() == {
+        "events_ingested": 0,
+        "events_dead_lettered": 0,
+        "events_duplicate_skipped": 0,
+    }
+    store.count("events_dead_lettered", 2)
+    assert store.counters()["events_dead_lettered"] == 2
+
+
+def test_long_batches_of_one_user_keep_order_and_bound(kind, request):
+    # more entries than one Lua unpack() takes, and more than the window
+    store = make_sequences(kind, request, max_len=2500)
+    store.apply_many(T, [(0, i, e("u1", f"i{i}", float(i))) for i in range(2100)])
+    assert [b.item_id for b in store.read_many(["u1"])[0]] == [f"i{i}" for i in range(2100)]
+    store.apply_many(T, [(0, i, e("u1", f"i{i}", float(i))) for i in range(2100, 5200)])
+    assert [b.item_id for b in store.read_many(["u1"])[0]] == [f"i{i}" for i in range(2700, 5200)]
+    assert store.counters()["events_ingested"] == 5200
+
+
+def test_timestamps_are_kept_to_the_millisecond(store):
+    store.apply_many(T, [(0, 0, e("u1", "a", 1700000000.123456))])
+    assert store.read_many(["u1"])[0][0].ts == 1700000000.123
+
+
+@pytest.mark.integration
+def test_same_operations_same_state(redis_client, keys):
+    """A random workload on both implementations gives the same reads."""
+    redis_store, memory = RedisSequenceStore(redis_client, keys, max_len=5), MemorySequenceStore(5)
+    rng = random.Random(0)
+    offset = 0
+    batches = []
+    for _ in range(12):
+        batch = []
+        for _ in range(rng.randrange(1, 9)):
+            offset += 1
+            user, item = f"u{rng.randrange(4)}", f"i{rng.randrange(7)}"
+            batch.append((rng.randrange(2), offset, Event(user, item, "view", offset + 0.12345)))
+        batches.append(batch)
+    batches.append(batches[3])  # a redelivered batch: skipped by both
+    for batch in batches:
+        a = redis_store.apply_many("t", batch, dead=[(0, 10_000)] if batch is batches[5] else ())
+        b = memory.apply_many("t", batch, dead=[(0, 10_000)] if batch is batches[5] else ())
+        assert a == b
+    users = sorted(redis_store.iter_users())
+    assert users == sorted(memory.iter_users())
+    assert redis_store.read_many(users + ["nobody"]) == memory.read_many(users + ["nobody"])
+    assert redis_store.counters() == memory.counters()
+    assert redis_store.applied_offsets("t") == memory.applied_offsets("t")
+    assert (redis_store.num_users(), redis_store.num_items()) == (
+        memory.num_users(),
+        memory.num_items(),
+    )
+    for user in users:
+        assert redis_store.read_tail(user, 3) == memory.read_tail(user, 3)
+    assert redis_store.dirty_users() == memory.dirty_users() == users
+    # the same order too: a training cycle follows it (Redis SPOP's own order is random)
+    assert redis_store.take_dirty(100) == memory.take_dirty(100) == users
+    assert redis_store.dirty_count() == memory.dirty_count() == 0
+    memory.mark_dirty(["u1"])
+    redis_store.mark_dirty(["u1"])
+    assert redis_store.take_dirty(10) == memory.take_dirty(10) == ["u1"]
+
+
+def test_plan_batch_drops_applied_offsets_and_keeps_order():
+    evs = [
+        (0, 5, Event("a", "i1", "view", 1.0)),  # applied before (stored offset 5)
+        (0, 6, Event("a", "i2", "click", 2.0)),
+        (1, 3, Event("b", "i3", "view", 3.0)),
+        (0, 6, Event("a", "i4", "view", 4.0)),  # same message (array): same offset
+    ]
+    plan = plan_batch(evs, dead=[(1, 4), (0, 2)], done={0: 5, 1: 2})
+    assert [e.item_id for e in plan.per_user["a"]] == ["i2", "i4"]
+    assert [e.item_id for e in plan.per_user["b"]] == ["i3"]
+    assert (plan.applied, plan.skipped, plan.dead) == (3, 1, 1)
+    assert plan.last == {0: 6, 1: 4}
+    assert plan.items == {"i2", "i3", "i4"} and plan.behaviors == {"click": 1, "view": 2}
+
+
+# --- EmbeddingStore ---------------------------------------------------------------------
+def _unit(n: int, d: int = 8, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_ids_are_stable_and_assigned_once(emb):
+    assert emb.num_of("a") is None
+    first = emb.nums_for(["a", "b", "a"])
+    assert first[0] == first[2] != first[1]
+    assert emb.nums_for(["b", "c"])[0] == first[1]
+    assert emb.num_of("a") == first[0]
+    assert emb.users_for([first[1], first[0], 10**9]) == ["b", "a", None]
+    assert emb.users_for([]) == []
+
+
+def test_upsert_stores_vectors_versions_and_feeds_them(emb):
+    assert emb.count() == 0 and emb.read_updates("0-0") == [] and emb.feed_head() == "0-0"
+    state = emb.feed_state()
+    assert (state.length, state.oldest, state.last_id) == (0, None, None)
+    v = _unit(3)
+    emb.upsert(["a", "b", "ü-c"], v, version=2)
+    assert emb.count() == 3 and emb.version_of("b") == 2 and emb.version_of("z") is None
+    np.testing.assert_array_equal(emb.get("ü-c"), v[2])  # exact float32 bytes, any user id
+    assert emb.get("nobody") is None
+    users, mat, nums = emb.read_all()
+    assert sorted(users) == ["a", "b", "ü-c"] and mat.shape == (3, 8)
+    assert nums == emb.nums_for(users)
+    for u, row in zip(users, mat, strict=True):
+        np.testing.assert_array_equal(row, emb.get(u))
+    feed = emb.read_updates("0-0")
+    assert [(f.user_id, f.num) for f in feed] == list(
+        zip(["a", "b", "ü-c"], emb.nums_for(["a", "b", "ü-c"]), strict=True)
+    )
+    np.testing.assert_array_equal(np.stack([f.vector for f in feed]), v)
+    assert emb.feed_head() == feed[-1].stream_id
+    assert emb.read_updates(feed[0].stream_id, count=1)[0].user_id == "b"  # strictly after
+    emb.upsert(["a"], _unit(1, seed=1), version=3)  # an upsert replaces
+    assert emb.count() == 3 and emb.version_of("a") == 3
+    assert len(emb.read_updates(feed[-1].stream_id)) == 1
+
+
+def test_feed_is_trimmed_and_says_so(kind, request):
+    emb = make_embeddings(kind, request, feed_maxlen=1000)
+    emb.upsert([f"u{i}" for i in range(3000)], _unit(3000), version=1)
+    state = emb.feed_state()
+    assert 1000 <= state.length < 3000  # Redis trims approximately
+    assert state.added in (None, 3000)
+    first = emb.read_updates("0-0", count=1)[0]
+    assert state.oldest == first.stream_id and first.user_id != "u0"  # the oldest went first
+    assert state.last_id == emb.feed_head()
+
+
+def test_model_info_round_trips(emb):
+    from userstream.stores import ModelInfo
+
+    assert emb.model_info() is None
+    info = ModelInfo(4, "/ckpt/ckpt-00000004.pt", 120, 1700000000.5, 3.25, drifts=2)
+    emb.set_model_info(info)
+    assert emb.model_info() == info
