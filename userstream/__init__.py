@@ -1,10 +1,15 @@
 """userstream: streaming, incremental self-supervised user representations.
 
-Start reading at ``userstream/cli.py`` (one sub-command per process), then
-``userstream/stack.py`` (how ``userstream up`` supervises them), then the three
-stages in the order data flows: ``stream/`` -> ``model/`` -> ``serving/``.
-``userstream/settings.py`` holds every setting; ``userstream/types.py`` the
-shapes the stages share.
+This package is the foundation every stage imports and the command line on
+top of them. The foundation: ``userstream/settings.py`` (every typed
+configuration), ``userstream/types.py`` (the shapes the stages share),
+``userstream/stores/`` (the state contracts, Redis and in-memory) and
+``userstream/embedded.py`` (the embedded broker and Redis). On top:
+``userstream/cli/`` (one sub-command per process or job) and
+``userstream/stack.py`` (how ``userstream up`` supervises the processes).
+Between them the three stages, in the order data flows: ``stream/`` ->
+``model/`` -> ``serving/`` (docs/architecture.md has the layers and a line
+per module).
 """
 
 from userstream.settings import Settings
