@@ -21,7 +21,6 @@ processes, one per core, and fill one table.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import time
@@ -53,8 +52,8 @@ def main() -> None:
     if not args.table:
         threads(args.threads)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        from model.datasets import load_sequences
-        from model.split import leave_one_out
+        from model.offline.datasets import load_sequences
+        from model.offline.split import leave_one_out
 
         split = leave_one_out(load_sequences(data_path("beauty", "Beauty.txt"), "amazon-seq"))
         for name in args.rows:
@@ -67,27 +66,23 @@ def main() -> None:
 
 def train_row(name: str, split, args) -> dict:
     """Train one row on the Beauty ``split`` to convergence; its figures and config."""
-    from model.evaluate import evaluate_split
-    from model.offline import OfflineConfig, train_offline
-    from model.trainer import Trainer
-    from userstream.settings import Settings
+    from model.offline.evaluate import evaluate_split
+    from model.offline.train import train_offline
+    from model.recommend import NextItemModel
+    from userstream.settings import OfflineConfig
 
     nxt, mlm, con = ROWS[name]
     config = OfflineConfig(
-        next_weight=nxt,
-        mlm_weight=mlm,
-        contrastive_weight=con,
-        seed=args.seed,
         max_minutes=args.max_minutes,
         # prefixes feed the next-item task; rows without it read the windows only
         examples="prefixes" if nxt else "windows",
-    )
+    ).with_model(next_weight=nxt, mlm_weight=mlm, contrastive_weight=con, seed=args.seed)
     if args.max_epochs is not None:
-        config = dataclasses.replace(config, max_epochs=args.max_epochs)
+        config = config.replace(max_epochs=args.max_epochs)
     t0 = time.perf_counter()
     result = train_offline(split, config, f"{args.out}/{name}", progress=False)
-    trainer = Trainer.load(result.checkpoint, Settings(device="cpu"))
-    test = evaluate_split(trainer, split, "test")  # once, for the selected epoch
+    model = NextItemModel.load(result.checkpoint, device="cpu")
+    test = evaluate_split(model, split, "test")  # once, for the selected epoch
     return {
         "tasks": name,
         "weights": {"next": nxt, "mlm": mlm, "contrastive": con},
@@ -99,7 +94,7 @@ def train_row(name: str, split, args) -> dict:
         "test": test,
         "seconds": time.perf_counter() - t0,
         "mean_epoch_train_s": sum(h["train_s"] for h in result.history) / len(result.history),
-        "config": dataclasses.asdict(result.config),
+        "config": result.config.model_dump(mode="json"),
         "machine": machine(),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

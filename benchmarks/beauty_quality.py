@@ -3,19 +3,19 @@
     python benchmarks/beauty_quality.py [--threads 1] [--max-minutes M] [--out DIR]
 
 Trains with ``model.offline`` defaults (early stopping on valid NDCG@10), then
-reads the test split ONCE with ``model.evaluate``. Writes one JSON (inputs,
+reads the test split ONCE with ``model.offline.evaluate``. Writes one JSON (inputs,
 machine, per-epoch history, valid/test metrics, wall time) and
 ``curves.png`` under ``benchmarks/out/beauty_quality/`` and prints a table.
 Targets: floor HR@10 >= 0.0744 / NDCG@10 >= 0.0403 (ICLRec release); bar:
 NDCG@10 >= 0.0587 (RecBole SASRec-CE trained side by side to its plateau,
-0.0559, + 5%; masked protocol). ``--set FIELD=VALUE`` overrides an
-``OfflineConfig`` field for experiments; ``--name`` names the JSON.
+0.0559, + 5%; masked protocol). ``--set FIELD=VALUE`` overrides a field of
+``OfflineConfig`` or of its learner (``ModelSettings``, e.g. ``hidden_size``,
+``train_batch_size``) for experiments; ``--name`` names the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import time
 
@@ -25,32 +25,49 @@ FLOOR = {"HR@10": 0.0744, "NDCG@10": 0.0403}
 BAR = {"NDCG@10": 0.0587}  # RecBole side by side 0.0559 + 5%
 
 
+# fields renamed when the learner's fields moved into ModelSettings
+_RENAMED = {
+    "hidden": "hidden_size",
+    "layers": "num_layers",
+    "heads": "num_heads",
+    "batch_size": "train_batch_size",
+}
+
+
 def overrides(config, pairs: list[str]):
-    """``OfflineConfig`` with ``FIELD=VALUE`` pairs applied, each VALUE parsed as
-    the field's current type (bool from true/false)."""
-    fields = {f.name: f for f in dataclasses.fields(config)}
-    changes = {}
+    """``config`` (an ``OfflineConfig``) with ``FIELD=VALUE`` pairs applied: a
+    ``ModelSettings`` field through ``with_model`` (a derivable one is then no
+    longer derived), an ``OfflineConfig`` field through ``replace``. Pydantic
+    parses and validates each VALUE ("0.7" -> float, "true" -> bool; "none"
+    -> None; ``derive`` takes a comma-separated list, empty for none)."""
+    from pydantic import ValidationError
+
+    from userstream.settings import ModelSettings, OfflineConfig
+
+    model_fields = set(ModelSettings.model_fields)
+    offline_fields = set(OfflineConfig.model_fields) - {"model"}
+    model_changes, offline_changes = {}, {}
     for pair in pairs:
         name, sep, text = pair.partition("=")
-        if not sep or name not in fields:
-            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE, FIELD one of {sorted(fields)}")
-        current = getattr(config, name)
-        if isinstance(current, bool):
-            changes[name] = text.lower() in ("1", "true", "yes")
-        elif current is None:  # a derived field: a number or a word
-            changes[name] = _number_or_text(text)
-        else:
-            changes[name] = type(current)(text)
-    return dataclasses.replace(config, **changes)
-
-
-def _number_or_text(text: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+        name, text = name.strip(), text.strip()
+        if not sep or name not in model_fields | offline_fields:
+            hint = f" ({name!r} is now {_RENAMED[name]!r})" if name in _RENAMED else ""
+            raise SystemExit(
+                f"--set {pair!r}: expected FIELD=VALUE{hint}, FIELD one of "
+                f"{sorted(model_fields | offline_fields)}"
+            )
+        value = None if text.lower() in ("none", "null") else text
+        if name == "derive":
+            value = [f.strip() for f in text.split(",") if f.strip()]
+        (model_changes if name in model_fields else offline_changes)[name] = value
+    try:
+        if model_changes:
+            config = config.with_model(**model_changes)
+        if offline_changes:
+            config = config.replace(**offline_changes)
+    except ValidationError as exc:
+        raise SystemExit(f"--set {' '.join(pairs)}: invalid configuration:\n{exc}") from None
+    return config
 
 
 def main() -> None:
@@ -65,23 +82,25 @@ def main() -> None:
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="override an OfflineConfig field (repeatable), e.g. --set lowpass_alpha=0.7",
+        help="override an OfflineConfig or ModelSettings field (repeatable), "
+        "e.g. --set lowpass_alpha=0.7 --set train_batch_size=256",
     )
     args = p.parse_args()
     threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    from model.datasets import load_sequences
-    from model.evaluate import evaluate_checkpoint
-    from model.offline import OfflineConfig, train_offline
-    from model.split import leave_one_out
+    from model.offline.datasets import load_sequences
+    from model.offline.evaluate import evaluate_checkpoint
+    from model.offline.split import leave_one_out
+    from model.offline.train import train_offline
+    from userstream.settings import OfflineConfig
 
     path = data_path("beauty", "Beauty.txt")
     t0 = time.perf_counter()
     split = leave_one_out(load_sequences(path, "amazon-seq"))
     config = overrides(OfflineConfig(max_minutes=args.max_minutes), args.set)
     if args.max_epochs:
-        config = dataclasses.replace(config, max_epochs=args.max_epochs)
+        config = config.replace(max_epochs=args.max_epochs)
     result = train_offline(split, config, args.out, progress=True)
     train_s = time.perf_counter() - t0
     report = evaluate_checkpoint(path, "amazon-seq", args.out)  # the test split, read once
@@ -89,7 +108,7 @@ def main() -> None:
     test = report["test"]
     payload = {
         "data": str(path),
-        "config": dataclasses.asdict(result.config),
+        "config": result.config.model_dump(mode="json"),
         "data_properties": result.data,
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),

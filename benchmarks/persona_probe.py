@@ -27,7 +27,6 @@ the profile table's rows, a table of its own when ``--item-bag-weight`` > 0).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import time
@@ -117,14 +116,15 @@ def main() -> None:
     from sklearn.model_selection import StratifiedKFold
 
     from model.batching import collate
-    from model.datasets import load_sequences
-    from model.evaluate import encode_many
+    from model.checkpoint import latest_checkpoint
     from model.finetune import FinetuneConfig, finetune_classifier, predict_proba
-    from model.offline import OfflineConfig, train_offline
+    from model.offline.datasets import load_sequences
+    from model.offline.evaluate import encode_many
+    from model.offline.split import leave_one_out
+    from model.offline.train import train_offline
     from model.profile import profile_many
-    from model.split import leave_one_out
     from model.trainer import Trainer
-    from userstream.settings import Settings
+    from userstream.settings import ModelSettings, OfflineConfig
 
     t_start = time.perf_counter()
     seqs = load_sequences(data_path("ml-100k", "ml-100k.inter"), "movielens")
@@ -135,28 +135,25 @@ def main() -> None:
     # --- self-supervised pre-training (no attributes involved) ------------------
     if args.pretrained:
         log = json.loads((Path(args.pretrained) / "train_log.json").read_text())
-        checkpoint = Trainer.latest_checkpoint(args.pretrained)
+        checkpoint = latest_checkpoint(args.pretrained)
+        if checkpoint is None:
+            raise SystemExit(f"no checkpoint in {args.pretrained}")
         pretrain = {k: log[k] for k in ("config", "best_epoch", "best_valid", "seconds", "stopped")}
         pretrain["reused_from"] = str(checkpoint)
     else:
         weights = {f"{t}_weight": getattr(args, f"{t}_weight") for t in PROFILE_WEIGHTS}
         config = OfflineConfig(
-            max_len=args.max_len,
             max_minutes=args.max_minutes,
             patience=8,
             select=args.select,
-            seed=args.seed,
             examples="windows",  # no next-item term: nothing for prefixes to feed
-            **weights,
-        )
+        ).with_model(max_len=args.max_len, seed=args.seed, **weights)
         result = train_offline(split, config, args.out, progress=False)
         checkpoint = result.checkpoint
-        pretrain = {"config": dataclasses.asdict(result.config), "best_epoch": result.best_epoch,
+        pretrain = {"config": result.config.model_dump(mode="json"), "best_epoch": result.best_epoch,
                     "epochs_run": len(result.history), "best_valid": result.best_valid,
                     "seconds": result.seconds, "stopped": result.stopped}  # fmt: skip
-    trainer = Trainer.load(
-        checkpoint, Settings(device="cpu", sequence_length=max(200, args.max_len))
-    )
+    trainer = Trainer.load(checkpoint, ModelSettings(device="cpu"))  # its architecture wins
     full = [seqs[u] for u in users]
     served = trainer.embed_many(full)  # (U, H): what /users/{id}/embedding returns
     encoded = encode_many(trainer, full)
@@ -189,7 +186,8 @@ def main() -> None:
     attrs = {"gender": gender, "age_bucket": age, "occupation": occupation}
 
     rows = []
-    ft_config = FinetuneConfig(epochs=args.finetune_epochs)
+    # FinetuneConfig wants epochs >= 1: none at all when there are no fine-tuned rows
+    ft_config = FinetuneConfig(epochs=args.finetune_epochs) if args.finetune_epochs > 0 else None
     frozen = {
         f"SVD bag-of-items ({H})": svd,
         f"ours: served embedding ({H})": served,
@@ -234,7 +232,7 @@ def main() -> None:
         "users": len(users),
         "dim": H,
         "pretrain": pretrain,
-        "finetune": dataclasses.asdict(ft_config),
+        "finetune": ft_config.model_dump() if ft_config is not None else None,
         "cv": f"StratifiedKFold(5, shuffle, seeds 0..{args.cv_repeats - 1}, the same folds for "
         "every method); LogisticRegression(C=0.1) on standardized features; metrics are means "
         "over the repeats (sd beside them)",

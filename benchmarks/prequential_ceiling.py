@@ -8,8 +8,9 @@ section 2 order with a model trained OFFLINE on (almost) the whole stream.
 The checkpoint has seen every event but the last two of each user before the
 stream starts (leave-one-out training split), so it is NOT a fair contender: it
 shows what this encoder size can score under the protocol when training data is
-no object. Scoring is the prequential loop's own (same catalogue growth, same
-exclusion of the user's earlier items, same tie handling); the model never
+no object. Scoring is the prequential loop's own (``model.prequential``: same
+catalogue growth, same exclusion of the user's earlier items, same tie rule,
+``model.metrics.rank_of``: ties count against the target); the model never
 changes.
 """
 
@@ -32,42 +33,49 @@ def main() -> None:
     threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
 
-    from model.memory_stores import MemorySequenceStore
-    from model.prequential import TOPIC, _Catalogue, _EncoderScorer, _parse, _Request
+    from model.checkpoint import latest_checkpoint
+    from model.metrics import hit_and_gain
+    from model.prequential.feeds import TOPIC
+    from model.prequential.loop import _parse
+    from model.prequential.models import Catalogue, Query, Scoreboard, _Pending, _Scorer
     from model.trainer import Trainer
     from stream.datasets import read_dataset
-    from userstream.settings import Settings
+    from userstream.settings import ModelSettings
+    from userstream.stores import MemorySequenceStore
 
     t0 = time.perf_counter()
     path = data_path("ml-100k", "ml-100k.inter")
     events = read_dataset(path, "movielens").events
     if args.max_events > 0:
         events = events[: args.max_events]
-    checkpoint = Trainer.latest_checkpoint(args.checkpoint)
+    checkpoint = latest_checkpoint(args.checkpoint)
     if checkpoint is None:
         raise SystemExit(f"no checkpoint in {args.checkpoint}: run `userstream train` first")
-    trainer = Trainer.load(checkpoint, Settings(device="cpu", sequence_length=1000))
+    trainer = Trainer.load(checkpoint, ModelSettings(device="cpu"))  # its architecture wins
     T = trainer.config.max_len + 1
     store = MemorySequenceStore(T)
-    cat = _Catalogue(exclude_seen=True)
-    scorer = _EncoderScorer(trainer, 256)
+    cat = Catalogue(exclude_seen=True)
     n = len(events)
-    hr, ndcg = np.full(n, np.nan), np.full(n, np.nan)
+    board = Scoreboard(n, cat, k=10)
+    board.add_model("ceiling")
+    scorer = _Scorer(trainer, 256)
     for pos, obj in enumerate(events):
         ev = _parse(obj)
         seen = cat.user_sets.get(ev.user_id)
         if seen:  # test ...
             target = cat.index.get(ev.item_id)
-            tail = store.read_tail(ev.user_id, T)
-            scorer.pending.append(
-                _Request(pos, tail, ev.user_id, len(cat.items), target, len(seen))
-            )
+            q = Query(pos, ev.user_id, len(cat.items), target, len(seen),
+                      repeat=target is not None and target in seen)  # fmt: skip
+            scorer.pending.append(_Pending(q, store.read_tail(ev.user_id, T)))
         store.apply_many(TOPIC, [(0, pos, ev)])  # ... then the event joins the state
         cat.add(ev.user_id, ev.item_id)
         if len(scorer.pending) >= 4096:
-            scorer.flush(cat, 10, hr, ndcg)
-    scorer.flush(cat, 10, hr, ndcg)
-    scored = ~np.isnan(hr)
+            scorer.flush(board, "ceiling")
+    scorer.flush(board, "ceiling")
+    ranks = board.ranks["ceiling"]  # (n,) NaN: not scored; inf: a miss (new item, repeat)
+    scored = ~np.isnan(ranks)
+    hit, gain = hit_and_gain(np.where(scored, ranks, np.inf), board.k)
+    hr, ndcg = np.where(scored, hit, np.nan), np.where(scored, gain, np.nan)
     cuts = [(a, min(b, n)) for a, b in ((0, 20_000), (20_000, n)) if a < n]
     by_part = {f"{a}-{b}": float(hr[a:b][scored[a:b]].mean()) for a, b in cuts}
     payload = {

@@ -9,7 +9,7 @@ says how to make it); this script re-runs itself there with ``--worker``.
 
 Same split: RecBole's ``LS: valid_and_test`` with time order on the per-user
 chronological sequences (timestamps = position) is the leave-one-out split of
-``model.split``; its training set is every prefix of s_1..s_{n-2} (one 50-step
+``model.offline.split``; its training set is every prefix of s_1..s_{n-2} (one 50-step
 sequence per target). Same config: hidden 64, 2 layers, 2 heads, max length 50,
 dropout 0.5, lr 1e-3, RecBole batch 256 sequences.
 
@@ -60,7 +60,7 @@ CONFIG = {
     "train_batch_size": 256,
 }
 NEXT_ONLY = {"mlm_weight": 0.0, "contrastive_weight": 0.0}
-VARIANTS = {  # ours: OfflineConfig overrides per measured variant
+VARIANTS = {  # ours: OfflineConfig / ModelSettings field overrides per measured variant
     "default": {},
     "windows, all tasks (next+mlm+contrastive)": {"examples": "windows"},
     "windows, next only": {"examples": "windows", **NEXT_ONLY},
@@ -235,34 +235,33 @@ def recbole_worker(args) -> None:
 
 # --- our side (the project's venv) ---------------------------------------------------
 def ours_throughput(split, steps: int, repeats: int, **overrides) -> dict:
-    """Our training throughput with ``OfflineConfig`` defaults + ``overrides``:
+    """Our training throughput with ``OfflineConfig`` defaults + ``overrides``
+    (``ModelSettings`` fields go to the learner, the others to the epoch loop):
     the same examples, batches and step as ``train_offline``."""
-    import dataclasses
-
     import numpy as np
     import torch
 
     from model.batching import collate
-    from model.evaluate import encode_many
-    from model.offline import (
-        OfflineConfig,
+    from model.offline.evaluate import encode_many
+    from model.offline.train import (
         _make_trainer,
         derive_batch_size,
         resolve_config,
         train_step,
         training_examples,
     )
-    from userstream.settings import Settings
+    from userstream.settings import ModelSettings, OfflineConfig
 
-    config = resolve_config(OfflineConfig(dropout=0.5, **overrides), split.train_lengths)
-    trainer = _make_trainer(
-        split, config, Settings(device="cpu"), ROOT / "benchmarks/out/recbole/ours-tmp"
-    )
+    learner = {k: v for k, v in overrides.items() if k in ModelSettings.model_fields}
+    loop = {k: v for k, v in overrides.items() if k not in learner}
+    config = OfflineConfig().with_model(dropout=0.5, device="cpu", **learner).replace(**loop)
+    config = resolve_config(config, split.train_lengths)
+    trainer = _make_trainer(split, config.model)
     encoded = encode_many(trainer, split.full)
     examples = training_examples(encoded, config)
     targets_per_example = examples.targets / len(examples.rows)
     bs = derive_batch_size(targets_per_example)
-    config = dataclasses.replace(config, batch_size=bs)
+    config = config.with_model(train_batch_size=bs)
     rng = np.random.default_rng(0)
     trainer.encoder.train()
 
@@ -286,9 +285,12 @@ def ours_throughput(split, steps: int, repeats: int, **overrides) -> dict:
         tgts.append(nt / s)
     return {
         "config": {
-            k: getattr(config, k)
-            for k in ("examples", "next_weight", "mlm_weight", "contrastive_weight", "batch_size")
-        },  # fmt: skip
+            "examples": config.examples,
+            "next_weight": config.model.next_weight,
+            "mlm_weight": config.model.mlm_weight,
+            "contrastive_weight": config.model.contrastive_weight,
+            "batch_size": config.model.train_batch_size,
+        },
         "steps": n,
         "windows_per_s_runs": wins,
         "targets_per_s_runs": tgts,
@@ -322,8 +324,8 @@ def main() -> None:
 
     threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from model.datasets import load_sequences
-    from model.split import leave_one_out
+    from model.offline.datasets import load_sequences
+    from model.offline.split import leave_one_out
 
     path = data_path("beauty", "Beauty.txt")
     seqs = load_sequences(path, "amazon-seq")
