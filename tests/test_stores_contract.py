@@ -149,11 +149,52 @@ def test_take_dirty_drains_changed_users(store):
     assert sorted(store.iter_users()) == [f"u{i}" for i in range(5)]
 
 
+def test_claimed_users_stay_claimed_until_released_or_requeued(store):
+    store.apply_many(T, [(0, i, e(f"u{i}", "a", 1.0)) for i in range(4)])
+    first = store.take_dirty(3)
+    assert store.claimed_count() == 3 and store.dirty_count() == 1
+    store.release_claimed(first[:2])  # their embeddings are written
+    assert store.claimed_count() == 1
+    # a cycle that never finished: its last claim goes back, with what is still dirty
+    assert store.requeue_claimed() == 1
+    assert store.claimed_count() == 0
+    assert store.dirty_count() == 2 and first[2] in store.dirty_users()
+    assert store.requeue_claimed() == 0
+    # a user changed again while claimed is both dirty and claimed: requeue keeps one copy
+    again = store.take_dirty(10)
+    store.apply_many(T, [(0, 10, e(again[0], "b", 2.0))])
+    assert store.requeue_claimed() == 2 and store.dirty_count() == 2
+
+
+def test_offsets_belong_to_the_log_they_came_from(store):
+    """A recreated topic (a new log) must not turn new events into duplicates."""
+    assert store.bind_log(T, "cluster/log-1", [0, 1]) == {}  # nothing stored yet
+    store.apply_many(T, [(p, i, e(f"u{p}", f"i{i}", float(i))) for i in range(5) for p in (0, 1)])
+    assert store.bind_log(T, "cluster/log-1", [0, 1]) == {}
+    assert store.log_of(T, 0) == store.log_of(T, 1) == "cluster/log-1"
+    assert store.apply_many(T, [(0, 3, e("u0", "again", 9.0))]).skipped == 1  # same log
+    store.apply_many("other", [(0, 7, e("u2", "x", 1.0))])
+    # the broker came back empty: offsets start at 0 again in a new log; this worker
+    # was assigned partition 0 only, partition 1 is bound by whoever gets it
+    assert store.bind_log(T, "cluster/log-2", [0]) == {0: "cluster/log-1"}
+    assert store.applied_offsets(T) == {1: 4} and store.applied_offsets("other") == {0: 7}
+    assert store.bind_log(T, "cluster/log-2", [0, 1]) == {1: "cluster/log-1"}
+    assert store.applied_offsets(T) == {} and store.counters()["offset_log_resets"] == 2
+    res = store.apply_many(T, [(0, i, e("u0", f"new{i}", 10.0 + i)) for i in range(3)])
+    assert (res.applied, res.skipped) == (3, 0)
+    assert [b.item_id for b in store.read_many(["u0"])[0]][-3:] == ["new0", "new1", "new2"]
+    # offsets stored before logs were recorded belong to no known log: dropped too
+    store.apply_many("legacy", [(1, 4, e("u3", "y", 1.0))])
+    assert store.bind_log("legacy", "cluster/log-9", [0, 1]) == {1: ""}
+    assert store.applied_offsets("legacy") == {} and store.counters()["offset_log_resets"] == 3
+
+
 def test_counters_start_at_zero_and_count(store):
     assert store.counters() == {
         "events_ingested": 0,
         "events_dead_lettered": 0,
         "events_duplicate_skipped": 0,
+        "offset_log_resets": 0,
     }
     store.count("events_dead_lettered", 2)
     assert store.counters()["events_dead_lettered"] == 2
@@ -288,3 +329,20 @@ def test_model_info_round_trips(emb):
     info = ModelInfo(4, "/ckpt/ckpt-00000004.pt", 120, 1700000000.5, 3.25, drifts=2)
     emb.set_model_info(info)
     assert emb.model_info() == info
+
+
+def test_followers_report_and_the_feed_trims_what_all_applied(emb):
+    emb.upsert([f"u{i}" for i in range(10)], _unit(10), version=1)
+    feed = emb.read_updates("0-0")
+    emb.register_follower("api-a", feed[6].stream_id, 1700000000.0)
+    emb.register_follower("api-b", feed[3].stream_id, 1700000001.5)
+    assert emb.followers() == {
+        "api-a": (feed[6].stream_id, 1700000000.0),
+        "api-b": (feed[3].stream_id, 1700000001.5),
+    }
+    assert emb.trim_feed(feed[4].stream_id) == 4  # entries before it go; it stays
+    assert [u.user_id for u in emb.read_updates("0-0")] == [f"u{i}" for i in range(4, 10)]
+    assert emb.feed_state().oldest == feed[4].stream_id and emb.feed_state().added in (None, 10)
+    assert emb.trim_feed(feed[4].stream_id) == 0
+    emb.forget_follower("api-b")
+    assert set(emb.followers()) == {"api-a"}

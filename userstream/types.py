@@ -85,6 +85,14 @@ class Keys:
         return f"{self.prefix}offsets"
 
     @property
+    def logs(self) -> str:  # hash "topic:partition" -> id of the log its offset came from
+        return f"{self.prefix}logs"
+
+    @property
+    def claimed(self) -> str:  # set of dirty users a training cycle took, not yet embedded
+        return f"{self.prefix}claimed"
+
+    @property
     def counters(self) -> str:  # hash: events_ingested, events_dead_lettered, ...
         return f"{self.prefix}counters"
 
@@ -115,3 +123,7 @@ class Keys:
     @property
     def updates(self) -> str:  # Redis Stream of embedding upserts: u, i, v
         return f"{self.prefix}updates"
+
+    @property
+    def followers(self) -> str:  # hash replica -> JSON {"id": applied feed id, "at": unix time}
+        return f"{self.prefix}followers"

@@ -38,8 +38,15 @@ __all__ = [
 
 OffsetEvent = tuple[int, int, Event]  # (partition, offset, event)
 
-# counters every store reports, zero until something happened
-COUNTERS = ("events_ingested", "events_dead_lettered", "events_duplicate_skipped")
+# counters every store reports, zero until something happened; offset_log_resets
+# counts the times a topic's stored offsets were dropped because they belonged to
+# another log (a recreated topic, a restarted embedded broker, another cluster)
+COUNTERS = (
+    "events_ingested",
+    "events_dead_lettered",
+    "events_duplicate_skipped",
+    "offset_log_resets",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +153,20 @@ class SequenceStore(Protocol):
         """Add ``n`` to counter ``name``."""
         ...
 
+    def bind_log(self, topic: str, log_id: str, partitions: Iterable[int]) -> dict[int, str]:
+        """Tie the applied offsets of ``topic``'s ``partitions`` to the log ``log_id``.
+
+        An offset means something only in the log it came from. A partition
+        whose stored offset belongs to another log (or to no recorded log) has
+        it dropped, each counted in ``offset_log_resets``; returns
+        {partition: previous log id ("" for none)} of those. Atomic.
+        """
+        ...
+
+    def log_of(self, topic: str, partition: int) -> str | None:
+        """The log the partition's offset is bound to, if any."""
+        ...
+
     # --- reads (training worker, API) ------------------------------------------
     def read_many(self, user_ids: Sequence[str]) -> list[list[Behavior]]:
         """Each user's sequence, oldest first (empty for unknown users)."""
@@ -156,8 +177,22 @@ class SequenceStore(Protocol):
         ...
 
     def take_dirty(self, max_users: int) -> list[str]:
-        """Remove and return up to ``max_users`` changed users, sorted."""
+        """Claim up to ``max_users`` changed users, sorted: they move from the dirty
+        set to the claimed set in one step, and stay there until
+        :meth:`release_claimed` (after their embeddings are written) or
+        :meth:`requeue_claimed` (a cycle that failed or never finished)."""
         ...
+
+    def release_claimed(self, user_ids: Iterable[str]) -> None:
+        """The cycle that claimed these users has written their embeddings."""
+        ...
+
+    def requeue_claimed(self) -> int:
+        """Put every claimed user back into the dirty set (at start, after a
+        crash or kill); returns how many there were."""
+        ...
+
+    def claimed_count(self) -> int: ...
 
     def dirty_users(self) -> list[str]:
         """The changed users, sorted, without taking them."""
@@ -223,6 +258,21 @@ class EmbeddingStore(Protocol):
         ...
 
     def feed_state(self) -> FeedState: ...
+
+    def register_follower(self, name: str, applied_id: str, at: float) -> None:
+        """Follower ``name`` (an API replica) has applied the feed up to ``applied_id``
+        (its heartbeat at unix time ``at``); the writer trims what all have applied."""
+        ...
+
+    def followers(self) -> dict[str, tuple[str, float]]:
+        """name -> (applied feed id, unix time of its last report)."""
+        ...
+
+    def forget_follower(self, name: str) -> None: ...
+
+    def trim_feed(self, min_id: str) -> int:
+        """Drop feed entries older than ``min_id``; returns how many went."""
+        ...
 
     def read_updates(
         self, after: str, count: int = 10_000, block_ms: int | None = None

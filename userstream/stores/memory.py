@@ -41,6 +41,8 @@ class MemorySequenceStore:
         self._items: set[str] = set()
         self._behaviors: dict[str, int] = {}
         self._offsets: dict[str, int] = {}  # "topic:partition" -> offset
+        self._logs: dict[str, str] = {}  # "topic:partition" -> log id
+        self._claimed: set[str] = set()
         self._counters = dict.fromkeys(COUNTERS, 0)
 
     # --- writes ----------------------------------------------------------------
@@ -79,6 +81,22 @@ class MemorySequenceStore:
     def count(self, name: str, n: int = 1) -> None:
         self._counters[name] = self._counters.get(name, 0) + n
 
+    def bind_log(self, topic: str, log_id: str, partitions: Iterable[int]) -> dict[int, str]:
+        dropped: dict[int, str] = {}
+        for p in partitions:
+            field = f"{topic}:{int(p)}"
+            old = self._logs.get(field)
+            if old == log_id:
+                continue
+            if self._offsets.pop(field, None) is not None:
+                self.count("offset_log_resets")
+                dropped[int(p)] = old or ""
+            self._logs[field] = log_id
+        return dropped
+
+    def log_of(self, topic: str, partition: int) -> str | None:
+        return self._logs.get(f"{topic}:{partition}")
+
     # --- reads -------------------------------------------------------------------
     def read_many(self, user_ids: Sequence[str]) -> list[list[Behavior]]:
         return [list(self._seqs.get(u, ())) for u in user_ids]
@@ -90,7 +108,20 @@ class MemorySequenceStore:
         taken = sorted(self._dirty)[:max_users]
         for u in taken:
             del self._dirty[u]
+        self._claimed.update(taken)
         return taken
+
+    def release_claimed(self, user_ids: Iterable[str]) -> None:
+        self._claimed.difference_update(user_ids)
+
+    def requeue_claimed(self) -> int:
+        n = len(self._claimed)
+        self.mark_dirty(sorted(self._claimed))
+        self._claimed.clear()
+        return n
+
+    def claimed_count(self) -> int:
+        return len(self._claimed)
 
     def dirty_users(self) -> list[str]:
         return sorted(self._dirty)
@@ -134,6 +165,7 @@ class MemoryEmbeddingStore:
         self._feed_ids: list[tuple[int, int]] = []  # parsed ids of _feed, increasing
         self._last_id = (0, 0)
         self._added = 0
+        self._followers: dict[str, tuple[str, float]] = {}
 
     # --- ids ---------------------------------------------------------------------
     def nums_for(self, user_ids: Sequence[str]) -> list[int]:
@@ -205,6 +237,21 @@ class MemoryEmbeddingStore:
         oldest = self._feed[0].stream_id if self._feed else None
         last = "{}-{}".format(*self._last_id) if self._added else None
         return FeedState(len(self._feed), self._added, oldest, last)
+
+    def register_follower(self, name: str, applied_id: str, at: float) -> None:
+        self._followers[name] = (applied_id, at)
+
+    def followers(self) -> dict[str, tuple[str, float]]:
+        return dict(self._followers)
+
+    def forget_follower(self, name: str) -> None:
+        self._followers.pop(name, None)
+
+    def trim_feed(self, min_id: str) -> int:
+        ms, _, seq = min_id.partition("-")
+        cut = bisect.bisect_left(self._feed_ids, (int(ms), int(seq or 0)))
+        del self._feed[:cut], self._feed_ids[:cut]
+        return cut
 
     def read_updates(
         self, after: str, count: int = 10_000, block_ms: int | None = None

@@ -7,6 +7,7 @@ index from :meth:`RedisEmbeddingStore.read_all` once, then follow the feed with
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -128,6 +129,22 @@ class RedisEmbeddingStore:
         nums = self.nums_for(users)
         mat = np.stack(vecs) if vecs else np.zeros((0, 0), dtype=np.float32)
         return users, mat, nums
+
+    def register_follower(self, name: str, applied_id: str, at: float) -> None:
+        self.r.hset(self.keys.followers, name, json.dumps({"id": applied_id, "at": at}))
+
+    def followers(self) -> dict[str, tuple[str, float]]:
+        out = {}
+        for name, raw in self.r.hgetall(self.keys.followers).items():
+            rec = json.loads(raw)
+            out[name] = (str(rec["id"]), float(rec["at"]))
+        return out
+
+    def forget_follower(self, name: str) -> None:
+        self.r.hdel(self.keys.followers, name)
+
+    def trim_feed(self, min_id: str) -> int:
+        return int(self.r.xtrim(self.keys.updates, minid=min_id, approximate=False))
 
     def read_updates(
         self, after: str, count: int = 10_000, block_ms: int | None = None

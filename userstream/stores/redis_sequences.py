@@ -45,6 +45,37 @@ return #KEYS
 """
 
 
+# bind_log: KEYS = logs, offsets, counters; ARGV = topic, log id, partitions...
+# Drops a partition's offset when it belongs to another log; returns a flat list
+# partition, old id ("" for none), ... of those.
+_BIND_LOG_LUA = """
+local out = {}
+for i = 3, #ARGV do
+  local field = ARGV[1] .. ':' .. ARGV[i]
+  local old = redis.call('HGET', KEYS[1], field)
+  if old ~= ARGV[2] then
+    if redis.call('HDEL', KEYS[2], field) == 1 then
+      redis.call('HINCRBY', KEYS[3], 'offset_log_resets', 1)
+      table.insert(out, ARGV[i])
+      table.insert(out, old or '')
+    end
+    redis.call('HSET', KEYS[1], field, ARGV[2])
+  end
+end
+return out
+"""
+
+# take_dirty: KEYS = dirty, claimed; ARGV = max users. SPOP and SADD in one step,
+# so a crash between them cannot lose a claim.
+_TAKE_DIRTY_LUA = """
+local got = redis.call('SPOP', KEYS[1], ARGV[1])
+for i = 1, #got, 1000 do
+  redis.call('SADD', KEYS[2], unpack(got, i, math.min(i + 999, #got)))
+end
+return got
+"""
+
+
 class RedisSequenceStore:
     """:class:`~userstream.stores.SequenceStore` on Redis (a client from
     :func:`userstream.stores.connect`)."""
@@ -54,6 +85,8 @@ class RedisSequenceStore:
         self.keys = keys
         self.max_len = max_len
         self._append = client.register_script(_APPEND_LUA)
+        self._bind_log = client.register_script(_BIND_LOG_LUA)
+        self._take_dirty = client.register_script(_TAKE_DIRTY_LUA)
 
     # --- writes (stream worker) ----------------------------------------------
     def applied_offsets(self, topic: str) -> dict[int, int]:
@@ -113,6 +146,15 @@ class RedisSequenceStore:
     def count(self, name: str, n: int = 1) -> None:
         self.r.hincrby(self.keys.counters, name, n)
 
+    def bind_log(self, topic: str, log_id: str, partitions: Iterable[int]) -> dict[int, str]:
+        k = self.keys
+        args = [topic, log_id, *(int(p) for p in partitions)]
+        flat = self._bind_log(keys=[k.logs, k.offsets, k.counters], args=args) or []
+        return {int(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+
+    def log_of(self, topic: str, partition: int) -> str | None:
+        return self.r.hget(self.keys.logs, f"{topic}:{partition}")
+
     # --- reads (training worker, API) ----------------------------------------
     def read_many(self, user_ids: Sequence[str]) -> list[list[Behavior]]:
         pipe = self.r.pipeline(transaction=False)
@@ -124,12 +166,29 @@ class RedisSequenceStore:
         return [decode_behavior(x) for x in self.r.lrange(self.keys.seq(user_id), -n, -1)]
 
     def take_dirty(self, max_users: int) -> list[str]:
-        """Atomically remove and return up to ``max_users`` changed users, sorted.
+        """Claim up to ``max_users`` changed users, sorted (see the Protocol).
 
         Sorted, not in SPOP's random order: a training cycle (its batches and
         reservoir updates follow this order) is then reproducible from the state.
         """
-        return sorted(self.r.spop(self.keys.dirty, max_users) or [])
+        got = self._take_dirty(keys=[self.keys.dirty, self.keys.claimed], args=[max_users])
+        return sorted(got or [])
+
+    def release_claimed(self, user_ids: Iterable[str]) -> None:
+        ids = list(user_ids)
+        if ids:
+            self.r.srem(self.keys.claimed, *ids)
+
+    def requeue_claimed(self) -> int:
+        k = self.keys
+        pipe = self.r.pipeline(transaction=True)
+        pipe.scard(k.claimed)
+        pipe.sunionstore(k.dirty, [k.dirty, k.claimed])
+        pipe.delete(k.claimed)
+        return int(pipe.execute()[0])
+
+    def claimed_count(self) -> int:
+        return int(self.r.scard(self.keys.claimed))
 
     def dirty_users(self) -> list[str]:
         return sorted(self.r.smembers(self.keys.dirty))
