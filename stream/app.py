@@ -26,8 +26,9 @@ from typing import Any
 import faust
 import redis
 
-from stream.agents import attach_ingest_agent
-from stream.topics import ensure_topics_async
+from stream.agents import EXIT_LOG_CHANGED, attach_ingest_agent, die
+from stream.logs import LogChanged, LogGuard
+from stream.topics import LogIds, ensure_topics_async
 from userstream.settings import Settings
 from userstream.stores import RedisSequenceStore, connect
 from userstream.types import Keys
@@ -35,6 +36,8 @@ from userstream.types import Keys
 __all__ = ["create_app", "read_ready", "ready_field", "ready_key", "run_worker"]
 
 LOG = logging.getLogger(__name__)
+
+LOG_CHECK_S = 5.0  # how often the topic's log identity is checked between batches
 
 
 def ready_key(settings: Settings) -> str:
@@ -76,7 +79,8 @@ def create_app(settings: Settings) -> faust.App:
     )
     client = connect(settings.effective_redis_url)
     store = RedisSequenceStore(client, Keys(settings.redis_prefix), settings.sequence_length)
-    attach_ingest_agent(app, settings, store)
+    guard = LogGuard(store, settings.events_topic, LogIds(settings.effective_kafka))
+    attach_ingest_agent(app, settings, store, guard)
     key, field = ready_key(settings), ready_field()
 
     def _write(fn, *args) -> None:
@@ -87,10 +91,36 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.on_partitions_assigned.connect
     async def _ready(sender: faust.App, assigned: set, **_: Any) -> None:
+        # before any batch of this assignment: offsets of another log must go
+        mine = [tp for tp in assigned if tp.topic == settings.events_topic]
+        try:
+            dropped = await asyncio.to_thread(guard.bind, [tp.partition for tp in mine])
+        except Exception as exc:
+            die(f"could not bind the offsets to the topic's log: {exc!r}", EXIT_LOG_CHANGED)
+        for tp in mine:
+            # another recorded log, and the group's committed offset (the broker kept
+            # it) counts that log too: read the new one from its start
+            if dropped.get(tp.partition) and (await app.consumer.position(tp) or 0) > 0:
+                await app.consumer.seek(tp, 0)
+                LOG.warning("%s:%d reads the new log from its start", tp.topic, tp.partition)
+        log_id = guard.bound
         parts = sorted(f"{tp.topic}:{tp.partition}" for tp in assigned)
-        record = {"app_id": settings.stream_app_id, "partitions": parts, "ts": time.time()}
+        record = {"app_id": settings.stream_app_id, "partitions": parts, "ts": time.time(),
+                  "log": log_id}  # fmt: skip
         await asyncio.to_thread(_write, client.hset, key, field, json.dumps(record))
         LOG.info("stream worker ready: %d partitions assigned %s", len(parts), parts)
+
+    @app.timer(LOG_CHECK_S)
+    async def _check_log() -> None:
+        # a topic recreated under a running consumer may deliver nothing for long
+        if guard.bound is None:
+            return
+        try:
+            await asyncio.to_thread(guard.check)
+        except LogChanged as exc:
+            die(f"{exc}: restarting binds the new log", EXIT_LOG_CHANGED)
+        except Exception as exc:  # the broker does not answer: the batches wait too
+            LOG.warning("could not check the topic's log id: %r", exc)
 
     @app.on_partitions_revoked.connect
     async def _revoked(sender: faust.App, revoked: set, **_: Any) -> None:
@@ -107,7 +137,9 @@ def run_worker(settings: Settings | None = None, loglevel: str = "info") -> None
     """Ensure the topics, then run the stream worker until a signal; exits the process.
 
     Exit codes: 0 after SIGTERM/SIGINT and a clean stop, 70 when a batch could
-    not be applied (see :mod:`stream.agents`), 1 on other errors.
+    not be applied (see :mod:`stream.agents`), 75 when the topic became a new
+    log under it (:mod:`stream.logs`; started again, it binds the new one), 1 on
+    other errors.
     """
     settings = settings or Settings()
     # asyncio.run() would leave no current loop behind; Faust wants one.

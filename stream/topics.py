@@ -20,6 +20,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from userstream.settings import Settings
 
 __all__ = [
+    "LogIds",
     "admin_client",
     "delete_topics",
     "ensure_topics",
@@ -68,8 +69,10 @@ def ensure_topics(bootstrap: str, settings: Settings, timeout_s: float = 60.0) -
     t0 = time.perf_counter()
     admin = admin_client(bootstrap, timeout_s)
     try:
+        configs = {"retention.ms": str(settings.topic_retention_ms)}
         resp = admin.create_topics(
-            [NewTopic(t, n, 1) for t, n in wanted.items()], raise_errors=False
+            [NewTopic(t, n, 1, topic_configs=configs) for t, n in wanted.items()],
+            raise_errors=False,
         )
         for err in resp["topics"]:
             code = err["error_code"]
@@ -108,6 +111,58 @@ async def ensure_topics_async(
 ) -> dict[str, int]:
     """:func:`ensure_topics` for code inside an event loop (runs in a thread)."""
     return await asyncio.to_thread(ensure_topics, bootstrap, settings, timeout_s)
+
+
+class LogIds:
+    """Reads the identity of the log behind a topic: ``<cluster id>/<topic id>``.
+
+    Kafka gives every topic a new id when it is created (KIP-516), so a deleted
+    and recreated topic, an embedded broker started again (memory storage: it
+    comes back empty) or another cluster all show a new identity, while the
+    offsets in Redis still count the old log. Keeps one admin connection;
+    brokers older than 2.8 have no topic ids, and then only a new cluster is
+    detected (logged once).
+    """
+
+    def __init__(self, bootstrap: str, timeout_s: float = 30.0) -> None:
+        self.bootstrap = bootstrap
+        self.timeout_s = timeout_s
+        self._admin: KafkaAdminClient | None = None
+        self._warned = False
+
+    def __call__(self, topics: Iterable[str]) -> dict[str, str]:
+        """{topic: log id} of ``topics`` (which must exist)."""
+        names = list(topics)
+        try:
+            return self._read(names)
+        except Exception:  # a stale connection (the broker restarted): once more, fresh
+            self.close()
+            return self._read(names)
+
+    def _read(self, names: list[str]) -> dict[str, str]:
+        if self._admin is None:
+            self._admin = admin_client(self.bootstrap, self.timeout_s)
+        cluster = self._admin.describe_cluster()["cluster_id"]
+        out = {}
+        for t in self._admin.describe_topics(names):
+            if t["error_code"] != 0:
+                raise RuntimeError(f"topic {t['name']!r}: error {t['error_code']}")
+            topic_id = t.get("topic_id")
+            if not topic_id or str(topic_id) == "00000000-0000-0000-0000-000000000000":
+                if not self._warned:
+                    LOG.warning("the broker reports no topic ids: a recreated topic cannot be "
+                                "told from the old one (needs Kafka >= 2.8)")  # fmt: skip
+                    self._warned = True
+                topic_id = "-"
+            out[t["name"]] = f"{cluster}/{topic_id}"
+        return out
+
+    def close(self) -> None:
+        if self._admin is not None:
+            try:
+                self._admin.close()
+            finally:
+                self._admin = None
 
 
 def delete_topics(bootstrap: str, topics: Iterable[str], timeout_s: float = 30.0) -> None:
