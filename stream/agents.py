@@ -14,6 +14,15 @@ leaves a batch unapplied (an unexpected error, a stop during a Redis outage)
 ends the process at once with exit code 70 and no commit; the batch is
 redelivered to the next worker and ``apply_many`` skips what was already
 applied.
+
+Dead letters go out before the batch is applied. No message can fail the
+batch: decoding never raises, and a dead-letter value is bounded
+(:data:`stream.events.DEAD_LETTER_MAX_BYTES`). Should the broker still refuse
+one record (too large for its own limit, say), a shorter record with the
+reason and the payload's size replaces it, since a redelivery would only be
+refused again. Any other send failure (a broker outage) fails the batch as a
+Redis error at stop does: exit 70, no commit, the batch redelivered, so no
+dead letter is lost silently.
 """
 
 from __future__ import annotations
@@ -28,24 +37,39 @@ from typing import Any, TypeVar
 
 import faust
 import redis
+from aiokafka.errors import (
+    CorruptRecordException,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+)
 
 from stream.events import DeadLetter, dead_letter_value, split_batch
+from stream.logs import LogChanged, LogGuard
 from userstream.settings import Settings
 from userstream.stores import AppliedBatch, SequenceStore
 
-__all__ = ["BatchWriter", "EXIT_UNAPPLIED", "attach_ingest_agent"]
+__all__ = ["BatchWriter", "EXIT_LOG_CHANGED", "EXIT_UNAPPLIED", "attach_ingest_agent", "die"]
 
 LOG = logging.getLogger(__name__)
 
 EXIT_UNAPPLIED = 70  # EX_SOFTWARE: stopped with a batch that is not in Redis
+EXIT_LOG_CHANGED = 75  # EX_TEMPFAIL: the topic became a new log; start again to bind it
 _RETRY_MAX_S = 5.0
+_FALLBACK_BYTES = 4096  # the record sent when the broker refused the full dead letter
+# The broker refused this record itself: a retry or a redelivery would be refused too.
+_REFUSED = (MessageSizeTooLargeError, RecordListTooLargeError, CorruptRecordException)
 T = TypeVar("T")
 
 
-def _die(reason: str) -> None:
+def _refused(exc: BaseException) -> bool:
+    # Faust wraps what aiokafka raises in send() in ProducerSendError (the cause).
+    return isinstance(exc, _REFUSED) or isinstance(exc.__cause__, _REFUSED)
+
+
+def die(reason: str, code: int = EXIT_UNAPPLIED) -> None:
     LOG.critical("%s; exiting without committing Kafka offsets", reason)
     logging.shutdown()
-    os._exit(EXIT_UNAPPLIED)
+    os._exit(code)
 
 
 class BatchWriter:
@@ -57,15 +81,23 @@ class BatchWriter:
         dlq: faust.TopicT,
         stopping: Callable[[], bool] = lambda: False,
         stop_grace_s: float = 10.0,
+        guard: LogGuard | None = None,
     ) -> None:
         self.store = store
         self.dlq = dlq
+        self.guard = guard
         self.stopping = stopping
         self.stop_grace_s = stop_grace_s
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="redis-apply")
 
     async def write(self, topic: str, records: Sequence[tuple[int, int, Any, Any]]) -> AppliedBatch:
         t0 = time.perf_counter()
+        if self.guard is not None:
+            await self._check_log()
+        # one (partition, offset) is one record of the log: a record delivered twice in
+        # one batch (a seek while messages were buffered) counts once
+        seen: set[tuple[int, int]] = set()
+        records = [r for r in records if (r[0], r[1]) not in seen and not seen.add((r[0], r[1]))]
         events, dead = split_batch(records)
         if dead:
             dead = await self._not_yet_applied(topic, dead)
@@ -84,6 +116,26 @@ class BatchWriter:
         )
         return result
 
+    async def _check_log(self) -> None:
+        """The batch's offsets count the log bound at assignment, or the worker exits
+        before applying it (:mod:`stream.logs`); retried while the broker does not
+        answer the metadata request."""
+        delay = 0.1
+        while self.guard.bound is None:  # the assignment has not bound the log yet
+            await asyncio.sleep(0.05)
+        while True:
+            try:
+                await self._in_thread(self.guard.check)
+                return
+            except LogChanged as exc:
+                die(f"{exc}: restarting binds the new log", EXIT_LOG_CHANGED)
+            except Exception as exc:  # the broker does not answer (yet)
+                LOG.error("could not read the topic's log id (%r); retrying in %.1fs", exc, delay)
+                if self.stopping():
+                    die("stopping while the broker does not answer")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RETRY_MAX_S)
+
     async def _not_yet_applied(self, topic: str, dead: list[DeadLetter]) -> list[DeadLetter]:
         # A redelivered batch must not dead-letter the same message twice.
         done = await self._redis(self.store.applied_offsets, topic)
@@ -92,10 +144,39 @@ class BatchWriter:
     async def _send_dead_letters(self, topic: str, dead: list[DeadLetter]) -> None:
         now = time.time()
         pending = []
-        for partition, offset, key, invalid in dead:
+        for letter in dead:
+            partition, offset, key, invalid = letter
             value = dead_letter_value(invalid, topic, partition, offset, now)
-            pending.append(await self.dlq.send(key=key, value=value, force=True))
-        await asyncio.gather(*pending)  # delivered before the offsets move on
+            try:
+                fut = await self.dlq.send(key=key, value=value, force=True)
+            except Exception as exc:
+                if not _refused(exc):
+                    raise  # an outage: the batch fails and is redelivered (module doc)
+                fut = await self._send_short(topic, letter, now, exc)
+            pending.append((letter, fut))
+        for letter, fut in pending:  # delivered before the offsets move on
+            try:
+                await fut
+            except Exception as exc:
+                if not _refused(exc):
+                    raise
+                # a broker that refuses even the short record fails the batch: loudly
+                await (await self._send_short(topic, letter, now, exc))
+
+    async def _send_short(
+        self, topic: str, letter: DeadLetter, now: float, exc: BaseException
+    ) -> asyncio.Future:
+        """The dead letter again, without the key and with the payload cut to a few KiB."""
+        partition, offset, _, invalid = letter
+        LOG.warning(
+            "the broker refused the dead letter of %s:%d offset %d (%r); sending a shorter one",
+            topic,
+            partition,
+            offset,
+            exc,
+        )
+        value = dead_letter_value(invalid, topic, partition, offset, now, _FALLBACK_BYTES)
+        return await self.dlq.send(key=None, value=value, force=True)
 
     async def _redis(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in the writer thread, retried with backoff while Redis is unreachable."""
@@ -111,7 +192,7 @@ class BatchWriter:
                 now = time.monotonic()
                 give_up_at = give_up_at or now + self.stop_grace_s
                 if now > give_up_at:
-                    _die(f"stopping while Redis is unavailable for {self.stop_grace_s:.0f}s")
+                    die(f"stopping while Redis is unavailable for {self.stop_grace_s:.0f}s")
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RETRY_MAX_S)
 
@@ -126,14 +207,17 @@ class BatchWriter:
             done = set()
         if not done or task.cancelled() or task.exception() is not None:
             task.cancel()
-            _die(f"stopping with a batch of {n_messages} messages not applied")
+            die(f"stopping with a batch of {n_messages} messages not applied")
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
 
-def attach_ingest_agent(app: faust.App, settings: Settings, store: SequenceStore) -> BatchWriter:
-    """Register the ingest agent on ``app``; returns its writer (for shutdown)."""
+def attach_ingest_agent(
+    app: faust.App, settings: Settings, store: SequenceStore, guard: LogGuard | None = None
+) -> BatchWriter:
+    """Register the ingest agent on ``app``; returns its writer (for shutdown).
+    ``guard`` checks before every batch that the topic is still the bound log."""
     source = app.topic(
         settings.events_topic,
         partitions=settings.topic_partitions,
@@ -146,7 +230,7 @@ def attach_ingest_agent(app: faust.App, settings: Settings, store: SequenceStore
         key_serializer="raw",
         value_serializer="raw",
     )
-    writer = BatchWriter(store, dlq, stopping=lambda: bool(app.should_stop))
+    writer = BatchWriter(store, dlq, stopping=lambda: bool(app.should_stop), guard=guard)
 
     @app.agent(source, name="ingest")
     async def ingest(stream: faust.StreamT) -> None:
@@ -165,6 +249,6 @@ def attach_ingest_agent(app: faust.App, settings: Settings, store: SequenceStore
                 raise
             except Exception as exc:
                 LOG.exception("batch failed")
-                _die(f"a batch of {len(records)} messages was not applied: {exc!r}")
+                die(f"a batch of {len(records)} messages was not applied: {exc!r}")
 
     return writer

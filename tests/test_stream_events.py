@@ -62,7 +62,7 @@ def test_valid_event_is_normalized():
         ("2023-11-14T22:13:20Z", float(TS)),
         ("2023-11-14T23:13:20+01:00", float(TS)),
         ("2023-11-14T22:13:20", float(TS)),  # no offset: UTC
-        (0, 0.0),
+        (0, 0.0),  # parse_message alone has no floor; split_batch (the worker) has
     ],
 )
 def test_timestamps(ts, want):
@@ -173,6 +173,19 @@ def test_split_batch_tags_offsets_and_keys():
     record = json.loads(dead_letter_value(dead[0][3], "topic", 1, 3, 123.0))
     assert record["payload"] == "nope" and record["offset"] == 3 and record["topic"] == "topic"
     assert record["reason"].startswith("message is not valid JSON")
+    assert (record["payload_bytes"], record["truncated"]) == (4, False)
+
+
+def test_split_batch_rejects_times_before_the_live_floor():
+    old = [(0, 0, None, json.dumps(ev(ts=t)).encode()) for t in (0, 5, 788_918_399)]
+    events, dead = split_batch(old)
+    assert events == [] and [d[3].reason for d in dead] == [
+        "ts '0' is before 1995-01-01T00:00:00Z",
+        "ts '5' is before 1995-01-01T00:00:00Z",
+        "ts '788918399' is before 1995-01-01T00:00:00Z",
+    ]
+    events, dead = split_batch([(0, 1, None, json.dumps(ev(ts=788_918_400)).encode())])
+    assert dead == [] and events[0][2].ts == 788_918_400.0
 
 
 def test_encoding_round_trip():

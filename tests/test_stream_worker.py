@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from stream.app import read_ready
 from stream.generator import ClickstreamGenerator
 from stream.replay import produce_events
 from stream.topics import read_topic_async
-from tests.helpers import wait_until
+from tests.helpers import stream_settings, wait_until
 from userstream.settings import Settings
 from userstream.stores import RedisSequenceStore, SequenceStore
 
@@ -38,19 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def settings(tmp_path, broker, redis_url, redis_prefix) -> Settings:
-    tag = uuid.uuid4().hex[:8]
-    return Settings(
-        data_dir=tmp_path,
-        kafka_bootstrap_servers=broker,
-        redis_url=redis_url,
-        redis_prefix=redis_prefix,
-        events_topic=f"ev-{tag}",
-        dlq_topic=f"dlq-{tag}",
-        stream_app_id=f"stream-test-{tag}",
-        topic_partitions=2,
-        sequence_length=200,
-        stream_batch_within_s=0.05,
-    )
+    return stream_settings(tmp_path, broker, redis_url, redis_prefix, sequence_length=200)
 
 
 class Worker:
