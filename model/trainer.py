@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from model.vocab import BehaviorVocab, ItemVocab
 from userstream.settings import ModelSettings
 from userstream.types import Behavior
 
-__all__ = ["Trainer", "resolve_device"]
+__all__ = ["Interrupted", "Trainer", "resolve_device"]
 
 LOG = logging.getLogger(__name__)
 
@@ -43,6 +43,12 @@ GRAD_CLIP = 1.0
 # linear softmax model trained by the item-bag task alone is far from converged at
 # the encoder's rate within a profile run (docs/architecture.md, "Profiles")
 PROFILE_LR_SCALE = 10.0
+
+
+class Interrupted(RuntimeError):
+    """``learn_many`` stopped between two optimizer steps because it was asked to.
+    The weights hold the steps taken so far under the old version: reload the
+    checkpoint (or simply exit) rather than keep training on them."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -151,8 +157,16 @@ class Trainer:
                 _swap_optimizer_param(self.optimizer, old, new)
         return admitted
 
-    def learn_many(self, sequences: Sequence[Sequence[Behavior]], steps: int) -> dict[str, float]:
+    def learn_many(
+        self,
+        sequences: Sequence[Sequence[Behavior]],
+        steps: int,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> dict[str, float]:
         """Observe vocabularies, grow the item table, take ``steps`` optimizer steps.
+
+        ``should_stop`` is asked before every step; when it says so, the method
+        raises :class:`Interrupted` (the version does not change).
 
         Each step trains on ``train_batch_size`` sequences drawn at random
         without replacement. Empty sequences are ignored; if none is left,
@@ -170,7 +184,9 @@ class Trainer:
         bs = min(self.settings.train_batch_size, len(seqs))
         self.encoder.train()
         sums: dict[str, float] = {}
-        for _ in range(steps):
+        for step in range(steps):
+            if should_stop is not None and should_stop():
+                raise Interrupted(f"stopped after {step} of {steps} steps")
             pick = torch.randperm(len(seqs), generator=self.generator)[:bs].tolist()
             batch = make_batch(
                 [seqs[i] for i in pick], self.items, self.behaviors, T, self.config.n_gap_buckets

@@ -223,3 +223,121 @@ def test_run_forever_trains_when_enough_events_arrive(tmp_path, keys, stores):
         thread.join(10)
     assert not thread.is_alive()
     assert emb_store.model_info().version == 2
+
+
+def test_a_stop_interrupts_a_cycle_between_steps_and_keeps_its_users(tmp_path, keys, stores):
+    seq_store, emb_store = stores
+    s = make_settings(tmp_path, keys, train_steps=100_000)  # a cycle far longer than the test
+    feed = Feed(seq_store, n_users=6)
+    feed.write(feed.users, per_user=4)
+    worker = TrainingWorker(s, seq_store, emb_store)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
+    thread.start()
+    wait_until(lambda: seq_store.claimed_count() == 6, what="the cycle to claim the users")
+    stop.set()
+    thread.join(30)
+    assert not thread.is_alive(), "the stop did not interrupt the cycle"
+    # nothing was published, and every claimed user is dirty again
+    assert emb_store.model_info() is None and worker.trainer.version == 0
+    assert seq_store.claimed_count() == 0 and sorted(seq_store.dirty_users()) == sorted(feed.users)
+
+
+def test_a_worker_killed_mid_cycle_loses_no_refresh(tmp_path, keys, stores, redis_url):
+    """kill -9 during a cycle: the claimed users are re-embedded by the next worker."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    seq_store, emb_store = stores
+    feed = Feed(seq_store, n_users=6)
+    feed.write(feed.users, per_user=4)
+    env = {**os.environ, "REDIS_URL": redis_url, "REDIS_PREFIX": keys.prefix, "DATA_DIR": str(tmp_path),
+           "HIDDEN_SIZE": "32", "NUM_LAYERS": "1", "MAX_LEN": "16", "SEQUENCE_LENGTH": "32",
+           "DEVICE": "cpu", "TRAIN_INTERVAL_S": "0.1"}  # fmt: skip
+
+    def worker(steps: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "userstream", "train-worker"],
+            env={**env, "TRAIN_STEPS": str(steps)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    slow = worker(steps=100_000)
+    try:
+        wait_until(lambda: seq_store.claimed_count() == 6, 120, "a claim", proc=slow)
+        slow.send_signal(signal.SIGKILL)
+        slow.wait(10)
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+    assert seq_store.dirty_count() == 0 and seq_store.claimed_count() == 6  # not lost
+    fresh = worker(steps=2)
+    try:
+        wait_until(lambda: all(emb_store.get(u) is not None for u in feed.users), 120,
+                   "every user embedded by the next worker", proc=fresh)  # fmt: skip
+        assert seq_store.claimed_count() == 0 and seq_store.dirty_count() == 0
+    finally:
+        fresh.send_signal(signal.SIGTERM)
+        assert fresh.wait(60) == 0  # a clean stop
+
+
+def test_a_hung_redis_fails_the_cycle_and_its_users_come_back(tmp_path, keys):
+    """Redis stops answering mid-cycle (SIGSTOP): the cycle times out, and once Redis
+    answers again the claimed users are dirty again and get embedded."""
+    import signal
+
+    from userstream.embedded import free_port, start_redis
+    from userstream.stores import connect
+
+    port = free_port()
+    proc = start_redis(port, tmp_path / "redis", tmp_path / "redis.log")
+    client = connect(f"redis://127.0.0.1:{port}/0", socket_timeout=1.0)
+    try:
+        seq_store = RedisSequenceStore(client, keys, 32)
+        emb_store = RedisEmbeddingStore(client, keys, 1000)
+        feed = Feed(seq_store, n_users=6)
+        feed.write(feed.users, per_user=4)
+        worker = TrainingWorker(make_settings(tmp_path, keys, train_steps=2), seq_store, emb_store)
+        real = worker.trainer.learn_many
+
+        def learn_then_hang(*args, **kwargs):
+            out = real(*args, **kwargs)
+            proc.send_signal(signal.SIGSTOP)  # Redis hangs right before the writes
+            return out
+
+        worker.trainer.learn_many = learn_then_hang
+        stop = threading.Event()
+        thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
+        thread.start()
+        try:
+            # the hang turns into a failed cycle (socket timeout), not a stuck worker
+            wait_until(lambda: worker.failed_cycles >= 1, 60, "the cycle to fail on the hang")
+            assert proc_state(proc.pid) == "T"
+            worker.trainer.learn_many = real
+            proc.send_signal(signal.SIGCONT)
+            wait_until(
+                lambda: (
+                    all(emb_store.get(u) is not None for u in feed.users)
+                    and seq_store.claimed_count() == 0
+                ),
+                60,
+                "every user embedded and released after Redis came back",
+            )
+            assert seq_store.dirty_count() == 0
+        finally:
+            proc.send_signal(signal.SIGCONT)
+            stop.set()
+            thread.join(30)
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(10)
+
+
+def proc_state(pid: int) -> str:
+    """The process state letter from /proc (T = stopped)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0]

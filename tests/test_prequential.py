@@ -254,9 +254,9 @@ def test_worker_publishes_drifts_and_catches_up(tmp_path):
     worker = TrainingWorker(s, store, emb, drift=drift)
     real = worker.trainer.learn_many
 
-    def learn_many(seqs, steps):
+    def learn_many(seqs, steps, **kw):
         counted.append(steps)
-        return real(seqs, steps)
+        return real(seqs, steps, **kw)
 
     counted: list[int] = []
     worker.trainer.learn_many = learn_many  # type: ignore[method-assign]

@@ -12,10 +12,17 @@ One cycle (:meth:`TrainingWorker.run_cycle`):
 4. write a versioned checkpoint (with the reservoir and the drift count);
 5. re-embed the dirty users plus up to ``refresh_budget`` other users, taken
    round robin over all users, so embeddings from older model versions get
-   refreshed; upsert them and publish the model info (and field ``drifts``
-   of the model hash).
+   refreshed; upsert them, trim the update feed to what live followers still
+   need, and publish the model info (and field ``drifts`` of the model hash).
 
-If the cycle fails, the dirty users it took are put back in the dirty set.
+The dirty users a cycle takes are *claimed* (moved to a claimed set in the
+same step, :meth:`SequenceStore.take_dirty`) and released only after their
+embeddings are written, so no crash loses a refresh: a cycle that raises puts
+them back at once; one that never finished (SIGKILL, a hung Redis, a stop)
+leaves them claimed, and :meth:`run_forever` puts every claimed user back when
+it starts and after a failed cycle. A stop (SIGTERM) interrupts a cycle between
+optimizer steps (the dirty users of a trained cycle are still embedded; the
+refresh of other users is skipped).
 :meth:`run_forever` runs a cycle every ``train_interval_s`` or as soon as
 ``train_every_events`` new events were ingested, whichever comes first.
 """
@@ -32,7 +39,7 @@ from dataclasses import dataclass
 from model.checkpoint import latest_checkpoint
 from model.live.drift import DriftMonitor
 from model.live.reservoir import Reservoir
-from model.trainer import Trainer
+from model.trainer import Interrupted, Trainer
 from userstream.settings import Settings
 from userstream.stores import (
     EmbeddingStore,
@@ -51,6 +58,7 @@ LOG = logging.getLogger(__name__)
 MAX_DIRTY_PER_CYCLE = 50_000
 POLL_S = 0.2
 ERROR_BACKOFF_S = 5.0
+REDIS_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,8 @@ class TrainingWorker:
         self.drift.count = max(self.drift.count, int(self.trainer.extra.get("drifts", 0)))
         self._refresh_iter: Iterator[str] | None = None
         self.polls = 0  # checks of the cadence by run_forever (tests wait on it)
+        self.failed_cycles = 0  # cycles (or cadence checks) that raised in run_forever
+        self._stop: threading.Event | None = None  # set by run_forever
 
     # --- one cycle -----------------------------------------------------------
     def run_cycle(self) -> CycleReport:
@@ -100,11 +110,22 @@ class TrainingWorker:
         if not dirty:
             return self._idle_report()
         try:
-            return self._cycle(dirty, t0)
-        except BaseException:
-            LOG.exception("cycle failed; %d users go back to the dirty set", len(dirty))
+            report = self._cycle(dirty, t0)
+        except BaseException as exc:
+            if isinstance(exc, Interrupted):
+                LOG.info(
+                    "cycle interrupted (%s); %d users go back to the dirty set", exc, len(dirty)
+                )
+            else:
+                LOG.exception("cycle failed; %d users go back to the dirty set", len(dirty))
             self.sequences.mark_dirty(dirty)
+            self.sequences.release_claimed(dirty)
             raise
+        self.sequences.release_claimed(dirty)
+        return report
+
+    def _stopping(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
 
     def _cycle(self, dirty: list[str], t0: float) -> CycleReport:
         s = self.settings
@@ -121,7 +142,9 @@ class TrainingWorker:
             return self._idle_report()
 
         t_train = time.perf_counter()
-        stats = self.trainer.learn_many([q for _, q in kept] + replay_seqs, steps=steps)
+        stats = self.trainer.learn_many(
+            [q for _, q in kept] + replay_seqs, steps=steps, should_stop=self._stopping
+        )
         self.drift.update("loss", stats["loss"])
         path = self.trainer.save(
             s.checkpoint_dir,
@@ -133,13 +156,18 @@ class TrainingWorker:
         t_embed = time.perf_counter()
         version = self.trainer.version
         n = 0
+        # a stop lets the dirty users be embedded (inference: quick next to the steps,
+        # and the checkpoint is written) but not the best-effort refresh
         for start in range(0, len(kept), s.embed_batch_size):
             chunk = kept[start : start + s.embed_batch_size]
             n += self._embed_and_upsert([u for u, _ in chunk], [q for _, q in chunk], version)
         refresh = self._refresh_users(s.refresh_budget, exclude=dirty_set)
         for start in range(0, len(refresh), s.embed_batch_size):
+            if self._stopping():
+                break  # the refresh is best effort; every dirty user is embedded
             users = refresh[start : start + s.embed_batch_size]
             n += self._embed_and_upsert(users, self.sequences.read_many(users), version)
+        self._trim_feed()
         self.embeddings.set_model_info(
             ModelInfo(
                 version,
@@ -167,6 +195,18 @@ class TrainingWorker:
             version, report.dirty_users, report.replay_users, report.loss, train_s, n, embed_s,
         )  # fmt: skip
         return report
+
+    def _trim_feed(self) -> None:
+        """Keep the feed entries some live follower has not applied yet, and
+        nothing older than ``feed_retention_s`` (a follower that far behind, or
+        silent that long, rebuilds from the embeddings)."""
+        now = time.time()
+        keep = self.settings.feed_retention_s
+        floor = (int((now - keep) * 1000), 0)
+        live = [_feed_id(i) for i, at in self.embeddings.followers().values() if now - at <= keep]
+        if live:
+            floor = max(floor, min(live))
+        self.embeddings.trim_feed("{}-{}".format(*floor))
 
     def _idle_report(self) -> CycleReport:
         return CycleReport(self.trainer.version, 0, 0, 0, self.trainer.last_loss, 0.0, 0.0, 0.0)
@@ -205,23 +245,39 @@ class TrainingWorker:
         """Run cycles until ``stop`` is set: every ``train_interval_s``, or sooner
         once ``train_every_events`` new events were ingested. Polls every 0.2 s."""
         s = self.settings
+        self._stop = stop
         last_t = -float("inf")  # run at once: clear any backlog left by a restart
         last_events = 0
         LOG.info("training worker started (v%d)", self.trainer.version)
+        requeue = True  # claims of a cycle that never finished go back first
         while not stop.is_set():
             try:
+                if requeue:
+                    n = self.sequences.requeue_claimed()
+                    if n:
+                        LOG.warning("%d users claimed by an unfinished cycle are dirty again", n)
+                    requeue = False
                 events = self.sequences.counters()["events_ingested"]
                 due = time.monotonic() - last_t >= s.train_interval_s
                 if due or events - last_events >= s.train_every_events:
                     last_t, last_events = time.monotonic(), events
                     self.run_cycle()
+            except Interrupted:
+                break  # the stop was asked for; the cycle put its users back
             except Exception:
                 LOG.exception("training cycle failed; retrying in %.0fs", ERROR_BACKOFF_S)
+                self.failed_cycles += 1
+                requeue = True  # putting them back may itself have failed (Redis down)
                 stop.wait(ERROR_BACKOFF_S)
                 continue
             self.polls += 1
             stop.wait(POLL_S)
         LOG.info("training worker stopped (v%d)", self.trainer.version)
+
+
+def _feed_id(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def load_trainer(settings: Settings) -> Trainer:
@@ -235,7 +291,9 @@ def main(settings: Settings | None = None) -> None:
     SIGTERM/SIGINT. Continues from the latest checkpoint when there is one."""
     settings = settings or Settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    client = connect(settings.effective_redis_url)
+    # a hung Redis must fail a cycle (its claims are put back), not hang it forever
+    client = connect(settings.effective_redis_url, socket_timeout=REDIS_TIMEOUT_S,
+                     socket_connect_timeout=REDIS_TIMEOUT_S)  # fmt: skip
     keys = Keys(settings.redis_prefix)
     sequences = RedisSequenceStore(client, keys, settings.sequence_length)
     embeddings = RedisEmbeddingStore(client, keys, settings.update_feed_maxlen)
