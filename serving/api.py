@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -16,10 +17,10 @@ from importlib.metadata import PackageNotFoundError, version
 import redis
 import uvicorn
 from fastapi import FastAPI
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
-from serving.context import ServingContext
+from serving.context import OpsStores, ServingContext
 from serving.follower import IndexFollower
 from serving.metrics import RequestMetricsMiddleware, ServingMetrics
 from serving.recommender import Recommender
@@ -28,17 +29,31 @@ from userstream.settings import Settings
 from userstream.stores import RedisEmbeddingStore, RedisSequenceStore, connect
 from userstream.types import Keys
 
-__all__ = ["create_app", "serve"]
+__all__ = ["OPS_TIMEOUT_S", "create_app", "fail_fast_client", "serve"]
 
 LOG = logging.getLogger(__name__)
 
-# A request must not hang on a stuck Redis; the follower's XREAD BLOCK (500 ms)
-# stays well under the socket timeout. redis-py's default retry policy spends
-# seconds per failed call, which would stall /healthz during an outage; the
+# The main client (user requests, the follower): the follower's XREAD BLOCK
+# stays well under the socket timeout, and a few short retries ride out a
+# restart; redis-py's default policy would spend seconds per failed call. The
 # follower has its own backoff loop.
 _REDIS_CONNECT_TIMEOUT_S = 2.0
 _REDIS_SOCKET_TIMEOUT_S = 5.0
 _REDIS_RETRIES = 2
+# The fail-fast client of /healthz, /stats and /metrics: one try, well under the
+# second a health probe waits, so an outage is a quick 503 and not a hang.
+OPS_TIMEOUT_S = 0.5
+# Per-connection state that redis-py's pool fills in itself; copying it into a
+# second pool would share it (or restore the main client's timeouts later).
+_POOL_OWNED = frozenset(
+    (
+        "orig_host_address",
+        "orig_socket_timeout",
+        "orig_socket_connect_timeout",
+        "maint_notifications_pool_handler",
+        "himport_registry",
+    )
+)
 
 
 def _version() -> str:
@@ -46,6 +61,27 @@ def _version() -> str:
         return version("userstream")
     except PackageNotFoundError:
         return "0+unknown"
+
+
+def fail_fast_client(client: redis.Redis, timeout_s: float = OPS_TIMEOUT_S) -> redis.Redis:
+    """A second client to the server of ``client`` (same address, credentials, TLS and
+    decoding) whose calls give up after ``timeout_s`` without retrying.
+
+    A pool of its own: a connection stuck on the main client's timeout never
+    delays it, and its timeouts never shorten the main client's.
+    """
+    pool = client.connection_pool
+    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k not in _POOL_OWNED}
+    connect_timeout = kwargs.get("socket_connect_timeout") or timeout_s
+    kwargs.update(
+        socket_timeout=timeout_s,
+        socket_connect_timeout=min(connect_timeout, timeout_s),
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,  # no extra PING before a command: one round trip per call
+    )
+    return redis.Redis(
+        connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+    )
 
 
 def create_app(
@@ -72,8 +108,20 @@ def create_app(
     keys = Keys(settings.redis_prefix)
     embeddings = RedisEmbeddingStore(client, keys, feed_maxlen=settings.update_feed_maxlen)
     sequences = RedisSequenceStore(client, keys, max_len=settings.sequence_length)
-    follower = IndexFollower(embeddings, settings.index_dir, settings.index_snapshot_interval_s)
-    metrics = ServingMetrics(sequences, embeddings, follower)
+    follower = IndexFollower(
+        embeddings,
+        settings.index_dir,
+        settings.index_snapshot_interval_s,
+        name=f"{socket.gethostname()}:{settings.api_port}",  # stable across restarts
+    )
+    ops_client = fail_fast_client(client)
+    ops = OpsStores(
+        redis=ops_client,
+        sequences=RedisSequenceStore(ops_client, keys, max_len=settings.sequence_length),
+        embeddings=RedisEmbeddingStore(ops_client, keys, feed_maxlen=settings.update_feed_maxlen),
+        timeout_s=OPS_TIMEOUT_S,
+    )
+    metrics = ServingMetrics(ops.sequences, ops.embeddings, follower)
     ctx = ServingContext(
         settings=settings,
         redis=client,
@@ -84,6 +132,7 @@ def create_app(
         metrics=metrics,
         follower_started=start_follower,
         recommender=Recommender(settings.checkpoint_dir, embeddings),
+        ops=ops,
     )
 
     @asynccontextmanager
@@ -96,6 +145,7 @@ def create_app(
         finally:
             if start_follower:
                 await asyncio.to_thread(follower.stop)
+            ops_client.close()
             if own_client:
                 client.close()
 

@@ -13,7 +13,22 @@ from userstream.settings import Settings
 from userstream.stores import EmbeddingStore, SequenceStore
 from userstream.types import Keys
 
-__all__ = ["ServingContext"]
+__all__ = ["OpsStores", "ServingContext"]
+
+
+@dataclass(frozen=True)
+class OpsStores:
+    """The stores again, on a client that fails fast (short timeouts, no retries).
+
+    ``/healthz``, ``/stats`` and ``/metrics`` read through these, so that a hung
+    Redis turns into a quick 503 (or ``userstream_redis_up 0``) instead of a
+    request that waits out the main client's timeouts and retries.
+    """
+
+    redis: redis.Redis
+    sequences: SequenceStore
+    embeddings: EmbeddingStore
+    timeout_s: float  # the socket timeout of ``redis``, quoted in the reasons
 
 
 @dataclass(frozen=True)
@@ -29,3 +44,4 @@ class ServingContext:
     metrics: ServingMetrics
     follower_started: bool
     recommender: Recommender
+    ops: OpsStores

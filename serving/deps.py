@@ -12,11 +12,13 @@ from serving.metrics import ServingMetrics
 __all__ = ["ContextDep", "MetricsDep", "get_context", "get_metrics"]
 
 
-def get_context(request: Request) -> ServingContext:
+# async: a sync dependency takes a slot of the route thread pool, and /healthz
+# must not wait for one while requests stuck on Redis hold them all.
+async def get_context(request: Request) -> ServingContext:
     return request.app.state.ctx
 
 
-def get_metrics(request: Request) -> ServingMetrics:
+async def get_metrics(request: Request) -> ServingMetrics:
     return request.app.state.ctx.metrics
 
 

@@ -11,6 +11,11 @@
    batch applied as one index upsert.
 3. Snapshot every ``snapshot_interval_s`` when something changed, and on
    :meth:`stop`.
+4. Report its position every ``report_interval_s``
+   (:meth:`EmbeddingStore.register_follower`, under ``name``): the training
+   worker trims the feed to what every live follower still needs. Before each
+   read it checks that nothing after its position was trimmed (a follower
+   silent for longer than the feed's retention) and rebuilds if so.
 
 Redis errors are logged and retried with exponential backoff; the thread only
 ends on :meth:`stop`. When the follower falls so far behind that the feed was
@@ -20,6 +25,8 @@ trimmed past ``applied_id`` it rebuilds, as at start.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -83,9 +90,9 @@ class IndexFollower:
         *,
         block_ms: int = 500,
         batch_size: int = 1000,
+        name: str | None = None,
+        report_interval_s: float = 2.0,
     ) -> None:
-        # batch_size <= the smallest feed maxlen (1000) makes a trimmed gap
-        # detectable: a gap implies >= maxlen unread entries, so a full batch.
         if batch_size < 1 or block_ms < 0 or snapshot_interval_s <= 0:
             raise ValueError("batch_size >= 1, block_ms >= 0 and snapshot_interval_s > 0 required")
         self.store = store
@@ -93,6 +100,8 @@ class IndexFollower:
         self.snapshot_interval_s = snapshot_interval_s
         self.block_ms = block_ms
         self.batch_size = batch_size
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.report_interval_s = report_interval_s
         self.stats = FollowerStats()
         self.ready = threading.Event()  # set once the initial load is done
         self._index = UserIndex()
@@ -155,16 +164,23 @@ class IndexFollower:
         """
         if not self.ready.is_set():
             self._initial_load()
+        # entries after our position may have been trimmed while we were silent
+        # (stalled, or cut off from Redis longer than the feed's retention)
+        if not self._covers(self._applied_id):
+            LOG.warning("update feed was trimmed past %s: rebuilding the index", self._applied_id)
+            self._rebuild()
+            return 0
         # XREAD BLOCK 0 would wait forever: 0 means "no BLOCK" here.
         got = self.store.read_updates(
             self._applied_id, count=self.batch_size, block_ms=block_ms or None
         )
-        if len(got) >= self.batch_size and not self._covers(self._applied_id):
-            LOG.warning("update feed was trimmed past %s: rebuilding the index", self._applied_id)
-            self._rebuild()
-            return 0
         self._apply(got)
         return len(got)
+
+    def report(self) -> None:
+        """Tell the writer how far this follower got (what it may trim)."""
+        if self.ready.is_set():
+            self.store.register_follower(self.name, self._applied_id, time.time())
 
     def snapshot(self) -> bool:
         """Write a snapshot if anything changed since the last one; True when written."""
@@ -179,10 +195,13 @@ class IndexFollower:
     # --- internals -----------------------------------------------------------
     def _run(self) -> None:
         backoff = _BACKOFF_MIN_S
-        last_snapshot = time.monotonic()
+        last_snapshot = last_report = time.monotonic()
         while not self._stop.is_set():
             try:
                 self.sync_once(block_ms=self.block_ms)
+                if time.monotonic() - last_report >= self.report_interval_s:
+                    last_report = time.monotonic()
+                    self.report()
                 if time.monotonic() - last_snapshot >= self.snapshot_interval_s:
                     last_snapshot = time.monotonic()
                     self.snapshot()
@@ -197,6 +216,10 @@ class IndexFollower:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX_S)
         LOG.info("index follower stopped at feed id %s", self._applied_id)
+        try:  # a replica that stopped needs nothing kept for it
+            self.store.forget_follower(self.name)
+        except (redis.RedisError, OSError):
+            LOG.warning("could not withdraw follower %s from the feed's list", self.name)
 
     def _record_error(self, exc: Exception, backoff: float, logged: bool = False) -> None:
         self.stats.errors += 1

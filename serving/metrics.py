@@ -1,6 +1,9 @@
 """Prometheus metrics of one API app, in its own ``CollectorRegistry``.
 
-* Request count and latency per route template (an ASGI middleware).
+* Request count and latency per route template (an ASGI middleware). Every
+  label value comes from a closed set (:func:`method_label`,
+  :func:`route_label`, :func:`status_label`): a client inventing methods or
+  paths must not be able to add series, which are never freed.
 * State read at scrape time by a custom collector: index size and lag, the
   follower's running totals, and the stream/model counters stored in Redis.
   Stream counters (events ingested, dead-lettered) are exposed as Prometheus
@@ -24,12 +27,58 @@ from prometheus_client.registry import Collector
 from serving.follower import IndexFollower, feed_lag_s
 from userstream.stores import EmbeddingStore, SequenceStore
 
-__all__ = ["CONTENT_TYPE_LATEST", "RequestMetricsMiddleware", "ServingMetrics"]
+__all__ = [
+    "CONTENT_TYPE_LATEST",
+    "RequestMetricsMiddleware",
+    "ServingMetrics",
+    "method_label",
+    "route_label",
+    "status_label",
+]
 
 LOG = logging.getLogger(__name__)
 
-_UNMATCHED = "<unmatched>"  # one label for every path no route matched (bounded cardinality)
+_UNMATCHED = "<unmatched>"  # one label for every path no route matched
+_OTHER = "other"
+# RFC 9110 methods plus PATCH; any other token a client sends is "other".
+_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+)
+# The codes this API and its server send; any other code is labelled by its class ("4xx").
+_STATUSES = frozenset(
+    (200, 204, 301, 302, 304, 307, 308, 400, 401, 403, 404, 405, 408, 413, 414, 422, 429)
+    + (500, 502, 503, 504)
+)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+def method_label(method: str) -> str:
+    """The request method if it is a standard one, else ``"other"``.
+
+    >>> method_label("GET"), method_label("get"), method_label("BREW")
+    ('GET', 'other', 'other')
+    """
+    return method if method in _METHODS else _OTHER
+
+
+def route_label(route: object) -> str:
+    """The matched route's template without converters, ``"<unmatched>"`` when none.
+
+    The template comes from the app's own routes, never from the request path.
+    """
+    template = getattr(route, "path_format", None)
+    return template if isinstance(template, str) and template else _UNMATCHED
+
+
+def status_label(status: int) -> str:
+    """The status code when it is one of a fixed set, else its class.
+
+    >>> status_label(404), status_label(418), status_label(999)
+    ('404', '4xx', 'other')
+    """
+    if status in _STATUSES:
+        return str(status)
+    return f"{status // 100}xx" if 100 <= status <= 599 else _OTHER
 
 
 class _StateCollector(Collector):
@@ -124,8 +173,9 @@ class ServingMetrics:
         )
         self.registry.register(_StateCollector(sequences, embeddings, follower))
 
-    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(method, route, str(status)).inc()
+    def observe(self, method: str, route: str, status: str, seconds: float) -> None:
+        """Count one request; every label must come from the ``*_label`` functions."""
+        self.requests.labels(method, route, status).inc()
         self.latency.labels(method, route).observe(seconds)
 
     def render(self) -> bytes:
@@ -157,5 +207,9 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send_and_record_status)
         finally:
             # The router stores the matched route in the (shared) scope.
-            route = getattr(scope.get("route"), "path", None) or _UNMATCHED
-            self.metrics.observe(scope["method"], route, status, time.perf_counter() - start)
+            self.metrics.observe(
+                method_label(scope["method"]),
+                route_label(scope.get("route")),
+                status_label(status),
+                time.perf_counter() - start,
+            )

@@ -7,7 +7,9 @@ FAISS index answers the neighbour search.
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import redis
@@ -31,8 +33,10 @@ __all__ = [
     "IndexNotReady",
     "ModelNotReady",
     "NoEmbedding",
+    "RedisUnavailable",
     "UnknownUser",
     "health",
+    "redis_problem",
     "recommendations",
     "similar_users",
     "stats",
@@ -69,6 +73,25 @@ class UnknownUser(LookupError):
 
 class IndexNotReady(RuntimeError):
     """The follower has not finished its initial load (see /healthz)."""
+
+
+class RedisUnavailable(RuntimeError):
+    """Redis did not answer within the ops client's timeout; the message says how."""
+
+
+def _redis_reason(exc: Exception, timeout_s: float) -> str:
+    if isinstance(exc, (redis.TimeoutError, TimeoutError)):
+        return f"redis does not answer: timed out after {timeout_s:g}s"
+    return f"redis does not answer: {type(exc).__name__}: {exc}"
+
+
+def redis_problem(ctx: ServingContext) -> str | None:
+    """Why Redis does not answer a PING on the fail-fast client, None when it does."""
+    try:
+        ctx.ops.redis.ping()
+    except (redis.RedisError, OSError) as exc:
+        return _redis_reason(exc, ctx.ops.timeout_s)
+    return None
 
 
 def user_num(ctx: ServingContext, user_id: str) -> int | None:
@@ -171,20 +194,31 @@ def user_profile(ctx: ServingContext, user_id: str) -> UserProfile:
 
 
 def stats(ctx: ServingContext) -> Stats:
-    counters = ctx.sequences.counters()
-    info = ctx.embeddings.model_info()
+    """Pipeline counters and index state; :class:`RedisUnavailable` when Redis does not
+    answer within the fail-fast client's timeout."""
+    ops = ctx.ops
     follower = ctx.follower
     index = follower.index
     applied = follower.applied_id
-    head = ctx.embeddings.feed_head()
     ready = follower.ready.is_set()
+    try:
+        counters = ops.sequences.counters()
+        info = ops.embeddings.model_info()
+        head = ops.embeddings.feed_head()
+        users, items = ops.sequences.num_users(), ops.sequences.num_items()
+        pending = ops.sequences.dirty_count() + ops.sequences.claimed_count()
+        embedded = ops.embeddings.count()
+    except (redis.RedisError, OSError) as exc:
+        raise RedisUnavailable(_redis_reason(exc, ops.timeout_s)) from exc
     return Stats(
         events_ingested=counters["events_ingested"],
         events_dead_lettered=counters["events_dead_lettered"],
         events_duplicate_skipped=counters["events_duplicate_skipped"],
-        users=ctx.sequences.num_users(),
-        items=ctx.sequences.num_items(),
-        embedded_users=ctx.embeddings.count(),
+        offset_log_resets=counters["offset_log_resets"],
+        refresh_pending=pending,
+        users=users,
+        items=items,
+        embedded_users=embedded,
         model_version=None if info is None else info.version,
         model_updated_at=None if info is None else info.updated_at,
         drifts_detected=0 if info is None else info.drifts,
@@ -194,17 +228,23 @@ def stats(ctx: ServingContext) -> Stats:
         index_applied_id=applied,
         feed_head_id=head,
         feed_lag_s=feed_lag_s(applied, head) if ready else None,
+        restarts=_supervised_restarts(ctx.settings.supervisor_state_file),
     )
 
 
-def health(ctx: ServingContext) -> Health:
-    """Ready to serve when Redis answers and the follower runs with its index loaded."""
-    reasons: list[str] = []
+def _supervised_restarts(path: Path) -> dict[str, int] | None:
+    """Restart counts from the supervisor's state file beside this API, if any."""
     try:
-        redis_ok = bool(ctx.redis.ping())
-    except (redis.RedisError, OSError) as exc:
-        redis_ok = False
-        reasons.append(f"redis does not answer: {type(exc).__name__}: {exc}")
+        state = json.loads(path.read_text())
+        return {name: int(c["restarts"]) for name, c in state["children"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def health(ctx: ServingContext, redis_reason: str | None) -> Health:
+    """Ready to serve when Redis answers (``redis_reason`` is None, see
+    :func:`redis_problem`) and the follower runs with its index loaded."""
+    reasons = [] if redis_reason is None else [redis_reason]
     follower = ctx.follower
     alive = follower.is_alive()
     ready = follower.ready.is_set()
@@ -218,7 +258,7 @@ def health(ctx: ServingContext) -> Health:
         reasons.append("index is still loading" + (f" (last error: {last})" if last else ""))
     return Health(
         status="ok" if not reasons else "unavailable",
-        redis=redis_ok,
+        redis=redis_reason is None,
         follower_alive=alive,
         index_ready=ready,
         index_size=len(follower.index),

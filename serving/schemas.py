@@ -60,6 +60,14 @@ class Stats(BaseModel):
     events_ingested: int
     events_dead_lettered: int
     events_duplicate_skipped: int
+    offset_log_resets: int = Field(
+        0,
+        description="times the stored offsets were dropped because the topic became a new log "
+        "(a restarted embedded broker, a recreated topic, another cluster)",
+    )
+    refresh_pending: int = Field(
+        0, description="changed users not embedded yet: dirty, or claimed by a running cycle"
+    )
     users: int = Field(description="users with a behavior sequence")
     items: int = Field(description="distinct items seen")
     embedded_users: int = Field(description="users with an embedding in Redis")
@@ -74,6 +82,11 @@ class Stats(BaseModel):
     feed_lag_s: float | None = Field(
         description="feed time between the newest entry and the last applied one; "
         "null until the index is loaded"
+    )
+    restarts: dict[str, int] | None = Field(
+        None,
+        description="restarts of each process `userstream up` supervises (from "
+        "DATA_DIR/supervisor.json); null when no supervisor runs beside this API",
     )
 
 

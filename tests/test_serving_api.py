@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import re
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from urllib.parse import quote, unquote
+
+import httpx
 import numpy as np
 import pytest
+import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from serving import create_app
+from tests.helpers import wait_until
 from userstream.embedded import free_port
 from userstream.settings import Settings
 from userstream.stores import (
@@ -180,6 +191,14 @@ def test_stats(settings, redis_client, store, sequences, keys):
         assert s["index_ready"] is True
         assert s["index_applied_id"] == s["feed_head_id"] == store.feed_head()
         assert s["feed_lag_s"] == 0.0
+        assert s["refresh_pending"] == 3 and s["offset_log_resets"] == 0
+        assert s["restarts"] is None  # no supervisor beside this API
+        sequences.take_dirty(2)  # a running cycle's claim is still pending
+        assert c.get("/stats").json()["refresh_pending"] == 3
+        settings.supervisor_state_file.write_text(
+            '{"children": {"api": {"restarts": 0}, "train-worker": {"restarts": 2}}}'
+        )
+        assert c.get("/stats").json()["restarts"] == {"api": 0, "train-worker": 2}
 
 
 def test_healthz(settings, redis_client, store):
@@ -250,3 +269,160 @@ def test_metrics(settings, redis_client, store, sequences, planted):
         other = c2.get("/metrics").text
         assert "userstream_http_requests_total{" not in other  # c's requests are not counted here
         assert f"userstream_index_size {float(len(planted) + 1)}" in other
+
+
+def _http_series(text: str) -> dict[str, dict[str, str]]:
+    """Every exposed ``userstream_http_*`` series (name and labels) -> its labels."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("userstream_http_"):
+            series = line.rsplit(" ", 1)[0]
+            out[series] = dict(re.findall(r'(\w+)="([^"]*)"', series))
+    return out
+
+
+def _all_series(text: str) -> int:
+    return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+
+
+# Headroom over what the flood's kinds of request expose once label values are
+# bounded; with a label taken from the request, one flood passes both.
+MAX_SERIES = 200
+MAX_METRICS_BYTES = 25_000
+
+
+def test_invented_methods_and_paths_add_no_metric_series(settings, redis_client, store, planted):
+    def flood(tag: str, n: int = 100) -> None:
+        for i in range(n):
+            word = f"{tag}{i}{uuid.uuid4().hex[:6]}"
+            assert c.request(f"X{word.upper()}", f"/users/u{i}/similar").status_code == 405
+            assert c.request(f"Y{word.upper()}", f"/{word}/{i}").status_code == 404
+            assert c.get(f"/no/such/{word}").status_code == 404
+            assert c.get(f"/users/{word}/similar").status_code == 404
+        assert c.request("BREW", "/healthz").status_code == 405
+        assert c.request("PROPFIND", "/stats").status_code == 405
+
+    with _client(settings, redis_client, store) as c:
+        _caught_up(c, store)
+        assert c.get("/users/u0/similar").status_code == 200
+        quiet = c.get("/metrics")
+        flood("a")
+        first = c.get("/metrics")
+        flood("b")
+        second = c.get("/metrics")
+
+        before, after = _http_series(first.text), _http_series(second.text)
+        assert set(after) == set(before), set(after) ^ set(before)  # nothing new on a 2nd flood
+        assert _all_series(second.text) == _all_series(first.text) <= MAX_SERIES
+        assert len(quiet.content) < len(second.content) < MAX_METRICS_BYTES
+        # every label value from a closed set: the routes hit, methods, status codes
+        values = {name: {v.get(name) for v in after.values()} for name in ("method", "route")}
+        assert values["method"] == {"GET", "other"}
+        routes = {"/users/{user_id}/similar", "/healthz", "/stats", "/metrics", "<unmatched>"}
+        assert values["route"] == routes
+        assert {v["status"] for v in after.values() if "status" in v} == {"200", "404", "405"}
+        text = second.text
+        assert 'method="other",route="/users/{user_id}/similar",status="405"' in text
+        assert 'method="other",route="/healthz",status="405"' in text
+        assert 'method="other",route="<unmatched>",status="404"' in text
+        # the two floods' invented methods on invented paths, all in one series
+        assert 'requests_total{method="other",route="<unmatched>",status="404"} 200.0' in text
+
+
+# Ids the stream accepts (printable, up to 256 characters) that a path segment cannot
+# hold as they are: '/', '%', '?', '#', spaces, unicode, route words, dots between slashes.
+ODD_IDS = [
+    "a/b",
+    "x%2Fy",
+    "ü ser",
+    "a/similar",
+    "a/embedding",
+    "a/similar/similar",
+    "/lead",
+    "trail/",
+    "a/../b",
+    "50% off?k=1#top",
+    "日本/語",
+    "é/" * 128,
+]
+# the same ids sent unencoded, where HTTP allows it (no '%', '?', '#', space, non-ASCII, dot segment)
+LITERAL_IDS = ["a/b", "a/similar", "a/embedding", "a/similar/similar", "/lead", "trail/"]
+
+
+@pytest.fixture
+def everyone(store, planted) -> dict[str, np.ndarray]:
+    """The planted users plus ODD_IDS and plain "a", each with its own vector."""
+    rng = np.random.default_rng(5)
+    ids = ["a", *ODD_IDS]
+    vecs = rng.standard_normal((len(ids), D)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    store.upsert(ids, vecs, version=3)
+    return {**planted, **dict(zip(ids, vecs, strict=True))}
+
+
+@contextmanager
+def _served(app: FastAPI, transport: str) -> Iterator[httpx.Client]:
+    """A client of ``app``: Starlette's TestClient, or httpx to a real uvicorn server."""
+    if transport == "testclient":
+        with TestClient(app) as c:
+            yield c
+        return
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 20, "uvicorn to start", poll_s=0.02)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+            yield c
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.mark.parametrize("transport", ["testclient", "uvicorn"])
+def test_any_stream_user_id_can_be_queried(settings, redis_client, store, everyone, transport):
+    assert max(len(u) for u in ODD_IDS) == 256
+    app = create_app(settings, redis_client=redis_client)
+    with _served(app, transport) as c:
+        assert app.state.ctx.follower.wait_for(store.feed_head(), timeout=5)
+        ids = ["a", *ODD_IDS]
+        if transport == "testclient":
+            # The TestClient unquotes the path httpx already decoded (starlette#2587), so an
+            # id holding "%2F" itself arrives as "/"; a real server decodes once.
+            ids = [u for u in ids if unquote(u) == u]
+        sent = [(u, quote(u, safe="")) for u in ids] + [(u, u) for u in LITERAL_IDS]
+        for user, segment in sent:
+            r = c.get(f"/users/{segment}/embedding")
+            assert r.status_code == 200, (user, segment, r.text)
+            assert r.json()["user_id"] == user
+            got = np.asarray(r.json()["embedding"], np.float32)
+            np.testing.assert_array_equal(got, everyone[user])
+
+            r = c.get(f"/users/{segment}/similar", params={"k": 3})
+            assert r.status_code == 200, (user, segment, r.text)
+            body = r.json()
+            assert body["user_id"] == user and body["model_version"] == 3
+            others = [u for u in everyone if u != user]
+            brute = sorted(others, key=lambda u: -float(everyone[user] @ everyone[u]))[:3]
+            assert [n["user_id"] for n in body["neighbors"]] == brute, user
+
+        r = c.get(f"/users/{quote('no/such user', safe='')}/similar")
+        assert r.status_code == 404
+        assert "user 'no/such user' has no embedding yet" in r.json()["detail"]
+        # an id ending in a route word is not the route: /users/<a/similar>/similar
+        assert c.get("/users/a/similar/similar").json()["user_id"] == "a/similar"
+        assert c.get("/users/a/similar").json()["user_id"] == "a"
+        # the metrics label is the template, whatever the id
+        text = c.get("/metrics").text
+        assert 'route="/users/{user_id}/similar",status="200"' in text
+        assert "no/such" not in text and "%2F" not in text
+
+
+def test_openapi_names_user_routes_by_template(settings, redis_client):
+    app = create_app(settings, redis_client=redis_client, start_follower=False)
+    paths = app.openapi()["paths"]
+    for suffix in ("similar", "embedding", "recommendations", "profile"):
+        op = paths[f"/users/{{user_id}}/{suffix}"]["get"]
+        assert [p["name"] for p in op["parameters"] if p["in"] == "path"] == ["user_id"]
+    assert not [p for p in paths if ":" in p]

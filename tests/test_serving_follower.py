@@ -195,3 +195,32 @@ def test_redis_errors_are_retried_not_fatal(keys, tmp_path):
     finally:
         f.stop()
     assert not f.is_alive()
+
+
+def test_followers_report_their_position_and_a_silent_one_rebuilds_after_a_trim(
+    store, follower_factory
+):
+    """The writer trims the feed to what live followers applied; a follower whose
+    position was trimmed while it was silent notices at its next report."""
+    rng = np.random.default_rng(4)
+    f = follower_factory(name="api-test", report_interval_s=0.05)
+    f.start()
+    assert f.ready.wait(5)
+    store.upsert([f"u{i}" for i in range(20)], _unit(rng, 20), version=1)
+    assert f.wait_for(store.feed_head(), timeout=5)
+    wait_until(lambda: store.followers().get("api-test", ("0-0", 0))[0] == store.feed_head())
+    f.stop()
+    assert "api-test" not in store.followers()  # withdrawn on stop
+
+    # silent while the feed moved on and was trimmed past its position
+    silent = f.applied_id
+    store.upsert([f"v{i}" for i in range(10)], _unit(rng, 10), version=2)
+    head = store.feed_head()
+    store.trim_feed(head)  # everything before the head is gone, the follower's gap included
+    g = follower_factory(name="api-test", report_interval_s=0.05)
+    g._applied_id, g._index = silent, f.index  # as if it had kept running, silently
+    g.ready.set()
+    g.start()
+    wait_until(lambda: g.stats.rebuilds >= 1, what="a rebuild after the trimmed gap")
+    assert g.wait_for(head, timeout=5)
+    _assert_index_matches_store(g, store)

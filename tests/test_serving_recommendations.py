@@ -3,6 +3,8 @@ run, real Redis (fixtures in conftest) and the FastAPI app."""
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -150,3 +152,33 @@ def test_profile_is_the_normalized_mean_item_vector_of_the_stored_history(
         # another history, another vector
         assert c.get("/users/a/profile").json()["profile"] != body["profile"]
         assert c.get("/users/nobody/profile").status_code == 404
+
+
+def test_user_ids_with_slashes_and_unicode_reach_both_routes(settings, redis_client, keys, store):
+    """Ids as the stream accepts them, sent with quote(safe=""), one per route word too."""
+    seqs = {
+        "a/b": ring_sequence(0, 4),
+        "ü ser": ring_sequence(3, 5),
+        "x/profile": ring_sequence(5, 3),
+        "日本/recommendations": ring_sequence(7, 6),
+    }
+    flat = [(user, x) for user, seq in seqs.items() for x in seq]
+    events = [(0, n, Event(u, x.item_id, x.behavior, x.ts)) for n, (u, x) in enumerate(flat, 1)]
+    RedisSequenceStore(redis_client, keys).apply_many("behavior-events", events)
+    trainer = train_and_save(settings, steps=5)
+    store.set_model_info(ModelInfo(trainer.version, "x", 10, 1.0, trainer.last_loss))
+    app = create_app(settings, redis_client=redis_client, start_follower=False)
+    with TestClient(app) as c:
+        for user, seq in seqs.items():
+            segment = quote(user, safe="")
+            r = c.get(f"/users/{segment}/recommendations", params={"k": 2})
+            assert r.status_code == 200, (user, r.text)
+            assert r.json()["user_id"] == user and len(r.json()["items"]) == 2
+            r = c.get(f"/users/{segment}/profile")
+            assert r.status_code == 200, (user, r.text)
+            assert r.json()["user_id"] == user and r.json()["behaviors"] == len(seq)
+        # the literal form, where an id is plain ASCII
+        assert c.get("/users/x/profile/profile").json()["user_id"] == "x/profile"
+        assert c.get("/users/a/b/recommendations").json()["user_id"] == "a/b"
+        r = c.get(f"/users/{quote('no/body', safe='')}/profile")
+        assert r.status_code == 404 and "'no/body'" in r.json()["detail"]

@@ -1,6 +1,15 @@
-"""``/healthz``: 200 when Redis answers and the index follower is running and loaded."""
+"""``/healthz``: 200 when Redis answers and the index follower is running and loaded.
+
+It answers within :data:`DEADLINE_S` whatever Redis does: the PING goes through
+the fail-fast client in a worker thread, and a check still running at the
+deadline (a name lookup hanging, say) counts as Redis not answering. The
+``Server-Timing`` header says how long the Redis check took.
+"""
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
@@ -9,9 +18,13 @@ from serving import queries
 from serving.deps import ContextDep
 from serving.schemas import Health
 
-__all__ = ["router"]
+__all__ = ["DEADLINE_S", "router"]
 
 router = APIRouter(tags=["ops"])
+
+# Above the fail-fast client's socket timeout, so that its own reason wins, and
+# below the one second a probe may wait.
+DEADLINE_S = 0.8
 
 
 @router.get(
@@ -19,6 +32,18 @@ router = APIRouter(tags=["ops"])
     response_model=Health,
     responses={503: {"model": Health, "description": "not ready; see reasons"}},
 )
-def healthz(ctx: ContextDep) -> JSONResponse:
-    report = queries.health(ctx)
-    return JSONResponse(report.model_dump(), status_code=200 if report.status == "ok" else 503)
+async def healthz(ctx: ContextDep) -> JSONResponse:
+    start = time.perf_counter()
+    # asyncio's executor, not the route thread pool that stuck requests may fill
+    check = asyncio.to_thread(queries.redis_problem, ctx)
+    try:
+        reason = await asyncio.wait_for(check, DEADLINE_S)
+    except TimeoutError:
+        reason = f"redis does not answer: no reply within the {DEADLINE_S:g}s deadline"
+    took_ms = (time.perf_counter() - start) * 1000
+    report = queries.health(ctx, reason)
+    return JSONResponse(
+        report.model_dump(),
+        status_code=200 if report.status == "ok" else 503,
+        headers={"Server-Timing": f"redis;dur={took_ms:.1f}"},
+    )

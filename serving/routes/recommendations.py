@@ -1,5 +1,8 @@
 """``/users/{user_id}/recommendations`` and ``/users/{user_id}/profile``: both
-computed from the user's stored sequence by the newest checkpoint."""
+computed from the user's stored sequence by the newest checkpoint.
+
+``{user_id:path}`` for ids holding '/', as in :mod:`serving.routes.users`.
+"""
 
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ def _http_errors() -> Iterator[None]:
         raise HTTPException(503, str(exc), headers={"Retry-After": "10"}) from exc
 
 
-@router.get("/{user_id}/recommendations", response_model=Recommendations, responses=_ERRORS)
+@router.get("/{user_id:path}/recommendations", response_model=Recommendations, responses=_ERRORS)
 def recommendations(
     user_id: str,
     ctx: ContextDep,
@@ -48,7 +51,7 @@ def recommendations(
         return queries.recommendations(ctx, user_id, k, exclude_seen)
 
 
-@router.get("/{user_id}/profile", response_model=UserProfile, responses=_ERRORS)
+@router.get("/{user_id:path}/profile", response_model=UserProfile, responses=_ERRORS)
 def profile(user_id: str, ctx: ContextDep) -> UserProfile:
     """The user's profile vector (features for profiling and targeting): the
     normalized mean of the item vectors of the stored history, newest checkpoint."""

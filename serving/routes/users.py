@@ -1,4 +1,11 @@
-"""``/users/{user_id}/...``: similar users and the user's embedding."""
+"""``/users/{user_id}/...``: similar users and the user's embedding.
+
+User ids may hold anything the stream accepts, '/' included: a client sends
+``quote(user_id, safe="")``, the server decodes ``%2F`` to '/' before routing,
+and ``{user_id:path}`` takes it. Every user route ends in its own fixed
+segment, so the (greedy) match is unambiguous: ``/users/a/similar/similar`` is
+user ``a/similar``.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ _NOT_FOUND = {404: {"description": "the user has no embedding (the message says 
 
 
 @router.get(
-    "/{user_id}/similar",
+    "/{user_id:path}/similar",
     response_model=SimilarUsers,
     responses={**_NOT_FOUND, 503: {"description": "the index is still loading"}},
 )
@@ -36,7 +43,7 @@ def similar(
         raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from exc
 
 
-@router.get("/{user_id}/embedding", response_model=UserEmbedding, responses=_NOT_FOUND)
+@router.get("/{user_id:path}/embedding", response_model=UserEmbedding, responses=_NOT_FOUND)
 def embedding(user_id: str, ctx: ContextDep) -> UserEmbedding:
     """The user's current embedding and the model version that made it."""
     try:
