@@ -1,6 +1,7 @@
 """``userstream bench``: the benchmarks of PROTOCOL.md, as commands.
 
-``bench prequential`` runs :mod:`model.prequential`. Settings come from the
+``bench prequential`` runs :mod:`model.prequential`; ``bench soak`` runs
+:mod:`userstream.soak` (the stack under load and faults). Settings come from the
 usual sources (env vars, ``USERSTREAM_CONFIG``), then the cadence options and
 ``--set KEY=VALUE`` override them; the resolved settings go into the report.
 """
@@ -126,11 +127,40 @@ def _cmd_prequential(args: Any) -> int:
     return 0
 
 
+def _cmd_soak(args: Any) -> int:
+    from userstream.soak import SoakConfig, run_soak
+
+    report = run_soak(resolved_settings(), SoakConfig(**given(args, "soak")),
+                      Path(args.report) if args.report else None)  # fmt: skip
+    keys = ("ok", "valid_sent", "valid_ingested", "valid_lost", "valid_duplicated",
+            "dropped_as_duplicate", "invalid_sent", "invalid_dead_lettered",
+            "max_refresh_wait_s", "restarts")  # fmt: skip
+    for k in keys:
+        print(f"{k:<24}{report[k]}")
+    for name, r in report["rss_mb"].items():
+        print(f"rss {name:<20}{r}")
+    if args.report:
+        print(f"report {args.report}")
+    return 0 if report["ok"] else 1
+
+
+def _add_soak(bsub: Any) -> None:
+    from userstream.soak import SoakConfig
+
+    sp = bsub.add_parser(
+        "soak", help="the real stack under load while processes are killed and restarted"
+    )
+    sp.add_argument("--report", help="write the JSON report here")
+    add_fields(sp, SoakConfig, "soak")
+    sp.set_defaults(func=_cmd_soak)
+
+
 def add_commands(sub: Any) -> None:
     from userstream.settings import Settings
 
     bench = sub.add_parser("bench", help="benchmarks (PROTOCOL.md)")
     bsub = bench.add_subparsers(dest="bench", required=True)
+    _add_soak(bsub)
     pq = bsub.add_parser(
         "prequential", help="test-then-train over a data set: ours vs frozen and online baselines"
     )
