@@ -22,7 +22,8 @@ LAYERS = (  # (name, module prefixes), lowest first
     ("stream", ("stream",)),
     ("model", ("model",)),
     ("serving", ("serving",)),
-    ("cli", ("userstream.cli", "userstream.stack", "userstream.__main__")),
+    ("cli", ("userstream.cli", "userstream.stack", "userstream.supervisor", "userstream.soak",
+             "userstream.__main__")),
 )  # fmt: skip
 
 

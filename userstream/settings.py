@@ -159,6 +159,12 @@ class Settings(BaseSettings, ModelSettings):
     events_topic: str = "behavior-events"
     dlq_topic: str = "behavior-events-dlq"
     topic_partitions: int = Field(4, ge=1)
+    topic_retention_ms: int = Field(
+        7 * 24 * 3600 * 1000,
+        ge=-1,
+        description="retention.ms of the topics this service creates (-1: keep forever); "
+        "the embedded broker ignores it",
+    )
     stream_app_id: str = Field("userstream-stream", description="Faust app id / consumer group")
 
     # --- stream worker -----------------------------------------------------
@@ -183,7 +189,15 @@ class Settings(BaseSettings, ModelSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     index_snapshot_interval_s: float = Field(30.0, gt=0)
-    update_feed_maxlen: int = Field(2_000_000, ge=1000)
+    update_feed_maxlen: int = Field(
+        2_000_000, ge=1000, description="hard cap on the update feed's length (a backstop)"
+    )
+    feed_retention_s: float = Field(
+        600.0,
+        gt=0,
+        description="the feed keeps what live followers have not applied, but nothing older "
+        "than this; a follower further behind rebuilds from the embeddings",
+    )
 
     @model_validator(mode="after")
     def _check_lengths(self) -> Settings:
@@ -220,6 +234,11 @@ class Settings(BaseSettings, ModelSettings):
     @property
     def index_dir(self) -> Path:
         return self.data_dir / "index"
+
+    @property
+    def supervisor_state_file(self) -> Path:
+        """What `userstream up` knows of its processes (pids, restarts), for the API."""
+        return self.data_dir / "supervisor.json"
 
     @property
     def effective_redis_url(self) -> str:
