@@ -48,7 +48,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from userstream.embedded import free_port, start_redis
 from userstream.settings import Settings
+from userstream.soak_load import Producer, probe
 from userstream.stores import RedisEmbeddingStore, RedisSequenceStore, connect
 from userstream.types import Keys
 
@@ -65,17 +66,6 @@ __all__ = ["SoakConfig", "run_soak"]
 LOG = logging.getLogger(__name__)
 
 KILLABLE = ("stream-worker", "train-worker", "api")
-HOSTILE = (  # invalid messages of every kind the stream worker must dead-letter
-    b'{"user_id": "x", "item_id": "i", "behavior": "view"}',  # no ts
-    b"not json at all",
-    b"\xff\xfe\x00 not utf-8",
-    b"[" * 3000 + b"]" * 3000,  # nested beyond any limit
-    b'{"user_id": "x", "item_id": "i", "behavior": "view", "ts": ' + b"9" * 400 + b"}",
-    b'{"user_id": "' + b"7" * 1000 + b'", "item_id": "i", "behavior": "view", "ts": 1}',
-    b'{"user_id": "   ", "item_id": "i", "behavior": "view", "ts": 1700000000}',
-    b'{"user_id": "x", "item_id": "i", "behavior": "view", "ts": 0}',
-    b"[]",
-)
 
 
 class SoakConfig(BaseModel):
@@ -98,7 +88,7 @@ class SoakConfig(BaseModel):
 
 
 @dataclass
-class _Sent:
+class Sent:
     """What the producer got acknowledged, per user in order."""
 
     per_user: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
@@ -108,7 +98,7 @@ class _Sent:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class _Stack:
+class StackRun:
     """One ``userstream up`` process and what its supervisor.json says."""
 
     def __init__(self, env: dict[str, str], data_dir: Path) -> None:
@@ -117,6 +107,7 @@ class _Stack:
         self.proc: subprocess.Popen | None = None
         self.base = f"http://127.0.0.1:{env['API_PORT']}"
         self.restarts: dict[str, int] = defaultdict(int)  # summed over stack runs
+        self.killed: dict[str, int] = {}  # name -> the pid the soak last killed
 
     def start(self, timeout_s: float = 240.0) -> None:
         log = open(self.data_dir / "up.log", "ab")  # noqa: SIM115 - the child owns it
@@ -195,145 +186,11 @@ def _rss_mb(pid: int | None) -> float | None:
     return None
 
 
-class _Producer(threading.Thread):
-    """Steady load: one valid event per message at ``rate``, an invalid message
-    every ``invalid_every``. Sends are pipelined (up to ``WINDOW`` unacknowledged)
-    and a message counts as sent only once the broker acknowledged it, in send
-    order; when sends fail (the broker is restarting) a new producer takes over
-    and the failed messages are not counted. A message whose acknowledgement was
-    lost may still arrive: the checks ignore such extras."""
-
-    WINDOW = 2000
-
-    def __init__(self, bootstrap: str, topic: str, cfg: SoakConfig, users: int, sent: _Sent):
-        super().__init__(name="soak-producer", daemon=True)
-        self.bootstrap, self.topic, self.cfg = bootstrap, topic, cfg
-        self.users, self.sent = users, sent
-        self.rng = random.Random(cfg.seed)
-        self.go = threading.Event()  # cleared = paused
-        self.go.set()
-        self.idle = threading.Event()  # set while paused with nothing in flight
-        self.stop = threading.Event()
-        self.seq = 0
-        self.errors = 0
-        self.t0 = time.time() - 60.0  # each event 1 ms after the last: unique, never ahead
-        self._pending: deque = deque()  # (future, user or None, event identity)
-
-    def run(self) -> None:
-        from kafka import KafkaProducer
-
-        producer = None
-        t_next = time.monotonic()
-        while not self.stop.is_set():
-            if not self.go.is_set():
-                if producer is not None:
-                    producer = self._settle(producer, wait=True)
-                self.idle.set()
-                self.go.wait(0.2)
-                t_next = time.monotonic()
-                continue
-            self.idle.clear()
-            if producer is None:
-                try:
-                    producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks=1,
-                                             linger_ms=5, retries=0, request_timeout_ms=5000)  # fmt: skip
-                except Exception:  # the broker is restarting
-                    self.errors += 1
-                    time.sleep(0.5)
-                    continue
-            t_next += 1.0 / self.cfg.rate
-            delay = t_next - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            elif delay < -1.0:  # fell behind (paused, restarting): do not burst
-                t_next = time.monotonic()
-            key, value, user, ident = self._next_message()
-            try:
-                self._pending.append((producer.send(self.topic, value=value, key=key), user, ident))
-            except Exception:
-                self.errors += 1
-                producer = self._settle(producer, wait=True, broken=True)
-                continue
-            producer = self._settle(producer, wait=len(self._pending) >= self.WINDOW)
-        if producer is not None:
-            self._settle(producer, wait=True)
-
-    def _next_message(self) -> tuple[bytes, bytes, str | None, str | None]:
-        self.seq += 1
-        if self.seq % self.cfg.invalid_every == 0:
-            return b"bad", HOSTILE[self.seq % len(HOSTILE)], None, None
-        user = f"s{self.rng.randrange(self.users)}"
-        ms = round(self.t0 * 1000) + self.seq  # the event's identity
-        item = f"i{int(self.rng.paretovariate(1.2)) % self.cfg.items}"
-        body = {"user_id": user, "item_id": item, "behavior": "view", "ts": ms / 1000}
-        return user.encode(), json.dumps(body).encode(), user, str(ms)
-
-    def _settle(self, producer, wait: bool, broken: bool = False):
-        """Count what was acknowledged, in order; with ``wait`` until nothing is in
-        flight. Returns the producer, or None when it must be replaced."""
-        if wait and not broken:
-            try:
-                producer.flush(timeout=15)
-            except Exception:
-                broken = True
-        while self._pending:
-            fut, user, ident = self._pending[0]
-            if not fut.is_done:
-                if not wait:
-                    break
-                try:
-                    fut.get(timeout=15)
-                except Exception:
-                    pass
-            self._pending.popleft()
-            if fut.succeeded():
-                with self.sent.lock:
-                    if user is None:
-                        self.sent.invalid += 1
-                    else:
-                        self.sent.valid += 1
-                        self.sent.per_user[user].append(ident)
-            else:
-                self.errors += 1
-                broken = True
-        if broken:
-            try:
-                producer.close(timeout=1)
-            except Exception:
-                pass
-            time.sleep(0.5)
-            return None
-        return producer
-
-
-def _probe(stack: _Stack, bootstrap: str, topic: str, stop: threading.Event, every_s: float,
-           waits: list[float], sent: _Sent) -> None:  # fmt: skip
-    """A new user every ``every_s``: the time until the API serves its embedding."""
-    from kafka import KafkaProducer
-
-    n = 0
-    while not stop.wait(every_s):
-        n += 1
-        user = f"probe-{n}"
-        body = {"user_id": user, "item_id": "probe-item", "behavior": "view", "ts": time.time()}
-        t0 = time.monotonic()
-        try:
-            producer = KafkaProducer(bootstrap_servers=bootstrap, acks=1, request_timeout_ms=5000)
-            producer.send(topic, value=json.dumps(body).encode(), key=user.encode()).get(10)
-            producer.close(timeout=2)
-        except Exception:
-            continue  # the broker is restarting; the next probe tries again
-        with sent.lock:
-            sent.probes += 1
-        while not stop.is_set():
-            if stack.get(f"/users/{user}/embedding") is not None:
-                waits.append(time.monotonic() - t0)
-                break
-            time.sleep(0.25)
-
-
 def run_soak(settings: Settings, cfg: SoakConfig, report_path: Path | None = None) -> dict:
     """Run the soak described in the module docstring; returns (and writes) the report."""
+    if threading.current_thread() is threading.main_thread():
+        # a SIGTERM (timeout, Ctrl-C from a supervisor) still stops the stack it started
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     t_start = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="soak-"))
     rng = random.Random(cfg.seed)
@@ -366,12 +223,12 @@ def run_soak(settings: Settings, cfg: SoakConfig, report_path: Path | None = Non
     client = connect(redis_url, socket_timeout=30)
     keys = Keys(prefix)
     store = RedisSequenceStore(client, keys, settings.sequence_length)
-    stack = _Stack(env, work / "stack")
-    sent = _Sent()
+    stack = StackRun(env, work / "stack")
+    sent = Sent()
     faults: list[dict[str, Any]] = []
     rss: dict[str, dict[str, float | None]] = defaultdict(dict)
     waits: list[float] = []
-    producer = _Producer(bootstrap, settings.events_topic, cfg, users, sent)
+    producer = Producer(bootstrap, settings.events_topic, cfg, users, sent)
     stop_probe = threading.Event()
     try:
         stack.start()
@@ -379,9 +236,9 @@ def run_soak(settings: Settings, cfg: SoakConfig, report_path: Path | None = Non
                  users, total)  # fmt: skip
         _sample_rss(stack, own_redis, rss, "start")
         producer.start()
-        probe = threading.Thread(target=_probe, args=(stack, bootstrap, settings.events_topic,
-                                 stop_probe, cfg.probe_every_s, waits, sent), daemon=True)  # fmt: skip
-        probe.start()
+        prober = threading.Thread(target=probe, args=(stack, bootstrap, settings.events_topic,
+                                  stop_probe, cfg.probe_every_s, waits, sent), daemon=True)  # fmt: skip
+        prober.start()
         plan = _plan(cfg, rng)
         t0 = time.monotonic()
         duration = cfg.minutes * 60
@@ -439,9 +296,8 @@ def _plan(cfg: SoakConfig, rng: random.Random) -> list[tuple[float, str]]:
     rng.shuffle(kinds)
     duration = cfg.minutes * 60
     slots = len(kinds) + 1
-    return [
-        (duration * (i + 1) / (slots + 1) * rng.uniform(0.9, 1.1), k) for i, k in enumerate(kinds)
-    ]
+    step = duration / (slots + 1)
+    return sorted((step * (i + 1) + step * rng.uniform(-0.3, 0.3), k) for i, k in enumerate(kinds))
 
 
 def _fault(kind, stack, own_redis, producer, store, sent, cfg, rng, at) -> dict[str, Any]:
@@ -449,9 +305,14 @@ def _fault(kind, stack, own_redis, producer, store, sent, cfg, rng, at) -> dict[
     out: dict[str, Any] = {"at_s": round(at, 1), "kind": kind}
     if kind == "kill":
         name = rng.choice(KILLABLE)
-        pid = stack.pid(name)
-        if pid:
+        # a process killed a moment ago may still be restarting: wait for it to run
+        last = stack.killed.get(name)
+        pid = _wait(lambda: (p := stack.pid(name)) != last and p, 120, f"{name} to run", stack.proc)
+        try:
             os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # it died on its own meanwhile; the supervisor has it
+            out["missed"] = True
+        stack.killed[name] = pid
         out.update(process=name, pid=pid)
     elif kind == "redis":
         if own_redis is None:
@@ -478,7 +339,7 @@ def _fault(kind, stack, own_redis, producer, store, sent, cfg, rng, at) -> dict[
     return out
 
 
-def _drain(store: RedisSequenceStore, sent: _Sent, timeout_s: float) -> bool:
+def _drain(store: RedisSequenceStore, sent: Sent, timeout_s: float) -> bool:
     """Wait until everything acknowledged is applied or dead-lettered."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -495,7 +356,7 @@ def _drain(store: RedisSequenceStore, sent: _Sent, timeout_s: float) -> bool:
     return False
 
 
-def _settle(stack: _Stack, store: RedisSequenceStore, timeout_s: float) -> float | None:
+def _settle(stack: StackRun, store: RedisSequenceStore, timeout_s: float) -> float | None:
     """Seconds until every changed user is embedded (nothing pending), or None."""
     t0 = time.monotonic()
     deadline = t0 + timeout_s
