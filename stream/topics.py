@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Iterable
 
@@ -129,15 +130,17 @@ class LogIds:
         self.timeout_s = timeout_s
         self._admin: KafkaAdminClient | None = None
         self._warned = False
+        self._lock = threading.Lock()  # called from the writer's thread and the timer's
 
     def __call__(self, topics: Iterable[str]) -> dict[str, str]:
         """{topic: log id} of ``topics`` (which must exist)."""
         names = list(topics)
-        try:
-            return self._read(names)
-        except Exception:  # a stale connection (the broker restarted): once more, fresh
-            self.close()
-            return self._read(names)
+        with self._lock:
+            try:
+                return self._read(names)
+            except Exception:  # a stale connection (the broker restarted): once more, fresh
+                self._close()
+                return self._read(names)
 
     def _read(self, names: list[str]) -> dict[str, str]:
         if self._admin is None:
@@ -158,6 +161,10 @@ class LogIds:
         return out
 
     def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         if self._admin is not None:
             try:
                 self._admin.close()
