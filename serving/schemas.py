@@ -66,7 +66,9 @@ class Stats(BaseModel):
         "(a restarted embedded broker, a recreated topic, another cluster)",
     )
     refresh_pending: int = Field(
-        0, description="changed users not embedded yet: dirty, or claimed by a running cycle"
+        0,
+        description="changed users not embedded yet: the dirty ones plus those a running cycle "
+        "claimed (a user changed again while claimed counts in both)",
     )
     users: int = Field(description="users with a behavior sequence")
     items: int = Field(description="distinct items seen")
