@@ -33,6 +33,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 N_USERS = 240
 N_GROUPS = 6  # chance of a same-group neighbour: 1/6 (< 0.25)
+CYCLES = 3  # training cycles of 24 steps after the planted stream, at least
 
 
 def _wait(predicate, timeout_s: float, what: str, proc=None, log_dir=None):
@@ -97,8 +98,8 @@ def _run_cli(env, *args, timeout=300):
 
 def test_similar_users_recover_planted_groups(tmp_path, redis_url):
     # a stack of its own: what the model learned from other tests' data must not
-    # decide this one; enough steps per cycle that one cycle after the last event
-    # learns the groups, however many cycles the cadence happens to run
+    # decide this one; CYCLES cycles of 24 steps after the last event, however many
+    # the cadence happens to run before
     with running_stack(tmp_path, redis_url, TRAIN_STEPS="24") as stack:
         recover_planted_groups(stack, tmp_path)
 
@@ -140,9 +141,12 @@ def recover_planted_groups(stack, tmp_path) -> None:
         stack["proc"],
         logs,
     )
-    embeddings_cover_everything_ingested(stack)
+    # a cycle of 24 steps from a fresh model may not have separated the groups yet
+    # (measured: precision 0.52-1.0 after one): each marker waits for one more cycle
+    for _ in range(CYCLES):
+        embeddings_cover_everything_ingested(stack)
     stats = client.get("/stats").json()
-    assert stats["users"] - before["users"] == len(truth) + 1  # and the marker user
+    assert stats["users"] - before["users"] == len(truth) + CYCLES  # and the marker users
     assert stats["events_dead_lettered"] == before["events_dead_lettered"]
 
     hits = total = 0

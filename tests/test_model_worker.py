@@ -126,9 +126,22 @@ def second_cycle(s: Settings, stores, n_users: int, returning: int):
 @pytest.mark.parametrize(("ratio", "replayed"), [(0.0, 0), (0.5, 2), (2.0, 8), (10.0, 16)])
 def test_replay_ratio_sets_older_users_per_dirty_user(tmp_path, keys, stores, ratio, replayed):
     """ratio x dirty users are replayed, at most what is not dirty (16 here)."""
-    s = make_settings(tmp_path, keys, replay_ratio=ratio, train_steps=1, refresh_budget=0)
+    s = make_settings(
+        tmp_path, keys, replay_ratio=ratio, train_steps=4, refresh_budget=0, train_batch_size=4
+    )
     report, _ = second_cycle(s, stores, n_users=20, returning=4)
     assert (report.dirty_users, report.replay_users) == (4, replayed)
+
+
+@pytest.mark.parametrize(("n_users", "replayed"), [(17, 7), (5, 4)])
+def test_replay_fills_a_batch_when_few_users_are_dirty(tmp_path, keys, stores, n_users, replayed):
+    """One dirty user is never trained on alone: replayed users fill the batch (8),
+    whatever the ratio, bounded by the users that are not dirty."""
+    s = make_settings(
+        tmp_path, keys, replay_ratio=0.0, train_steps=3, refresh_budget=0, train_batch_size=8
+    )
+    report, _ = second_cycle(s, stores, n_users=n_users, returning=1)
+    assert (report.dirty_users, report.replay_users) == (1, replayed)
 
 
 def test_without_refresh_budget_only_dirty_users_are_re_embedded(tmp_path, keys, stores):
