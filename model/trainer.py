@@ -12,10 +12,12 @@ restore everything a restarted worker needs (:mod:`model.checkpoint`).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from model.vocab import BehaviorVocab, ItemVocab
 from userstream.settings import ModelSettings
 from userstream.types import Behavior
 
-__all__ = ["Interrupted", "Trainer", "resolve_device"]
+__all__ = ["EmbeddingModel", "Interrupted", "Trainer", "resolve_device"]
 
 LOG = logging.getLogger(__name__)
 
@@ -111,6 +113,43 @@ def encoder_config(settings: ModelSettings, n_items: int) -> EncoderConfig:
         positions=settings.positions,
         profile_items=settings.item_bag_weight > 0,  # the item-bag task trains its own table
     )
+
+
+@torch.inference_mode()
+def _embed(
+    encoder: SequenceEncoder,
+    items: ItemVocab,
+    behaviors: BehaviorVocab,
+    device: torch.device,
+    batch_size: int,
+    sequences: Sequence[Sequence[Behavior]],
+) -> np.ndarray:
+    encoder.eval()
+    config = encoder.config
+    out = np.zeros((len(sequences), config.hidden), dtype=np.float32)
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        b = make_batch(chunk, items, behaviors, config.max_len, config.n_gap_buckets).to(device)
+        z = encoder.user_embedding(b.items, b.behaviors, b.gaps)  # (b, H)
+        out[start : start + len(chunk)] = z.float().cpu().numpy()
+    return out
+
+
+@dataclass(frozen=True)
+class EmbeddingModel:
+    """Frozen weights and vocabularies of one version: :meth:`Trainer.snapshot`."""
+
+    encoder: SequenceEncoder
+    items: ItemVocab
+    behaviors: BehaviorVocab
+    device: torch.device
+    batch_size: int
+    version: int
+
+    def embed_many(self, sequences: Sequence[Sequence[Behavior]]) -> np.ndarray:
+        """What ``Trainer.embed_many`` gave at the snapshot's version."""
+        return _embed(self.encoder, self.items, self.behaviors, self.device,
+                      self.batch_size, sequences)  # fmt: skip
 
 
 class Trainer:
@@ -219,20 +258,22 @@ class Trainer:
         self.optimizer.step()
 
     # --- inference -------------------------------------------------------------
-    @torch.inference_mode()
     def embed_many(self, sequences: Sequence[Sequence[Behavior]]) -> np.ndarray:
         """(N, H) float32 L2-normalized user embeddings (zero rows for empty sequences)."""
-        self.encoder.eval()
-        out = np.zeros((len(sequences), self.config.hidden), dtype=np.float32)
-        step = self.settings.embed_batch_size
-        for start in range(0, len(sequences), step):
-            chunk = sequences[start : start + step]
-            b = make_batch(
-                chunk, self.items, self.behaviors, self.config.max_len, self.config.n_gap_buckets
-            ).to(self.device)
-            z = self.encoder.user_embedding(b.items, b.behaviors, b.gaps)  # (b, H)
-            out[start : start + len(chunk)] = z.float().cpu().numpy()
-        return out
+        return _embed(self.encoder, self.items, self.behaviors, self.device,
+                      self.settings.embed_batch_size, sequences)  # fmt: skip
+
+    def snapshot(self) -> EmbeddingModel:
+        """A copy of the current weights and vocabularies for inference only, which
+        later training does not touch (the embedder of the live worker reads it
+        while the trainer keeps stepping)."""
+        encoder = copy.deepcopy(self.encoder).eval()
+        for p in encoder.parameters():
+            p.requires_grad_(False)
+        return EmbeddingModel(
+            encoder, copy.deepcopy(self.items), copy.deepcopy(self.behaviors),
+            self.device, self.settings.embed_batch_size, self.version,
+        )  # fmt: skip
 
     # --- checkpoints -----------------------------------------------------------
     def save(

@@ -59,6 +59,30 @@ def feed_lag_s(applied_id: str, head_id: str) -> float:
     return max(0.0, (head[0] - applied[0]) / 1000.0) if head > applied else 0.0
 
 
+class EventTimes:
+    """Per FAISS id, the ts of the newest behavior in the vector the index holds
+    (from the feed; unknown after a rebuild or a snapshot load). A float array
+    indexed by id (ids are dense from 1): 8 bytes per user, no per-entry objects.
+    Written by the follower thread only; a reader may see the value before or
+    after an update, never a torn one."""
+
+    def __init__(self) -> None:
+        self._ts = np.full(1024, np.nan)
+
+    def set(self, nums: list[int], ts: list[float | None]) -> None:
+        top = max(nums)
+        if top >= len(self._ts):
+            grown = np.full(max(top + 1, 2 * len(self._ts)), np.nan)
+            grown[: len(self._ts)] = self._ts
+            self._ts = grown
+        self._ts[nums] = [np.nan if t is None else t for t in ts]
+
+    def get(self, num: int) -> float | None:
+        ts = self._ts
+        t = ts[num] if 0 <= num < len(ts) else np.nan
+        return None if np.isnan(t) else float(t)
+
+
 @dataclass
 class FollowerStats:
     """Running totals, read by the /metrics collector (plain ints, no locking needed)."""
@@ -103,6 +127,7 @@ class IndexFollower:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.report_interval_s = report_interval_s
         self.stats = FollowerStats()
+        self.indexed_ts = EventTimes()  # what the index holds, per id
         self.ready = threading.Event()  # set once the initial load is done
         self._index = UserIndex()
         self._applied_id = "0-0"
@@ -322,6 +347,7 @@ class IndexFollower:
             )
         if good:
             self._index.upsert([u.num for u in good], np.stack([u.vector for u in good]))
+            self.indexed_ts.set([u.num for u in good], [u.event_ts for u in good])
         self.stats.applied_updates += len(good)
         with self._applied:
             self._applied_id = updates[-1].stream_id

@@ -148,9 +148,12 @@ def user_embedding(ctx: ServingContext, user_id: str) -> UserEmbedding:
     vector = ctx.embeddings.get(user_id)
     if vector is None:
         raise _no_embedding(ctx, user_id)
+    num = user_num(ctx, user_id)
     return UserEmbedding(
         user_id=user_id,
         model_version=ctx.embeddings.version_of(user_id),
+        event_ts=ctx.embeddings.event_ts_of(user_id),
+        indexed_event_ts=None if num is None else ctx.follower.indexed_ts.get(num),
         dim=int(vector.shape[0]),
         embedding=vector.astype(np.float64).tolist(),
     )
@@ -207,6 +210,7 @@ def stats(ctx: ServingContext) -> Stats:
         head = ops.embeddings.feed_head()
         users, items = ops.sequences.num_users(), ops.sequences.num_items()
         pending = ops.sequences.dirty_count() + ops.sequences.claimed_count()
+        stale = ops.sequences.dirty_count("embed") + ops.sequences.claimed_count("embed")
         embedded = ops.embeddings.count()
     except (redis.RedisError, OSError) as exc:
         raise RedisUnavailable(_redis_reason(exc, ops.timeout_s)) from exc
@@ -216,6 +220,7 @@ def stats(ctx: ServingContext) -> Stats:
         events_duplicate_skipped=counters["events_duplicate_skipped"],
         offset_log_resets=counters["offset_log_resets"],
         refresh_pending=pending,
+        embed_pending=stale,
         users=users,
         items=items,
         embedded_users=embedded,

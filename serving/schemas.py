@@ -41,6 +41,14 @@ class Recommendations(BaseModel):
 class UserEmbedding(BaseModel):
     user_id: str
     model_version: int | None = Field(description="model version that made this embedding")
+    event_ts: float | None = Field(
+        None, description="ts of the newest behavior this embedding saw (unix seconds)"
+    )
+    indexed_event_ts: float | None = Field(
+        None,
+        description="the same for the vector this replica's similar-user index holds "
+        "(null: not indexed yet, or loaded before this replica followed the feed)",
+    )
     dim: int
     embedding: list[float]
 
@@ -67,8 +75,13 @@ class Stats(BaseModel):
     )
     refresh_pending: int = Field(
         0,
-        description="changed users not embedded yet: the dirty ones plus those a running cycle "
-        "claimed (a user changed again while claimed counts in both)",
+        description="changed users not trained on yet: the dirty ones plus those a running "
+        "cycle claimed (a user changed again while claimed counts in both)",
+    )
+    embed_pending: int = Field(
+        0,
+        description="changed users whose event is not in their embedding yet: the stale ones "
+        "plus those the embedder is writing (a user changed again meanwhile counts twice)",
     )
     users: int = Field(description="users with a behavior sequence")
     items: int = Field(description="distinct items seen")

@@ -8,8 +8,8 @@ dead-letter path, and (with the shared data) MovieLens 100K replay counts.
 The dead-letter and MovieLens tests share one stack and each measures only
 what it added (counter deltas, its own users); the planted-groups test (whose
 neighbour quality depends on what the model saw) and the stop test run stacks
-of their own, so the tests pass in any order. Waits are on conditions with deadlines, never on how often the
-training worker happens to cycle.
+of their own, so the tests pass in any order. Waits are on conditions with
+deadlines, never on how often the training worker happens to cycle.
 """
 
 from __future__ import annotations
@@ -55,34 +55,32 @@ def stack(tmp_path_factory, redis_url):
 
 
 def embeddings_cover_everything_ingested(stack, timeout_s: float = 240) -> None:
-    """Return once every event ingested so far is in its user's served embedding.
-
-    A marker event for a fresh user goes in after them: the training cycle that
-    embeds the marker user took its dirty users after every earlier event was
-    applied, and re-embeds every other user too (``REFRESH_BUDGET`` exceeds the
-    users here), so once that cycle has finished and the index has caught up
-    with the feed, everything before the marker is served. No assumption about
-    how often cycles run.
-    """
-    client, env = stack["client"], stack["env"]
-    marker = f"marker-{uuid.uuid4().hex[:8]}"
-    event = {"user_id": marker, "item_id": "marker-item", "behavior": "view", "ts": time.time()}
-    produce_raw(env, marker.encode(), json.dumps(event).encode())
+    """Return once every event ingested so far is in its user's served embedding:
+    no user waits for the embedder (its claims are released only after the
+    write) and the index has applied the whole feed."""
+    client = stack["client"]
 
     def served() -> bool:
-        got = client.get(f"/users/{marker}/embedding")
-        if got.status_code != 200:
-            return False
-        # the cycle that embedded the marker has finished (it publishes its version
-        # last), and the index holds everything in the feed by then
         s = client.get("/stats").json()
-        published = (
-            s["model_version"] is not None and s["model_version"] >= got.json()["model_version"]
-        )
-        return published and s["index_applied_id"] == s["feed_head_id"]
+        return s["embed_pending"] == 0 and s["index_applied_id"] == s["feed_head_id"]
 
-    _wait(served, timeout_s, "the marker user's embedding", stack["proc"],
+    _wait(served, timeout_s, "every ingested event embedded and indexed", stack["proc"],
           stack["data_dir"] / "logs")  # fmt: skip
+
+
+def train_more_cycles(stack, cycles: int, timeout_s: float = 240) -> None:
+    """Return after ``cycles`` more training cycles were published, each with its
+    refresh written: a marker event for a fresh user makes each cycle due."""
+    client, env = stack["client"], stack["env"]
+    for _ in range(cycles):
+        before = client.get("/stats").json()["model_version"] or 0
+        marker = f"marker-{uuid.uuid4().hex[:8]}"
+        event = {"user_id": marker, "item_id": "marker-item", "behavior": "view",
+                 "ts": time.time()}  # fmt: skip
+        produce_raw(env, marker.encode(), json.dumps(event).encode())
+        _wait(lambda b=before: (client.get("/stats").json()["model_version"] or 0) > b,
+              timeout_s, "one more training cycle", stack["proc"],
+              stack["data_dir"] / "logs")  # fmt: skip
 
 
 def _run_cli(env, *args, timeout=300):
@@ -142,9 +140,9 @@ def recover_planted_groups(stack, tmp_path) -> None:
         logs,
     )
     # a cycle of 24 steps from a fresh model may not have separated the groups yet
-    # (measured: precision 0.52-1.0 after one): each marker waits for one more cycle
-    for _ in range(CYCLES):
-        embeddings_cover_everything_ingested(stack)
+    # (measured: precision 0.52-1.0 after one)
+    train_more_cycles(stack, CYCLES)
+    embeddings_cover_everything_ingested(stack)
     stats = client.get("/stats").json()
     assert stats["users"] - before["users"] == len(truth) + CYCLES  # and the marker users
     assert stats["events_dead_lettered"] == before["events_dead_lettered"]

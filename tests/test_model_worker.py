@@ -231,11 +231,12 @@ def test_run_forever_trains_when_enough_events_arrive(tmp_path, keys, stores):
         assert worker.trainer.version == 1 and seq_store.dirty_count() == 5
         feed.write(feed.users, per_user=2)  # 20 since the last cycle: train now
         wait_until(lambda: worker.trainer.version == 2)
+        # the embedder publishes the version once its users are re-embedded
+        wait_until(lambda: emb_store.model_info().version == 2)
     finally:
         stop.set()
         thread.join(10)
     assert not thread.is_alive()
-    assert emb_store.model_info().version == 2
 
 
 def test_a_stop_interrupts_a_cycle_between_steps_and_keeps_its_users(tmp_path, keys, stores):
@@ -291,7 +292,11 @@ def test_a_worker_killed_mid_cycle_loses_no_refresh(tmp_path, keys, stores, redi
     try:
         wait_until(lambda: all(emb_store.get(u) is not None for u in feed.users), 120,
                    "every user embedded by the next worker", proc=fresh)  # fmt: skip
-        assert seq_store.claimed_count() == 0 and seq_store.dirty_count() == 0
+        # and the claims of the killed cycle went back and were trained on
+        wait_until(lambda: seq_store.claimed_count() == 0 and seq_store.dirty_count() == 0,
+                   120, "the killed cycle's users trained on", proc=fresh)  # fmt: skip
+        wait_until(lambda: emb_store.model_info() is not None, 60, "the version published",
+                   proc=fresh)  # fmt: skip
     finally:
         fresh.send_signal(signal.SIGTERM)
         assert fresh.wait(60) == 0  # a clean stop
@@ -333,13 +338,13 @@ def test_a_hung_redis_fails_the_cycle_and_its_users_come_back(tmp_path, keys):
             proc.send_signal(signal.SIGCONT)
             wait_until(
                 lambda: (
-                    all(emb_store.get(u) is not None for u in feed.users)
+                    all((emb_store.version_of(u) or 0) >= 1 for u in feed.users)
                     and seq_store.claimed_count() == 0
+                    and seq_store.dirty_count() == 0
                 ),
                 60,
-                "every user embedded and released after Redis came back",
+                "every user trained on, re-embedded and released after Redis came back",
             )
-            assert seq_store.dirty_count() == 0
         finally:
             proc.send_signal(signal.SIGCONT)
             stop.set()
@@ -354,3 +359,63 @@ def proc_state(pid: int) -> str:
     """The process state letter from /proc (T = stopped)."""
     with open(f"/proc/{pid}/stat") as fh:
         return fh.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_changed_users_are_embedded_while_a_long_cycle_trains(tmp_path, keys, stores):
+    """Freshness does not wait for training: during a cycle far longer than the
+    test, a new user and a returning user get embeddings that hold their newest
+    event, made with the weights published so far."""
+    seq_store, emb_store = stores
+    s = make_settings(tmp_path, keys, train_steps=100_000, embed_poll_s=0.02)
+    feed = Feed(seq_store, n_users=7)
+    first, late = feed.users[:6], feed.users[6]
+    feed.write(first, per_user=4)
+    worker = TrainingWorker(s, seq_store, emb_store)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: seq_store.claimed_count() == 6, what="the long cycle to start")
+        wait_until(lambda: all(emb_store.get(u) is not None for u in first),
+                   what="the first events embedded")  # fmt: skip
+        feed.write([late], per_user=2)
+        feed.write(["u0"], per_user=1)
+        newest_u0 = seq_store.read_tail("u0", 1)[0].ts
+        newest_late = seq_store.read_tail(late, 1)[0].ts
+        wait_until(lambda: emb_store.event_ts_of(late) == newest_late, 10, "the new user")
+        wait_until(lambda: emb_store.event_ts_of("u0") == newest_u0, 10, "the returning user")
+        assert worker.trainer.version == 0 and seq_store.claimed_count() == 6  # still training
+        assert emb_store.version_of(late) == 0 and emb_store.model_info() is None
+        assert seq_store.dirty_count("embed") + seq_store.claimed_count("embed") == 0
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive()
+
+
+def test_an_embedder_killed_mid_batch_leaves_its_users_stale(tmp_path, keys, stores, monkeypatch):
+    """A batch that raises puts its users back; claims left by a crash go back at start."""
+    from model.live.embedder import Embedder
+
+    seq_store, emb_store = stores
+    s = make_settings(tmp_path, keys)
+    feed = Feed(seq_store, n_users=5)
+    feed.write(feed.users, per_user=2)
+    worker = TrainingWorker(s, seq_store, emb_store)
+    monkeypatch.setattr(Embedder, "_embed", lambda *a: (_ for _ in ()).throw(OSError("down")))
+    with pytest.raises(OSError):
+        worker.embedder.run_once()
+    assert seq_store.dirty_count("embed") == 5 and seq_store.claimed_count("embed") == 0
+    monkeypatch.undo()
+    assert len(seq_store.take_dirty(5, queue="embed")) == 5  # a crash right after the claim
+    fresh = TrainingWorker(s, seq_store, emb_store)
+    stop = threading.Event()
+    thread = threading.Thread(target=fresh.embedder.run_forever, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: all(emb_store.get(u) is not None for u in feed.users), 10,
+                   "the claimed users embedded by the next embedder")  # fmt: skip
+    finally:
+        stop.set()
+        thread.join(10)
+    assert seq_store.claimed_count("embed") == 0

@@ -184,6 +184,12 @@ class Settings(BaseSettings, ModelSettings):
         4096, ge=0, description="extra not-dirty users re-embedded per cycle (round robin)"
     )
     keep_checkpoints: int = Field(3, ge=1)
+    embed_claim_max: int = Field(
+        256, ge=1, description="changed users the embedder takes per batch"
+    )
+    embed_poll_s: float = Field(
+        0.05, gt=0, description="how often an idle embedder looks for changed users"
+    )
 
     # --- serving -----------------------------------------------------------
     api_host: str = "127.0.0.1"

@@ -58,7 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from userstream.embedded import free_port, start_redis
 from userstream.settings import Settings
 from userstream.soak_load import Producer, probe
-from userstream.stores import RedisEmbeddingStore, RedisSequenceStore, connect
+from userstream.stores import CHANGE_QUEUES, RedisEmbeddingStore, RedisSequenceStore, connect
 from userstream.types import Keys
 
 __all__ = ["SoakConfig", "run_soak"]
@@ -362,7 +362,8 @@ def _settle(stack: StackRun, store: RedisSequenceStore, timeout_s: float) -> flo
     deadline = t0 + timeout_s
     while time.monotonic() < deadline:
         try:
-            if store.dirty_count() + store.claimed_count() == 0 and stack.all_up():
+            pending = sum(store.dirty_count(q) + store.claimed_count(q) for q in CHANGE_QUEUES)
+            if pending == 0 and stack.all_up():
                 return time.monotonic() - t0
         except Exception:
             pass

@@ -54,8 +54,9 @@ def decode_behavior(raw: str) -> Behavior:
 class Keys:
     """Every Redis key the system uses, under one prefix (``Settings.redis_prefix``).
 
-    stream/ writes: seq:*, users, items, dirty, offsets, counters
-    model/  writes: emb, emb_version, user_num*, model, updates (a Redis Stream)
+    stream/ writes: seq:*, users, items, dirty, stale, offsets, counters
+    model/  writes: emb, emb_version, emb_event_ts, user_num*, model, updates (a Redis
+            Stream)
     serving/ reads all of them.
     """
 
@@ -89,8 +90,24 @@ class Keys:
         return f"{self.prefix}logs"
 
     @property
-    def claimed(self) -> str:  # set of dirty users a training cycle took, not yet embedded
+    def claimed(self) -> str:  # set of dirty users a training cycle took, not yet done
         return f"{self.prefix}claimed"
+
+    @property
+    def stale(self) -> str:  # set of users changed since the embedder last took them
+        return f"{self.prefix}stale"
+
+    @property
+    def stale_claimed(self) -> str:  # set of stale users the embedder took, not yet written
+        return f"{self.prefix}stale-claimed"
+
+    def changed(self, queue: str) -> tuple[str, str]:
+        """(changed set, claimed set) of a change queue: "train" or "embed"."""
+        if queue == "train":
+            return self.dirty, self.claimed
+        if queue == "embed":
+            return self.stale, self.stale_claimed
+        raise ValueError(f"unknown change queue {queue!r}: expected 'train' or 'embed'")
 
     @property
     def counters(self) -> str:  # hash: events_ingested, events_dead_lettered, ...
@@ -103,6 +120,10 @@ class Keys:
     @property
     def emb_version(self) -> str:  # hash user -> model version that made the embedding
         return f"{self.prefix}emb_version"
+
+    @property
+    def emb_event_ts(self) -> str:  # hash user -> ts of the newest behavior embedded
+        return f"{self.prefix}emb_event_ts"
 
     @property
     def user_num(self) -> str:  # hash user -> int64 id used by FAISS

@@ -10,19 +10,24 @@ One cycle (:meth:`TrainingWorker.run_cycle`):
    significant rise is a drift, counted and answered by a catch-up cycle
    (``catchup_factor`` x the usual steps) next time;
 4. write a versioned checkpoint (with the reservoir and the drift count);
-5. re-embed the dirty users plus up to ``refresh_budget`` other users, taken
-   round robin over all users, so embeddings from older model versions get
-   refreshed; upsert them, trim the update feed to what live followers still
-   need, and publish the model info (and field ``drifts`` of the model hash).
+5. hand the new weights to the :class:`~model.live.embedder.Embedder` with the
+   users to re-embed (the cycle's users plus up to ``refresh_budget`` others,
+   round robin over all users), and trim the update feed to what live followers
+   still need. The embedder publishes the model info once they are written.
+
+Embedding is not the cycle's job: the embedder, a thread beside the training
+loop, embeds every changed user with the newest weights within a moment of its
+event (``embed_poll_s``), however long a cycle takes; the cycle only decides
+when the weights change. Without the thread (tests, the prequential loop) the
+cycle drains the embedder itself.
 
 The dirty users a cycle takes are *claimed* (moved to a claimed set in the
-same step, :meth:`SequenceStore.take_dirty`) and released only after their
-embeddings are written, so no crash loses a refresh: a cycle that raises puts
-them back at once; one that never finished (SIGKILL, a hung Redis, a stop)
-leaves them claimed, and :meth:`run_forever` puts every claimed user back when
-it starts and after a failed cycle. A stop (SIGTERM) interrupts a cycle between
-optimizer steps (the dirty users of a trained cycle are still embedded; the
-refresh of other users is skipped).
+same step, :meth:`SequenceStore.take_dirty`) and released once the cycle is
+done: a cycle that raises puts them back at once; one that never finished
+(SIGKILL, a hung Redis, a stop) leaves them claimed, and :meth:`run_forever`
+puts every claimed user back when it starts and after a failed cycle. The
+embedder claims its own queue the same way. A stop (SIGTERM) interrupts a
+cycle between optimizer steps.
 :meth:`run_forever` runs a cycle every ``train_interval_s`` or as soon as
 ``train_every_events`` new events were ingested, whichever comes first.
 """
@@ -33,11 +38,12 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from model.checkpoint import latest_checkpoint
 from model.live.drift import DriftMonitor
+from model.live.embedder import Embedder
 from model.live.reservoir import Reservoir
 from model.trainer import Interrupted, Trainer
 from userstream.settings import Settings
@@ -49,7 +55,7 @@ from userstream.stores import (
     SequenceStore,
     connect,
 )
-from userstream.types import Behavior, Keys
+from userstream.types import Keys
 
 __all__ = ["CycleReport", "TrainingWorker", "load_trainer", "main"]
 
@@ -59,6 +65,7 @@ MAX_DIRTY_PER_CYCLE = 50_000
 POLL_S = 0.2
 ERROR_BACKOFF_S = 5.0
 REDIS_TIMEOUT_S = 30.0
+EMBEDDER_JOIN_S = 10.0  # a stop waits this long for the embedder's current batch
 
 
 @dataclass(frozen=True)
@@ -66,7 +73,7 @@ class CycleReport:
     version: int  # model version after the cycle (unchanged when nothing ran)
     dirty_users: int  # users taken from the dirty set and trained on
     replay_users: int  # older users replayed from the reservoir
-    embedded_users: int  # embeddings upserted (dirty + refreshed)
+    embedded_users: int  # users handed to the embedder (embedded, in one-thread mode)
     loss: float
     train_s: float
     embed_s: float
@@ -99,6 +106,7 @@ class TrainingWorker:
         self.drift = drift if drift is not None else DriftMonitor()
         self.drift.count = max(self.drift.count, int(self.trainer.extra.get("drifts", 0)))
         self._refresh_iter: Iterator[str] | None = None
+        self.embedder = Embedder(settings, sequences, embeddings, self.trainer.snapshot())
         self.polls = 0  # checks of the cadence by run_forever (tests wait on it)
         self.failed_cycles = 0  # cycles (or cadence checks) that raised in run_forever
         self._stop: threading.Event | None = None  # set by run_forever
@@ -123,6 +131,23 @@ class TrainingWorker:
             raise
         self.sequences.release_claimed(dirty)
         return report
+
+    def _announce_loaded(self) -> None:
+        """A checkpoint newer than the published model info (the last run stopped
+        before its refresh was done): publish it once a refresh is written."""
+        info = self.embeddings.model_info()
+        path = latest_checkpoint(self.settings.checkpoint_dir)
+        t = self.trainer
+        if path is None or t.version == 0 or (info is not None and info.version >= t.version):
+            return
+        LOG.info("v%d was not published yet: refreshing with it", t.version)
+        refresh = self._refresh_users(self.settings.refresh_budget, exclude=set())
+        self.embedder.publish(
+            t.snapshot(),
+            ModelInfo(t.version, str(path), t.items.num_admitted, time.time(), t.last_loss,
+                      drifts=self.drift.count),
+            refresh,
+        )  # fmt: skip
 
     def _stopping(self) -> bool:
         return self._stop is not None and self._stop.is_set()
@@ -158,29 +183,18 @@ class TrainingWorker:
 
         t_embed = time.perf_counter()
         version = self.trainer.version
-        n = 0
-        # a stop lets the dirty users be embedded (inference: quick next to the steps,
-        # and the checkpoint is written) but not the best-effort refresh
-        for start in range(0, len(kept), s.embed_batch_size):
-            chunk = kept[start : start + s.embed_batch_size]
-            n += self._embed_and_upsert([u for u, _ in chunk], [q for _, q in chunk], version)
-        refresh = self._refresh_users(s.refresh_budget, exclude=dirty_set)
-        for start in range(0, len(refresh), s.embed_batch_size):
-            if self._stopping():
-                break  # the refresh is best effort; every dirty user is embedded
-            users = refresh[start : start + s.embed_batch_size]
-            n += self._embed_and_upsert(users, self.sequences.read_many(users), version)
+        info = ModelInfo(
+            version, str(path), self.trainer.items.num_admitted, time.time(), stats["loss"],
+            drifts=self.drift.count,
+        )  # fmt: skip
+        # the embedder re-embeds the cycle's users and a round robin of the others
+        # with the new weights, then publishes the info; changed users come first
+        refresh = [u for u, _ in kept] + self._refresh_users(s.refresh_budget, exclude=dirty_set)
+        self.embedder.publish(self.trainer.snapshot(), info, refresh)
+        n = len(refresh)
+        if not self.embedder.running:  # one thread (tests, the prequential loop)
+            n = self.embedder.drain()
         self._trim_feed()
-        self.embeddings.set_model_info(
-            ModelInfo(
-                version,
-                str(path),
-                self.trainer.items.num_admitted,
-                time.time(),
-                stats["loss"],
-                drifts=self.drift.count,
-            )
-        )
         embed_s = time.perf_counter() - t_embed
         report = CycleReport(
             version=version,
@@ -214,16 +228,6 @@ class TrainingWorker:
     def _idle_report(self) -> CycleReport:
         return CycleReport(self.trainer.version, 0, 0, 0, self.trainer.last_loss, 0.0, 0.0, 0.0)
 
-    def _embed_and_upsert(
-        self, users: Sequence[str], seqs: Sequence[Sequence[Behavior]], version: int
-    ) -> int:
-        pairs = [(u, q) for u, q in zip(users, seqs, strict=True) if q]
-        if not pairs:
-            return 0
-        vectors = self.trainer.embed_many([q for _, q in pairs])
-        self.embeddings.upsert([u for u, _ in pairs], vectors, version)
-        return len(pairs)
-
     def _refresh_users(self, budget: int, exclude: set[str]) -> list[str]:
         """Up to ``budget`` users not in ``exclude``, continuing a round robin over
         all users (restarted at most once per call, so nobody comes twice)."""
@@ -252,13 +256,18 @@ class TrainingWorker:
         last_t = -float("inf")  # run at once: clear any backlog left by a restart
         last_events = 0
         LOG.info("training worker started (v%d)", self.trainer.version)
+        self.embedder.start(stop)
         requeue = True  # claims of a cycle that never finished go back first
+        announced = False
         while not stop.is_set():
             try:
                 if requeue:
                     n = self.sequences.requeue_claimed()
                     if n:
                         LOG.warning("%d users claimed by an unfinished cycle are dirty again", n)
+                    if not announced:
+                        self._announce_loaded()
+                        announced = True
                     requeue = False
                 events = self.sequences.counters()["events_ingested"]
                 due = time.monotonic() - last_t >= s.train_interval_s
@@ -275,6 +284,7 @@ class TrainingWorker:
                 continue
             self.polls += 1
             stop.wait(POLL_S)
+        self.embedder.join(EMBEDDER_JOIN_S)
         LOG.info("training worker stopped (v%d)", self.trainer.version)
 
 

@@ -13,9 +13,11 @@ or ``serving``.
 
 from userstream.stores.client import connect
 from userstream.stores.contracts import (
+    CHANGE_QUEUES,
     COUNTERS,
     AppliedBatch,
     BatchPlan,
+    ChangeQueue,
     EmbeddingStore,
     EmbeddingUpdate,
     FeedState,
@@ -30,9 +32,11 @@ from userstream.stores.redis_embeddings import RedisEmbeddingStore
 from userstream.stores.redis_sequences import RedisSequenceStore
 
 __all__ = [
+    "CHANGE_QUEUES",
     "COUNTERS",
     "AppliedBatch",
     "BatchPlan",
+    "ChangeQueue",
     "EmbeddingStore",
     "EmbeddingUpdate",
     "FeedState",

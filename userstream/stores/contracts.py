@@ -16,14 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
 from userstream.types import Behavior, Event
 
 __all__ = [
+    "CHANGE_QUEUES",
     "COUNTERS",
+    "ChangeQueue",
     "AppliedBatch",
     "BatchPlan",
     "EmbeddingStore",
@@ -37,6 +39,10 @@ __all__ = [
 ]
 
 OffsetEvent = tuple[int, int, Event]  # (partition, offset, event)
+
+# the two queues of changed users: the training cycle's and the embedder's
+ChangeQueue = Literal["train", "embed"]
+CHANGE_QUEUES: tuple[ChangeQueue, ...] = ("train", "embed")
 
 # counters every store reports, zero until something happened; offset_log_resets
 # counts the times a topic's stored offsets were dropped because they belonged to
@@ -76,6 +82,7 @@ class EmbeddingUpdate:
     user_id: str
     num: int  # stable int64 id for FAISS
     vector: np.ndarray  # (D,) float32, L2-normalized
+    event_ts: float | None = None  # ts of the newest behavior the embedding saw
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,31 +183,35 @@ class SequenceStore(Protocol):
         """The last ``n`` behaviors of one user, oldest first."""
         ...
 
-    def take_dirty(self, max_users: int) -> list[str]:
-        """Claim up to ``max_users`` changed users, sorted: they move from the dirty
-        set to the claimed set in one step, and stay there until
-        :meth:`release_claimed` (after their embeddings are written) or
-        :meth:`requeue_claimed` (a cycle that failed or never finished)."""
+    def take_dirty(self, max_users: int, queue: ChangeQueue = "train") -> list[str]:
+        """Claim up to ``max_users`` changed users of ``queue``, sorted: they move
+        from its changed set to its claimed set in one step, and stay there until
+        :meth:`release_claimed` (their work is done) or :meth:`requeue_claimed`
+        (the work failed or never finished).
+
+        Every applied event marks its user in both queues: "train" (the training
+        cycle learns from them) and "embed" (the embedder re-embeds them with the
+        current weights); each queue is claimed on its own."""
         ...
 
-    def release_claimed(self, user_ids: Iterable[str]) -> None:
-        """The cycle that claimed these users has written their embeddings."""
+    def release_claimed(self, user_ids: Iterable[str], queue: ChangeQueue = "train") -> None:
+        """The work on these claimed users is done."""
         ...
 
-    def requeue_claimed(self) -> int:
-        """Put every claimed user back into the dirty set (at start, after a
-        crash or kill); returns how many there were."""
+    def requeue_claimed(self, queue: ChangeQueue = "train") -> int:
+        """Put every claimed user of ``queue`` back into its changed set (at start,
+        after a crash or kill); returns how many there were."""
         ...
 
-    def claimed_count(self) -> int: ...
+    def claimed_count(self, queue: ChangeQueue = "train") -> int: ...
 
-    def dirty_users(self) -> list[str]:
-        """The changed users, sorted, without taking them."""
+    def dirty_users(self, queue: ChangeQueue = "train") -> list[str]:
+        """The changed users of ``queue``, sorted, without taking them."""
         ...
 
-    def mark_dirty(self, user_ids: Iterable[str]) -> None: ...
+    def mark_dirty(self, user_ids: Iterable[str], queue: ChangeQueue = "train") -> None: ...
 
-    def dirty_count(self) -> int: ...
+    def dirty_count(self, queue: ChangeQueue = "train") -> int: ...
 
     def iter_users(self, batch: int = 1000) -> Iterator[str]:
         """Every user with a sequence (in no promised order)."""
@@ -231,9 +242,16 @@ class EmbeddingStore(Protocol):
     def users_for(self, nums: Sequence[int]) -> list[str | None]: ...
 
     # --- writes (training worker) ----------------------------------------------------
-    def upsert(self, user_ids: Sequence[str], vectors: np.ndarray, version: int) -> None:
+    def upsert(
+        self,
+        user_ids: Sequence[str],
+        vectors: np.ndarray,
+        version: int,
+        event_ts: Sequence[float] | None = None,
+    ) -> None:
         """Store (N, D) float32 embeddings made by model ``version`` and append
-        them to the update feed."""
+        them to the update feed; ``event_ts`` is, per user, the ts of the newest
+        behavior the embedding saw (how fresh it is)."""
         ...
 
     def set_model_info(self, info: ModelInfo) -> None: ...
@@ -244,6 +262,10 @@ class EmbeddingStore(Protocol):
     def get(self, user_id: str) -> np.ndarray | None: ...
 
     def version_of(self, user_id: str) -> int | None: ...
+
+    def event_ts_of(self, user_id: str) -> float | None:
+        """The ts of the newest behavior in the user's stored embedding."""
+        ...
 
     def count(self) -> int:
         """Users with a stored embedding."""

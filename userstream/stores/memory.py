@@ -17,8 +17,10 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 
 from userstream.stores.contracts import (
+    CHANGE_QUEUES,
     COUNTERS,
     AppliedBatch,
+    ChangeQueue,
     EmbeddingUpdate,
     FeedState,
     ModelInfo,
@@ -37,12 +39,13 @@ class MemorySequenceStore:
     def __init__(self, max_len: int = 200) -> None:
         self.max_len = max_len
         self._seqs: dict[str, list[Behavior]] = {}  # insertion order = users set
-        self._dirty: dict[str, None] = {}
+        # per change queue: changed users (insertion-ordered) and claimed ones
+        self._changed: dict[str, dict[str, None]] = {q: {} for q in CHANGE_QUEUES}
+        self._claimed: dict[str, set[str]] = {q: set() for q in CHANGE_QUEUES}
         self._items: set[str] = set()
         self._behaviors: dict[str, int] = {}
         self._offsets: dict[str, int] = {}  # "topic:partition" -> offset
         self._logs: dict[str, str] = {}  # "topic:partition" -> log id
-        self._claimed: set[str] = set()
         self._counters = dict.fromkeys(COUNTERS, 0)
 
     # --- writes ----------------------------------------------------------------
@@ -68,7 +71,8 @@ class MemorySequenceStore:
             seq.extend(stored_behavior(e) for e in evs)
             if len(seq) > self.max_len:
                 del seq[: len(seq) - self.max_len]
-            self._dirty[user] = None
+            for changed in self._changed.values():
+                changed[user] = None
         self._items |= plan.items
         for name, n in plan.behaviors.items():
             self._behaviors[name] = self._behaviors.get(name, 0) + n
@@ -104,34 +108,42 @@ class MemorySequenceStore:
     def read_tail(self, user_id: str, n: int) -> list[Behavior]:
         return self._seqs.get(user_id, [])[-n:]
 
-    def take_dirty(self, max_users: int) -> list[str]:
-        taken = sorted(self._dirty)[:max_users]
+    def take_dirty(self, max_users: int, queue: ChangeQueue = "train") -> list[str]:
+        changed, claimed = self._queue(queue)
+        taken = sorted(changed)[:max_users]
         for u in taken:
-            del self._dirty[u]
-        self._claimed.update(taken)
+            del changed[u]
+        claimed.update(taken)
         return taken
 
-    def release_claimed(self, user_ids: Iterable[str]) -> None:
-        self._claimed.difference_update(user_ids)
+    def release_claimed(self, user_ids: Iterable[str], queue: ChangeQueue = "train") -> None:
+        self._queue(queue)[1].difference_update(user_ids)
 
-    def requeue_claimed(self) -> int:
-        n = len(self._claimed)
-        self.mark_dirty(sorted(self._claimed))
-        self._claimed.clear()
+    def requeue_claimed(self, queue: ChangeQueue = "train") -> int:
+        claimed = self._queue(queue)[1]
+        n = len(claimed)
+        self.mark_dirty(sorted(claimed), queue)
+        claimed.clear()
         return n
 
-    def claimed_count(self) -> int:
-        return len(self._claimed)
+    def claimed_count(self, queue: ChangeQueue = "train") -> int:
+        return len(self._queue(queue)[1])
 
-    def dirty_users(self) -> list[str]:
-        return sorted(self._dirty)
+    def dirty_users(self, queue: ChangeQueue = "train") -> list[str]:
+        return sorted(self._queue(queue)[0])
 
-    def mark_dirty(self, user_ids: Iterable[str]) -> None:
+    def mark_dirty(self, user_ids: Iterable[str], queue: ChangeQueue = "train") -> None:
+        changed = self._queue(queue)[0]
         for u in user_ids:
-            self._dirty[u] = None
+            changed[u] = None
 
-    def dirty_count(self) -> int:
-        return len(self._dirty)
+    def dirty_count(self, queue: ChangeQueue = "train") -> int:
+        return len(self._queue(queue)[0])
+
+    def _queue(self, queue: str) -> tuple[dict[str, None], set[str]]:
+        if queue not in self._changed:
+            raise ValueError(f"unknown change queue {queue!r}: expected 'train' or 'embed'")
+        return self._changed[queue], self._claimed[queue]
 
     def iter_users(self, batch: int = 1000) -> Iterator[str]:
         yield from list(self._seqs)
@@ -158,6 +170,7 @@ class MemoryEmbeddingStore:
         self.feed_maxlen = feed_maxlen
         self.vectors: dict[str, np.ndarray] = {}
         self.versions: dict[str, int] = {}
+        self.event_ts: dict[str, float] = {}
         self.info: ModelInfo | None = None
         self._num: dict[str, int] = {}
         self._user: dict[int, str] = {}
@@ -185,13 +198,23 @@ class MemoryEmbeddingStore:
         return [self._user.get(int(n)) for n in nums]
 
     # --- writes --------------------------------------------------------------------
-    def upsert(self, user_ids: Sequence[str], vectors: np.ndarray, version: int) -> None:
+    def upsert(
+        self,
+        user_ids: Sequence[str],
+        vectors: np.ndarray,
+        version: int,
+        event_ts: Sequence[float] | None = None,
+    ) -> None:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        for u, num, v in zip(user_ids, self.nums_for(user_ids), vectors, strict=True):
+        ts = list(event_ts) if event_ts is not None else [None] * len(user_ids)
+        for u, num, v, t in zip(user_ids, self.nums_for(user_ids), vectors, ts, strict=True):
             self.vectors[u] = v.copy()
             self.versions[u] = version
+            if t is not None:
+                self.event_ts[u] = float(t)
             if self.feed_maxlen:
-                self._feed.append(EmbeddingUpdate(self._next_id(), u, num, v.copy()))
+                t = None if t is None else float(t)
+                self._feed.append(EmbeddingUpdate(self._next_id(), u, num, v.copy(), t))
                 self._feed_ids.append(self._last_id)
                 self._added += 1
         extra = len(self._feed) - self.feed_maxlen
@@ -217,6 +240,9 @@ class MemoryEmbeddingStore:
 
     def version_of(self, user_id: str) -> int | None:
         return self.versions.get(user_id)
+
+    def event_ts_of(self, user_id: str) -> float | None:
+        return self.event_ts.get(user_id)
 
     def count(self) -> int:
         return len(self.vectors)

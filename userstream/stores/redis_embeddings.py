@@ -20,6 +20,24 @@ from userstream.types import Keys
 __all__ = ["RedisEmbeddingStore"]
 
 
+# assign ids: KEYS = user_num, user_num_rev, user_num_next; ARGV = user ids.
+# Returns one id per user (an existing one, or the next free one).
+_ASSIGN_LUA = """
+local out = {}
+for i, u in ipairs(ARGV) do
+  local n = redis.call('HGET', KEYS[1], u)
+  if not n then
+    n = redis.call('INCR', KEYS[3])
+    redis.call('HSET', KEYS[1], u, n)
+    redis.call('HSET', KEYS[2], n, u)
+  end
+  out[i] = tonumber(n)
+end
+return out
+"""
+_ASSIGN_CHUNK = 10_000
+
+
 def _vector(raw: str) -> np.ndarray:
     return np.frombuffer(to_bytes(raw), dtype=np.float32)
 
@@ -32,22 +50,25 @@ class RedisEmbeddingStore:
         self.r = require_text_client(client)
         self.keys = keys
         self.feed_maxlen = feed_maxlen
+        self._assign = client.register_script(_ASSIGN_LUA)
 
     # --- ids ---------------------------------------------------------------
     def nums_for(self, user_ids: Sequence[str]) -> list[int]:
-        known = self.r.hmget(self.keys.user_num, list(user_ids)) if user_ids else []
-        out: list[int] = []
-        for u, n in zip(user_ids, known, strict=True):
-            if n is None:
-                num = int(self.r.incr(self.keys.user_num_next))
-                if not self.r.hsetnx(self.keys.user_num, u, num):  # lost a race: reuse winner's
-                    num = int(self.r.hget(self.keys.user_num, u))
-                else:
-                    self.r.hset(self.keys.user_num_rev, num, u)
-                out.append(num)
-            else:
-                out.append(int(n))
-        return out
+        """One HMGET for all; the unknown ones get ids in one script call per
+        10,000 (atomic, so concurrent writers agree on every id)."""
+        if not user_ids:
+            return []
+        known = self.r.hmget(self.keys.user_num, list(user_ids))
+        missing = list(dict.fromkeys(u for u, n in zip(user_ids, known, strict=True) if n is None))
+        assigned: dict[str, int] = {}
+        k = self.keys
+        for start in range(0, len(missing), _ASSIGN_CHUNK):
+            chunk = missing[start : start + _ASSIGN_CHUNK]
+            nums = self._assign(keys=[k.user_num, k.user_num_rev, k.user_num_next], args=chunk)
+            assigned.update(zip(chunk, (int(n) for n in nums), strict=True))
+        return [
+            int(n) if n is not None else assigned[u] for u, n in zip(user_ids, known, strict=True)
+        ]
 
     def num_of(self, user_id: str) -> int | None:
         raw = self.r.hget(self.keys.user_num, user_id)
@@ -62,23 +83,30 @@ class RedisEmbeddingStore:
         return self.r.hmget(self.keys.user_num_rev, [int(n) for n in nums])
 
     # --- writes (training worker) ------------------------------------------
-    def upsert(self, user_ids: Sequence[str], vectors: np.ndarray, version: int) -> None:
+    def upsert(
+        self,
+        user_ids: Sequence[str],
+        vectors: np.ndarray,
+        version: int,
+        event_ts: Sequence[float] | None = None,
+    ) -> None:
         if len(user_ids) == 0:
             return
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         nums = self.nums_for(user_ids)
+        k = self.keys
         pipe = self.r.pipeline(transaction=False)
-        pipe.hset(
-            self.keys.emb, mapping={u: v.tobytes() for u, v in zip(user_ids, vectors, strict=True)}
-        )
-        pipe.hset(self.keys.emb_version, mapping={u: version for u in user_ids})
-        for u, n, v in zip(user_ids, nums, vectors, strict=True):
-            pipe.xadd(
-                self.keys.updates,
-                {"u": u, "i": n, "v": v.tobytes()},
-                maxlen=self.feed_maxlen,
-                approximate=True,
-            )
+        pipe.hset(k.emb, mapping={u: v.tobytes() for u, v in zip(user_ids, vectors, strict=True)})
+        pipe.hset(k.emb_version, mapping=dict.fromkeys(user_ids, version))
+        ts = list(event_ts) if event_ts is not None else [None] * len(user_ids)
+        stamped = {u: repr(float(t)) for u, t in zip(user_ids, ts, strict=True) if t is not None}
+        if stamped:
+            pipe.hset(k.emb_event_ts, mapping=stamped)
+        for u, n, v, t in zip(user_ids, nums, vectors, ts, strict=True):
+            entry = {"u": u, "i": n, "v": v.tobytes()}
+            if t is not None:
+                entry["t"] = repr(float(t))
+            pipe.xadd(k.updates, entry, maxlen=self.feed_maxlen, approximate=True)
         pipe.execute()
 
     def set_model_info(self, info: ModelInfo) -> None:
@@ -116,6 +144,10 @@ class RedisEmbeddingStore:
         raw = self.r.hget(self.keys.emb_version, user_id)
         return None if raw is None else int(raw)
 
+    def event_ts_of(self, user_id: str) -> float | None:
+        raw = self.r.hget(self.keys.emb_event_ts, user_id)
+        return None if raw is None else float(raw)
+
     def feed_head(self) -> str:
         last = self.r.xrevrange(self.keys.updates, count=1)
         return last[0][0] if last else "0-0"
@@ -151,7 +183,13 @@ class RedisEmbeddingStore:
     ) -> list[EmbeddingUpdate]:
         got = self.r.xread({self.keys.updates: after}, count=count, block=block_ms)
         return [
-            EmbeddingUpdate(sid, f["u"], int(f["i"]), _vector(f["v"]).copy())
+            EmbeddingUpdate(
+                sid,
+                f["u"],
+                int(f["i"]),
+                _vector(f["v"]).copy(),
+                float(f["t"]) if "t" in f else None,
+            )  # fmt: skip
             for _key, entries in got or []
             for sid, f in entries
         ]

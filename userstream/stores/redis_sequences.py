@@ -14,7 +14,13 @@ from collections.abc import Iterable, Iterator, Sequence
 import redis
 
 from userstream.stores.client import require_text_client
-from userstream.stores.contracts import COUNTERS, AppliedBatch, OffsetEvent, plan_batch
+from userstream.stores.contracts import (
+    COUNTERS,
+    AppliedBatch,
+    ChangeQueue,
+    OffsetEvent,
+    plan_batch,
+)
 from userstream.types import Behavior, Keys, decode_behavior, encode_behavior
 
 __all__ = ["RedisSequenceStore"]
@@ -130,6 +136,7 @@ class RedisSequenceStore:
             self._append(keys=seq_keys, args=args, client=pipe)
             pipe.sadd(self.keys.users, *plan.per_user)
             pipe.sadd(self.keys.dirty, *plan.per_user)
+            pipe.sadd(self.keys.stale, *plan.per_user)
             pipe.sadd(self.keys.items, *plan.items)
         for name, n in plan.behaviors.items():
             pipe.hincrby(self.keys.behaviors, name, n)
@@ -165,41 +172,41 @@ class RedisSequenceStore:
     def read_tail(self, user_id: str, n: int) -> list[Behavior]:
         return [decode_behavior(x) for x in self.r.lrange(self.keys.seq(user_id), -n, -1)]
 
-    def take_dirty(self, max_users: int) -> list[str]:
+    def take_dirty(self, max_users: int, queue: ChangeQueue = "train") -> list[str]:
         """Claim up to ``max_users`` changed users, sorted (see the Protocol).
 
         Sorted, not in SPOP's random order: a training cycle (its batches and
         reservoir updates follow this order) is then reproducible from the state.
         """
-        got = self._take_dirty(keys=[self.keys.dirty, self.keys.claimed], args=[max_users])
+        got = self._take_dirty(keys=list(self.keys.changed(queue)), args=[max_users])
         return sorted(got or [])
 
-    def release_claimed(self, user_ids: Iterable[str]) -> None:
+    def release_claimed(self, user_ids: Iterable[str], queue: ChangeQueue = "train") -> None:
         ids = list(user_ids)
         if ids:
-            self.r.srem(self.keys.claimed, *ids)
+            self.r.srem(self.keys.changed(queue)[1], *ids)
 
-    def requeue_claimed(self) -> int:
-        k = self.keys
+    def requeue_claimed(self, queue: ChangeQueue = "train") -> int:
+        changed, claimed = self.keys.changed(queue)
         pipe = self.r.pipeline(transaction=True)
-        pipe.scard(k.claimed)
-        pipe.sunionstore(k.dirty, [k.dirty, k.claimed])
-        pipe.delete(k.claimed)
+        pipe.scard(claimed)
+        pipe.sunionstore(changed, [changed, claimed])
+        pipe.delete(claimed)
         return int(pipe.execute()[0])
 
-    def claimed_count(self) -> int:
-        return int(self.r.scard(self.keys.claimed))
+    def claimed_count(self, queue: ChangeQueue = "train") -> int:
+        return int(self.r.scard(self.keys.changed(queue)[1]))
 
-    def dirty_users(self) -> list[str]:
-        return sorted(self.r.smembers(self.keys.dirty))
+    def dirty_users(self, queue: ChangeQueue = "train") -> list[str]:
+        return sorted(self.r.smembers(self.keys.changed(queue)[0]))
 
-    def mark_dirty(self, user_ids: Iterable[str]) -> None:
+    def mark_dirty(self, user_ids: Iterable[str], queue: ChangeQueue = "train") -> None:
         ids = list(user_ids)
         if ids:
-            self.r.sadd(self.keys.dirty, *ids)
+            self.r.sadd(self.keys.changed(queue)[0], *ids)
 
-    def dirty_count(self) -> int:
-        return int(self.r.scard(self.keys.dirty))
+    def dirty_count(self, queue: ChangeQueue = "train") -> int:
+        return int(self.r.scard(self.keys.changed(queue)[0]))
 
     def iter_users(self, batch: int = 1000) -> Iterator[str]:
         yield from self.r.sscan_iter(self.keys.users, count=batch)

@@ -1,0 +1,180 @@
+"""The embedder: changed users re-embedded with the newest weights within a
+moment of their event, whatever a training cycle costs.
+
+Every applied event marks its user in the "embed" change queue
+(:meth:`SequenceStore.take_dirty` with ``queue="embed"``). :meth:`Embedder.run_once`
+claims up to ``embed_claim_max`` of them, reads their sequences *after* the
+claim (an event applied later marks the user again), embeds them with the
+current :class:`~model.trainer.EmbeddingModel` (inference only) and upserts
+them with the ts of the newest behavior each saw; then it releases the claim.
+A crash leaves the claim behind and the next start puts it back, so no change
+goes unembedded.
+
+The training worker hands over each new version with :meth:`publish`, together
+with the users to re-embed with it (the cycle's users and a round-robin
+refresh of the others). They come after the changed users, a batch at a time,
+and the version's :class:`ModelInfo` is written once they all are: the
+``model_version`` the API reports is a version whose refresh is done.
+
+The embedder is the only writer of embeddings: two writers could let an older
+read of a sequence overwrite a newer one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+
+from model.trainer import EmbeddingModel
+from userstream.settings import Settings
+from userstream.stores import EmbeddingStore, ModelInfo, SequenceStore
+
+__all__ = ["Embedder"]
+
+LOG = logging.getLogger(__name__)
+
+ERROR_BACKOFF_S = 1.0
+
+
+class Embedder:
+    """Embeds changed users (first) and a published version's refresh (after)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sequences: SequenceStore,
+        embeddings: EmbeddingStore,
+        model: EmbeddingModel,
+    ) -> None:
+        self.settings = settings
+        self.sequences = sequences
+        self.embeddings = embeddings
+        self._model = model
+        self._lock = threading.Lock()  # guards the three fields below
+        self._refresh: dict[str, None] = {}  # users to re-embed with the newest version
+        self._pending: ModelInfo | None = None  # written once the refresh is done
+        self.embedded_changed = 0  # users embedded because they changed
+        self.embedded_refresh = 0  # users re-embedded because the weights changed
+        self.failures = 0  # batches that raised in run_forever
+        self._thread: threading.Thread | None = None
+
+    @property
+    def version(self) -> int:
+        return self._model.version
+
+    @property
+    def refresh_pending(self) -> int:
+        with self._lock:
+            return len(self._refresh)
+
+    def publish(
+        self, model: EmbeddingModel, info: ModelInfo | None, refresh: Iterable[str] = ()
+    ) -> None:
+        """Embed with ``model`` from the next batch on; re-embed ``refresh`` with it,
+        then write ``info`` (None: write nothing)."""
+        with self._lock:
+            self._model = model
+            self._refresh.update(dict.fromkeys(refresh))
+            self._pending = info
+
+    # --- work ------------------------------------------------------------------
+    def run_once(self) -> int:
+        """One batch: changed users first, the rest of the batch from the refresh.
+        Returns the users embedded (0: nothing to do)."""
+        model = self._model
+        room = self.settings.embed_claim_max
+        users = self.sequences.take_dirty(room, queue="embed")
+        n = 0
+        if users:
+            try:
+                n = self._embed(users, model)
+            except BaseException:
+                self.sequences.mark_dirty(users, queue="embed")
+                self.sequences.release_claimed(users, queue="embed")
+                raise
+            self.sequences.release_claimed(users, queue="embed")
+            self.embedded_changed += n
+        with self._lock:
+            if model is self._model:  # just embedded with the newest weights
+                for u in users:
+                    self._refresh.pop(u, None)
+            chunk = list(self._refresh)[: room - len(users)]
+            for u in chunk:
+                del self._refresh[u]
+        if chunk:
+            try:
+                m = self._embed(chunk, model)
+            except BaseException:
+                with self._lock:  # best effort, but not lost to a Redis hiccup
+                    self._refresh.update(dict.fromkeys(chunk))
+                raise
+            self.embedded_refresh += m
+            n += m
+        self._publish_info(model)
+        return n
+
+    def _publish_info(self, model: EmbeddingModel) -> None:
+        with self._lock:
+            info = self._pending
+            if info is None or self._refresh or model.version < info.version:
+                return
+            self._pending = None
+        self.embeddings.set_model_info(info)
+
+    def _embed(self, users: Sequence[str], model: EmbeddingModel) -> int:
+        seqs = self.sequences.read_many(users)
+        pairs = [(u, q) for u, q in zip(users, seqs, strict=True) if q]
+        if not pairs:
+            return 0
+        vectors = model.embed_many([q for _, q in pairs])
+        newest = [max(b.ts for b in q) for _, q in pairs]
+        self.embeddings.upsert([u for u, _ in pairs], vectors, model.version, newest)
+        return len(pairs)
+
+    def drain(self) -> int:
+        """Run batches until nothing is left (the one-thread mode: tests, the
+        prequential loop). Returns the users embedded."""
+        total = 0
+        while n := self.run_once():
+            total += n
+        return total
+
+    # --- thread ----------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, stop: threading.Event) -> None:
+        """Run :meth:`run_forever` in a daemon thread until ``stop`` is set."""
+        self._thread = threading.Thread(
+            target=self.run_forever, args=(stop,), name="embedder", daemon=True
+        )
+        self._thread.start()
+
+    def join(self, timeout_s: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """Batches until ``stop``; polls every ``embed_poll_s`` when idle. Claims
+        left by a crash go back first, and again after a failed batch."""
+        requeue = True
+        while not stop.is_set():
+            try:
+                if requeue:
+                    n = self.sequences.requeue_claimed(queue="embed")
+                    if n:
+                        LOG.warning(
+                            "%d users claimed by an unfinished embedding are stale again", n
+                        )
+                    requeue = False
+                if self.run_once():
+                    continue
+            except Exception:
+                LOG.exception("embedding batch failed; retrying in %.0fs", ERROR_BACKOFF_S)
+                self.failures += 1
+                requeue = True
+                stop.wait(ERROR_BACKOFF_S)
+                continue
+            stop.wait(self.settings.embed_poll_s)
