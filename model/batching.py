@@ -63,9 +63,15 @@ def make_batch(
     behaviors: BehaviorVocab,
     max_len: int,
     n_gap_buckets: int,
+    trim: bool = False,
 ) -> Batch:
-    """Left-padded (B, max_len) tensors of the most recent ``max_len`` behaviors."""
+    """Left-padded (B, max_len) tensors of the most recent ``max_len`` behaviors;
+    with ``trim``, (B, T) with T the longest of them (the encoder counts positions
+    from the end and masks padding, so its outputs do not change: inference on
+    short sequences then costs what they hold)."""
     B = len(sequences)
+    if trim:
+        max_len = max(1, min(max_len, max((len(q) for q in sequences), default=1)))
     item_ids = np.zeros((B, max_len), dtype=np.int64)
     behavior_ids = np.zeros((B, max_len), dtype=np.int64)
     gap_ids = np.zeros((B, max_len), dtype=np.int64)

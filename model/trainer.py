@@ -129,7 +129,9 @@ def _embed(
     out = np.zeros((len(sequences), config.hidden), dtype=np.float32)
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
-        b = make_batch(chunk, items, behaviors, config.max_len, config.n_gap_buckets).to(device)
+        b = make_batch(chunk, items, behaviors, config.max_len, config.n_gap_buckets, trim=True).to(
+            device
+        )
         z = encoder.user_embedding(b.items, b.behaviors, b.gaps)  # (b, H)
         out[start : start + len(chunk)] = z.float().cpu().numpy()
     return out

@@ -419,3 +419,24 @@ def test_an_embedder_killed_mid_batch_leaves_its_users_stale(tmp_path, keys, sto
         stop.set()
         thread.join(10)
     assert seq_store.claimed_count("embed") == 0
+
+
+@pytest.mark.parametrize("kw", [{}, {"positions": "relative"}, {"lowpass_alpha": 0.5}])
+def test_embedding_short_sequences_in_trimmed_batches_changes_nothing(tmp_path, kw):
+    """Inference pads a batch to its longest sequence, not to max_len: the same vectors."""
+    from model.batching import make_batch
+    from model.trainer import Trainer
+    from userstream.types import Behavior
+
+    rng = random.Random(0)
+    trainer = Trainer(tiny_settings(tmp_path, max_len=16, **kw))
+    seqs = [[Behavior(f"i{rng.randrange(50)}", rng.choice(["view", "click"]), 1e9 + 60.0 * k)
+             for k in range(rng.randrange(1, 9))] for _ in range(40)]  # fmt: skip
+    trainer.observe_many(seqs)
+    got = trainer.embed_many(seqs)
+    with torch.inference_mode():
+        trainer.encoder.eval()
+        c = trainer.config
+        b = make_batch(seqs, trainer.items, trainer.behaviors, c.max_len, c.n_gap_buckets)
+        full = trainer.encoder.user_embedding(b.items, b.behaviors, b.gaps).numpy()
+    np.testing.assert_allclose(got, full, atol=1e-5)

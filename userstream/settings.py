@@ -184,6 +184,9 @@ class Settings(BaseSettings, ModelSettings):
         4096, ge=0, description="extra not-dirty users re-embedded per cycle (round robin)"
     )
     keep_checkpoints: int = Field(3, ge=1)
+    torch_threads: int = Field(
+        0, ge=0, description="torch threads of the training worker (0: torch's default)"
+    )
     embed_claim_max: int = Field(
         256, ge=1, description="changed users the embedder takes per batch"
     )

@@ -57,6 +57,7 @@ class Embedder:
         self.embedded_changed = 0  # users embedded because they changed
         self.embedded_refresh = 0  # users re-embedded because the weights changed
         self.failures = 0  # batches that raised in run_forever
+        self.batches = 0
         self._thread: threading.Thread | None = None
 
     @property
@@ -112,6 +113,12 @@ class Embedder:
             self.embedded_refresh += m
             n += m
         self._publish_info(model)
+        if n:
+            self.batches += 1
+            if self.batches % 200 == 0:
+                LOG.info("embedder: %d batches, %d changed + %d refreshed users (v%d)",
+                         self.batches, self.embedded_changed, self.embedded_refresh,
+                         model.version)  # fmt: skip
         return n
 
     def _publish_info(self, model: EmbeddingModel) -> None:

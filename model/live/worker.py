@@ -41,6 +41,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
+
 from model.checkpoint import latest_checkpoint
 from model.live.drift import DriftMonitor
 from model.live.embedder import Embedder
@@ -208,8 +210,10 @@ class TrainingWorker:
             checkpoint=str(path),
         )
         LOG.info(
-            "cycle v%d: %d dirty + %d replay users, loss %.4f, train %.2fs, %d embedded in %.2fs",
-            version, report.dirty_users, report.replay_users, report.loss, train_s, n, embed_s,
+            "cycle v%d: %d dirty + %d replay users, loss %.4f, train %.2fs, total %.2fs; "
+            "%d users to re-embed with it",
+            version, report.dirty_users, report.replay_users, report.loss, train_s,
+            report.total_s, n,
         )  # fmt: skip
         return report
 
@@ -304,6 +308,8 @@ def main(settings: Settings | None = None) -> None:
     SIGTERM/SIGINT. Continues from the latest checkpoint when there is one."""
     settings = settings or Settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     # a hung Redis must fail a cycle (its claims are put back), not hang it forever
     client = connect(settings.effective_redis_url, socket_timeout=REDIS_TIMEOUT_S,
                      socket_connect_timeout=REDIS_TIMEOUT_S)  # fmt: skip

@@ -1,7 +1,8 @@
 """``userstream bench``: the benchmarks of PROTOCOL.md, as commands.
 
 ``bench prequential`` runs :mod:`model.prequential`; ``bench soak`` runs
-:mod:`userstream.soak` (the stack under load and faults). Settings come from the
+:mod:`userstream.soak` (the stack under load and faults); ``bench freshness``
+runs :mod:`userstream.freshness` (produce -> served embedding under load). Settings come from the
 usual sources (env vars, ``USERSTREAM_CONFIG``), then the cadence options and
 ``--set KEY=VALUE`` override them; the resolved settings go into the report.
 """
@@ -144,6 +145,35 @@ def _cmd_soak(args: Any) -> int:
     return 0 if report["ok"] else 1
 
 
+def _cmd_freshness(args: Any) -> int:
+    from userstream.freshness import FreshnessConfig, run_freshness
+
+    report = run_freshness(resolved_settings(), FreshnessConfig(**given(args, "freshness")),
+                           Path(args.report) if args.report else None)  # fmt: skip
+    print(f"{'probe':<10}{'n':>6}{'p50 s':>9}{'p99 s':>9}{'ingest p50':>12}{'timeouts':>10}")
+    for kind in ("new", "existing"):
+        r = report[kind]
+        print(f"{kind:<10}{r['n']:>6}{r['p50_s']!s:>9}{r['p99_s']!s:>9}"
+              f"{r['ingest_p50_s']!s:>12}{r['timeouts']:>10}")  # fmt: skip
+    print(f"training cycles: {report['cycles']}")
+    print(f"load: {report['rate_achieved']} events/s of {report['rate']}")
+    if args.report:
+        print(f"report {args.report}")
+    ok = all(report[k]["n"] > 0 and report[k]["timeouts"] == 0 for k in ("new", "existing"))
+    return 0 if ok else 1
+
+
+def _add_freshness(bsub: Any) -> None:
+    from userstream.freshness import FreshnessConfig
+
+    sp = bsub.add_parser(
+        "freshness", help="the real stack under load: produce -> served embedding, p50/p99"
+    )
+    sp.add_argument("--report", help="write the JSON report here")
+    add_fields(sp, FreshnessConfig, "freshness")
+    sp.set_defaults(func=_cmd_freshness)
+
+
 def _add_soak(bsub: Any) -> None:
     from userstream.soak import SoakConfig
 
@@ -161,6 +191,7 @@ def add_commands(sub: Any) -> None:
     bench = sub.add_parser("bench", help="benchmarks (PROTOCOL.md)")
     bsub = bench.add_subparsers(dest="bench", required=True)
     _add_soak(bsub)
+    _add_freshness(bsub)
     pq = bsub.add_parser(
         "prequential", help="test-then-train over a data set: ours vs frozen and online baselines"
     )

@@ -110,7 +110,10 @@ class MemorySequenceStore:
 
     def take_dirty(self, max_users: int, queue: ChangeQueue = "train") -> list[str]:
         changed, claimed = self._queue(queue)
-        taken = sorted(changed)[:max_users]
+        # the embedder takes the longest-waiting users first, as on Redis
+        taken = sorted(
+            list(changed)[:max_users] if queue == "embed" else sorted(changed)[:max_users]
+        )
         for u in taken:
             del changed[u]
         claimed.update(taken)

@@ -9,6 +9,7 @@ are skipped, so a redelivered batch has an exactly-once effect.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import redis
@@ -81,6 +82,34 @@ end
 return got
 """
 
+# take_oldest: KEYS = changed (sorted set), claimed; ARGV = max users. The users
+# that have waited longest move to the claimed set in one step.
+_TAKE_OLDEST_LUA = """
+local got = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+for i = 1, #got, 1000 do
+  local part = {unpack(got, i, math.min(i + 999, #got))}
+  redis.call('ZREM', KEYS[1], unpack(part))
+  redis.call('SADD', KEYS[2], unpack(part))
+end
+return got
+"""
+
+# requeue_oldest: KEYS = changed (sorted set), claimed. Claimed users go back at
+# the front (score 0); returns how many there were.
+_REQUEUE_OLDEST_LUA = """
+local got = redis.call('SMEMBERS', KEYS[2])
+for i = 1, #got, 1000 do
+  local args = {}
+  for j = i, math.min(i + 999, #got) do
+    table.insert(args, 0)
+    table.insert(args, got[j])
+  end
+  redis.call('ZADD', KEYS[1], unpack(args))
+end
+redis.call('DEL', KEYS[2])
+return #got
+"""
+
 
 class RedisSequenceStore:
     """:class:`~userstream.stores.SequenceStore` on Redis (a client from
@@ -93,6 +122,8 @@ class RedisSequenceStore:
         self._append = client.register_script(_APPEND_LUA)
         self._bind_log = client.register_script(_BIND_LOG_LUA)
         self._take_dirty = client.register_script(_TAKE_DIRTY_LUA)
+        self._take_oldest = client.register_script(_TAKE_OLDEST_LUA)
+        self._requeue_oldest = client.register_script(_REQUEUE_OLDEST_LUA)
 
     # --- writes (stream worker) ----------------------------------------------
     def applied_offsets(self, topic: str) -> dict[int, int]:
@@ -136,7 +167,8 @@ class RedisSequenceStore:
             self._append(keys=seq_keys, args=args, client=pipe)
             pipe.sadd(self.keys.users, *plan.per_user)
             pipe.sadd(self.keys.dirty, *plan.per_user)
-            pipe.sadd(self.keys.stale, *plan.per_user)
+            # NX: a user keeps the time it first changed until the embedder takes it
+            pipe.zadd(self.keys.stale, dict.fromkeys(plan.per_user, time.time()), nx=True)
             pipe.sadd(self.keys.items, *plan.items)
         for name, n in plan.behaviors.items():
             pipe.hincrby(self.keys.behaviors, name, n)
@@ -172,13 +204,17 @@ class RedisSequenceStore:
     def read_tail(self, user_id: str, n: int) -> list[Behavior]:
         return [decode_behavior(x) for x in self.r.lrange(self.keys.seq(user_id), -n, -1)]
 
+    # The "train" queue is a set (a cycle takes all of it anyway); the "embed" queue
+    # a sorted set scored by when the user first changed, so the embedder takes
+    # the longest-waiting users first even when a backlog builds up.
     def take_dirty(self, max_users: int, queue: ChangeQueue = "train") -> list[str]:
         """Claim up to ``max_users`` changed users, sorted (see the Protocol).
 
         Sorted, not in SPOP's random order: a training cycle (its batches and
         reservoir updates follow this order) is then reproducible from the state.
         """
-        got = self._take_dirty(keys=list(self.keys.changed(queue)), args=[max_users])
+        script = self._take_oldest if queue == "embed" else self._take_dirty
+        got = script(keys=list(self.keys.changed(queue)), args=[max_users])
         return sorted(got or [])
 
     def release_claimed(self, user_ids: Iterable[str], queue: ChangeQueue = "train") -> None:
@@ -188,6 +224,8 @@ class RedisSequenceStore:
 
     def requeue_claimed(self, queue: ChangeQueue = "train") -> int:
         changed, claimed = self.keys.changed(queue)
+        if queue == "embed":
+            return int(self._requeue_oldest(keys=[changed, claimed]))
         pipe = self.r.pipeline(transaction=True)
         pipe.scard(claimed)
         pipe.sunionstore(changed, [changed, claimed])
@@ -198,15 +236,24 @@ class RedisSequenceStore:
         return int(self.r.scard(self.keys.changed(queue)[1]))
 
     def dirty_users(self, queue: ChangeQueue = "train") -> list[str]:
-        return sorted(self.r.smembers(self.keys.changed(queue)[0]))
+        changed = self.keys.changed(queue)[0]
+        if queue == "embed":
+            return sorted(self.r.zrange(changed, 0, -1))
+        return sorted(self.r.smembers(changed))
 
     def mark_dirty(self, user_ids: Iterable[str], queue: ChangeQueue = "train") -> None:
         ids = list(user_ids)
-        if ids:
-            self.r.sadd(self.keys.changed(queue)[0], *ids)
+        if not ids:
+            return
+        changed = self.keys.changed(queue)[0]
+        if queue == "embed":
+            self.r.zadd(changed, dict.fromkeys(ids, time.time()), nx=True)
+        else:
+            self.r.sadd(changed, *ids)
 
     def dirty_count(self, queue: ChangeQueue = "train") -> int:
-        return int(self.r.scard(self.keys.changed(queue)[0]))
+        changed = self.keys.changed(queue)[0]
+        return int(self.r.zcard(changed) if queue == "embed" else self.r.scard(changed))
 
     def iter_users(self, batch: int = 1000) -> Iterator[str]:
         yield from self.r.sscan_iter(self.keys.users, count=batch)
