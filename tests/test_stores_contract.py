@@ -166,6 +166,27 @@ def test_claimed_users_stay_claimed_until_released_or_requeued(store):
     assert store.requeue_claimed() == 2 and store.dirty_count() == 2
 
 
+def test_the_embed_queue_is_claimed_on_its_own_oldest_first(store):
+    """Every event marks its user in both queues; the embedder's queue gives the
+    users that changed first first, and a claim left behind goes back in front."""
+    store.apply_many(T, [(0, off, e(u, "a", 1.0)) for off, u in enumerate(["u3", "u1"])])
+    store.apply_many(T, [(0, off, e(u, "a", 1.0)) for off, u in [(2, "u4"), (3, "u2")]])
+    store.apply_many(T, [(0, 4, e("u3", "b", 2.0))])  # changed again: keeps its place
+    assert store.dirty_count("embed") == 4 == store.dirty_count("train")
+    assert store.dirty_users("embed") == ["u1", "u2", "u3", "u4"]
+    assert store.take_dirty(2, queue="embed") == ["u1", "u3"]  # the first batch's users
+    assert store.claimed_count("embed") == 2 and store.claimed_count("train") == 0
+    assert store.dirty_count("train") == 4  # the training queue is untouched
+    assert store.requeue_claimed("embed") == 2
+    assert store.take_dirty(2, queue="embed") == ["u1", "u3"]  # back in front
+    store.release_claimed(["u1", "u3"], queue="embed")
+    store.mark_dirty(["u9"], queue="embed")
+    assert store.take_dirty(10, queue="embed") == ["u2", "u4", "u9"]
+    assert store.dirty_count("embed") == 0
+    with pytest.raises(ValueError, match="change queue"):
+        store.dirty_count("nope")
+
+
 def test_offsets_belong_to_the_log_they_came_from(store):
     """A recreated topic (a new log) must not turn new events into duplicates."""
     assert store.bind_log(T, "cluster/log-1", [0, 1]) == {}  # nothing stored yet
@@ -309,6 +330,18 @@ def test_upsert_stores_vectors_versions_and_feeds_them(emb):
     emb.upsert(["a"], _unit(1, seed=1), version=3)  # an upsert replaces
     assert emb.count() == 3 and emb.version_of("a") == 3
     assert len(emb.read_updates(feed[-1].stream_id)) == 1
+    assert emb.event_ts_of("a") is None and feed[0].event_ts is None
+    emb.upsert(["a", "b"], _unit(2), version=3, event_ts=[1700000000.123, 5.5])
+    assert emb.event_ts_of("a") == 1700000000.123 and emb.event_ts_of("b") == 5.5
+    assert [f.event_ts for f in emb.read_updates(feed[-1].stream_id)] == [None, 1700000000.123, 5.5]
+
+
+def test_ids_for_many_new_users_are_assigned_in_one_go(emb):
+    users = [f"n{i}" for i in range(25_000)]  # more than one script call's chunk
+    nums = emb.nums_for(users + users[:3])
+    assert len(set(nums[:25_000])) == 25_000 and nums[25_000:] == nums[:3]
+    assert emb.nums_for(users[::-1]) == nums[:25_000][::-1]
+    assert emb.users_for(nums[:3]) == users[:3]
 
 
 def test_feed_is_trimmed_and_says_so(kind, request):

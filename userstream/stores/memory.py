@@ -123,9 +123,12 @@ class MemorySequenceStore:
         self._queue(queue)[1].difference_update(user_ids)
 
     def requeue_claimed(self, queue: ChangeQueue = "train") -> int:
-        claimed = self._queue(queue)[1]
+        changed, claimed = self._queue(queue)
         n = len(claimed)
-        self.mark_dirty(sorted(claimed), queue)
+        back = dict.fromkeys(sorted(claimed))  # in front, as Redis gives them score 0
+        back.update(changed)
+        changed.clear()
+        changed.update(back)
         claimed.clear()
         return n
 
