@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
+import faiss
 import redis
 import uvicorn
 from fastapi import FastAPI
@@ -113,6 +114,11 @@ def create_app(
         settings.index_dir,
         settings.index_snapshot_interval_s,
         name=f"{socket.gethostname()}:{settings.api_port}",  # stable across restarts
+        index_options={
+            "ivf_min": settings.index_ivf_min,
+            "nlist": settings.index_nlist,
+            "nprobe": settings.index_nprobe,
+        },  # fmt: skip
     )
     ops_client = fail_fast_client(client)
     ops = OpsStores(
@@ -167,6 +173,10 @@ def serve(settings: Settings) -> None:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+    if settings.faiss_threads:  # one thread per search: concurrency comes from requests
+        faiss.omp_set_num_threads(settings.faiss_threads)
     app = create_app(settings)
     LOG.info("serving on http://%s:%d", settings.api_host, settings.api_port)
-    uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_level="info")
+    # no access log: a line per request costs more than a search; /metrics counts them
+    uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_level="info",
+                loop="uvloop", http="httptools", access_log=False)  # fmt: skip

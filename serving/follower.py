@@ -116,6 +116,7 @@ class IndexFollower:
         batch_size: int = 1000,
         name: str | None = None,
         report_interval_s: float = 2.0,
+        index_options: dict | None = None,
     ) -> None:
         if batch_size < 1 or block_ms < 0 or snapshot_interval_s <= 0:
             raise ValueError("batch_size >= 1, block_ms >= 0 and snapshot_interval_s > 0 required")
@@ -129,7 +130,8 @@ class IndexFollower:
         self.stats = FollowerStats()
         self.indexed_ts = EventTimes()  # what the index holds, per id
         self.ready = threading.Event()  # set once the initial load is done
-        self._index = UserIndex()
+        self.index_options = dict(index_options or {})  # UserIndex(**): ivf_min, nlist, nprobe
+        self._index = UserIndex(**self.index_options)
         self._applied_id = "0-0"
         self._snapshot_id: str | None = None  # feed id of the last snapshot written/loaded
         self._applied = threading.Condition()
@@ -281,7 +283,7 @@ class IndexFollower:
         if not self.snapshot_path.exists():
             return False
         try:
-            index, feed_id = UserIndex.load(self.snapshot_path)
+            index, feed_id = UserIndex.load(self.snapshot_path, **self.index_options)
         except (OSError, ValueError) as exc:
             LOG.warning("ignoring index snapshot %s: %s", self.snapshot_path, exc)
             return False
@@ -308,9 +310,8 @@ class IndexFollower:
         t0 = time.perf_counter()
         head = self.store.feed_head()  # before read_all: nothing written after is missed
         _users, vectors, nums = self.store.read_all()
-        index = UserIndex()
-        if nums:
-            index.upsert(nums, vectors)
+        index = UserIndex.build(nums, vectors, **self.index_options) if nums else (
+            UserIndex(**self.index_options))  # fmt: skip
         self._index = index
         self.stats.rebuilds += 1
         with self._applied:

@@ -1,12 +1,13 @@
-"""The in-memory similar-user index: exact inner-product search over user embeddings.
+"""The in-memory similar-user index: inner-product search over user embeddings.
 
-:class:`UserIndex` wraps a FAISS ``IDMap2,Flat`` index (``IndexIDMap2`` over an
-``IndexFlatIP``) keyed by the stable int64 user numbers that
+:class:`UserIndex` keys vectors by the stable int64 user numbers that
 :class:`userstream.stores.EmbeddingStore` assigns. Embeddings are
-L2-normalized by the writer, so inner product is cosine similarity.
-
-Flat search is exact: recall@10 against brute force is 1.0 by construction
-(PROTOCOL.md section 3), which the tests check on seeded data.
+L2-normalized by the writer, so inner product is cosine similarity. Below
+``ivf_min`` vectors the index is a FAISS ``IDMap2,Flat`` (exact: recall@10
+against brute force is 1.0 by construction); from there on an ``IndexIVFFlat``
+with a hash-table id map (upserts and deletes by id in O(batch)), searching
+``nprobe`` of ``nlist`` lists: recall below 1, measured by ``userstream bench
+query`` and checked by the tests on seeded data.
 
 A snapshot is ONE file, replaced atomically (temp file + fsync + ``os.replace``):
 a magic line, a JSON line (last applied update-feed id, dimension, size), then
@@ -22,16 +23,28 @@ import logging
 import os
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-__all__ = ["UserIndex", "FACTORY"]
+__all__ = ["FACTORY", "IVF_MIN", "UserIndex"]
 
 LOG = logging.getLogger(__name__)
 
 FACTORY = "IDMap2,Flat"
+IVF_MIN = 200_000  # vectors from which the index is an IVF one (exact below)
+IVF_NLIST = 1024
+IVF_NPROBE = 32
+
+
+def _remove(index: faiss.Index, ids: np.ndarray) -> int:
+    if isinstance(index, faiss.IndexIVF):  # the hash-table id map takes an id array
+        return int(index.remove_ids(faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids))))
+    return int(index.remove_ids(ids))
+
+
 _MAGIC = b"USERSTREAM-INDEX 1\n"
 
 
@@ -59,12 +72,101 @@ def _write_atomic(path: Path, *parts: bytes | np.ndarray) -> None:
         os.close(fd)
 
 
-class UserIndex:
-    """Thread-safe FAISS inner-product index over int64 user numbers.
+class _ReadWriteLock:
+    """Many readers at once, one writer alone; a waiting writer holds back new
+    readers (so a steady query load cannot starve upserts)."""
 
-    The dimension may be left unknown (``dim=None``); it is fixed by the first
-    :meth:`upsert`. Every method takes one lock, so a search never sees a
-    half-applied upsert.
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+
+    @contextmanager
+    def read(self):
+        with self._cond:
+            while self._writer or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self):
+        with self._cond:
+            self._waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def _flat(dim: int) -> faiss.Index:
+    if dim < 1:
+        raise ValueError(f"dimension must be positive, got {dim}")
+    return faiss.index_factory(dim, FACTORY, faiss.METRIC_INNER_PRODUCT)
+
+
+def _ivf(vectors: np.ndarray, nlist: int, nprobe: int, seed: int = 0) -> faiss.IndexIVFFlat:
+    """An empty IVF index with ``nlist`` lists trained on ``vectors`` (a sample of
+    at most 64 per list), a hash-table id map (O(1) removal by id)."""
+    d = vectors.shape[1]
+    rng = np.random.default_rng(seed)
+    n_train = min(len(vectors), 64 * nlist)
+    sample = vectors[rng.choice(len(vectors), n_train, replace=False)]
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    ivf.cp.niter = 10
+    ivf.cp.min_points_per_centroid = 1  # a sample of 64 per list is enough here
+    ivf.train(np.ascontiguousarray(sample))
+    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+    ivf.nprobe = nprobe
+    return ivf
+
+
+def _contents(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of an IDMap2,Flat or a hash-mapped IVF index."""
+    if isinstance(index, faiss.IndexIDMap2):
+        ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+        vecs = index.index.reconstruct_n(0, index.ntotal) if len(ids) else None
+        return ids, vecs if vecs is not None else np.zeros((0, index.d), np.float32)
+    invlists = index.invlists
+    ids_parts, vec_parts = [], []
+    for lst in range(index.nlist):
+        n = invlists.list_size(lst)
+        if n:
+            ids_parts.append(faiss.rev_swig_ptr(invlists.get_ids(lst), n).copy())
+            codes = faiss.rev_swig_ptr(invlists.get_codes(lst), n * index.code_size)
+            vec_parts.append(np.frombuffer(codes.copy(), dtype=np.float32).reshape(n, index.d))
+    if not ids_parts:
+        return np.zeros(0, np.int64), np.zeros((0, index.d), np.float32)
+    return np.concatenate(ids_parts).astype(np.int64), np.concatenate(vec_parts)
+
+
+class UserIndex:
+    """Thread-safe FAISS inner-product index over int64 user numbers, chosen by size.
+
+    Below ``ivf_min`` vectors it is exact (``IDMap2,Flat``); once it holds that
+    many it becomes an inverted-file index (``IndexIVFFlat``, ``nlist`` lists
+    trained on the vectors it holds, ``nprobe`` of them searched per query, a
+    hash-table id map so an upsert or a delete costs O(batch), not O(index)).
+    The switch is built beside the serving index and swapped in with the writes
+    that happened meanwhile, so queries never wait for the training.
+
+    Searches run concurrently (FAISS releases the GIL; a reader-writer lock lets
+    them share the index); an upsert or delete takes the index alone for the
+    time of the batch. The dimension may be left unknown (``dim=None``); the
+    first :meth:`upsert` fixes it.
 
     >>> ix = UserIndex()
     >>> ix.upsert([7, 9], np.eye(2, dtype=np.float32))
@@ -73,17 +175,37 @@ class UserIndex:
     (7, 1.0)
     """
 
-    def __init__(self, dim: int | None = None) -> None:
-        self._lock = threading.Lock()
-        self._index: faiss.IndexIDMap2 | None = None
+    def __init__(
+        self,
+        dim: int | None = None,
+        *,
+        ivf_min: int = IVF_MIN,
+        nlist: int = IVF_NLIST,
+        nprobe: int = IVF_NPROBE,
+    ) -> None:
+        self._lock = _ReadWriteLock()
+        self._switch = threading.Lock()  # one switch to IVF at a time
+        self._index: faiss.Index | None = None
+        self.ivf_min, self.nlist, self.nprobe = ivf_min, nlist, nprobe
+        self._log: list[tuple[np.ndarray, np.ndarray | None]] | None = None  # during a switch
+        self._switching: threading.Thread | None = None
         if dim is not None:
-            self._index = self._new(dim)
+            self._index = _flat(dim)
 
-    @staticmethod
-    def _new(dim: int) -> faiss.IndexIDMap2:
-        if dim < 1:
-            raise ValueError(f"dimension must be positive, got {dim}")
-        return faiss.index_factory(dim, FACTORY, faiss.METRIC_INNER_PRODUCT)
+    @classmethod
+    def build(cls, nums, vectors: np.ndarray, **options) -> UserIndex:
+        """An index holding ``vectors`` under ``nums``, of the kind their number
+        calls for (an IVF one is trained here, not in the background)."""
+        out = cls(**options)
+        ids = np.ascontiguousarray(nums, dtype=np.int64).reshape(-1)
+        vecs = np.ascontiguousarray(vectors, dtype=np.float32)
+        if len(ids) >= out.ivf_min:
+            ivf = _ivf(vecs, min(out.nlist, max(1, len(ids) // 39)), out.nprobe)
+            ivf.add_with_ids(vecs, ids)
+            out._index = ivf
+        elif len(ids):
+            out.upsert(ids, vecs)
+        return out
 
     # --- properties ----------------------------------------------------------
     @property
@@ -91,6 +213,11 @@ class UserIndex:
         """Vector dimension, None until the first vector arrived."""
         index = self._index
         return None if index is None else int(index.d)
+
+    @property
+    def kind(self) -> str:
+        """ "flat" (exact) or "ivf"."""
+        return "ivf" if isinstance(self._index, faiss.IndexIVF) else "flat"
 
     def __len__(self) -> int:
         index = self._index
@@ -115,23 +242,63 @@ class UserIndex:
             _, first_in_reversed = np.unique(ids[::-1], return_index=True)
             keep = np.sort(ids.size - 1 - first_in_reversed)
             ids, vecs = ids[keep], np.ascontiguousarray(vecs[keep])
-        with self._lock:
+        with self._lock.write():
             if self._index is None:
-                self._index = self._new(vecs.shape[1])
+                self._index = _flat(vecs.shape[1])
             elif vecs.shape[1] != self._index.d:
                 raise ValueError(
                     f"vector dimension {vecs.shape[1]} does not match the index ({self._index.d})"
                 )
-            self._index.remove_ids(ids)
+            _remove(self._index, ids)
             self._index.add_with_ids(vecs, ids)
+            if self._log is not None:
+                self._log.append((ids, vecs))
+            due = self.kind == "flat" and self._index.ntotal >= self.ivf_min
+        if due:
+            self._start_switch()
 
     def delete(self, nums) -> int:
         """Remove ``nums`` from the index; returns how many were present."""
         ids = np.ascontiguousarray(nums, dtype=np.int64).reshape(-1)
-        with self._lock:
+        with self._lock.write():
             if self._index is None or ids.size == 0:
                 return 0
-            return int(self._index.remove_ids(ids))
+            if self._log is not None:
+                self._log.append((ids, None))
+            return _remove(self._index, ids)
+
+    def _start_switch(self) -> None:
+        with self._switch:
+            if self._switching is not None:
+                return
+            self._switching = threading.Thread(target=self._to_ivf, name="index-ivf", daemon=True)
+            self._switching.start()
+
+    def _to_ivf(self) -> None:
+        """Build the IVF index from a copy of the flat one, replay the writes made
+        meanwhile, swap it in."""
+        t0 = time.perf_counter()
+        with self._lock.read():
+            ids, vecs = _contents(self._index)
+            self._log = []  # set under the read lock: every later write is logged
+        ivf = _ivf(vecs, min(self.nlist, max(1, len(ids) // 39)), self.nprobe)
+        ivf.add_with_ids(vecs, ids)
+        t_built = time.perf_counter() - t0
+        with self._lock.write():
+            for log_ids, log_vecs in self._log:
+                _remove(ivf, log_ids)
+                if log_vecs is not None:
+                    ivf.add_with_ids(log_vecs, log_ids)
+            replayed = len(self._log)
+            self._index, self._log = ivf, None
+        LOG.info("index: %d vectors moved to IVF (%d lists, nprobe %d) in %.1fs, %d writes "
+                 "replayed", len(ids), ivf.nlist, ivf.nprobe, t_built, replayed)  # fmt: skip
+
+    def wait_switch(self, timeout_s: float | None = None) -> None:
+        """Wait for a running switch to IVF (tests, benchmarks)."""
+        thread = self._switching
+        if thread is not None:
+            thread.join(timeout_s)
 
     # --- reads ---------------------------------------------------------------
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -145,22 +312,23 @@ class UserIndex:
         q = np.ascontiguousarray(vectors, dtype=np.float32)
         if q.ndim == 1:
             q = q.reshape(1, -1)
-        with self._lock:
-            if self._index is None or self._index.ntotal == 0:
+        with self._lock.read():
+            index = self._index
+            if index is None or index.ntotal == 0:
                 return (
                     np.full((q.shape[0], k), -np.inf, dtype=np.float32),
                     np.full((q.shape[0], k), -1, dtype=np.int64),
                 )
-            if q.shape[1] != self._index.d:
+            if q.shape[1] != index.d:
                 raise ValueError(
-                    f"query dimension {q.shape[1]} does not match the index ({self._index.d})"
+                    f"query dimension {q.shape[1]} does not match the index ({index.d})"
                 )
-            scores, nums = self._index.search(q, k)
+            scores, nums = index.search(q, k)
         return scores, nums
 
     def reconstruct(self, num: int) -> np.ndarray | None:
         """The stored vector of ``num`` (a copy), or None when it is not in the index."""
-        with self._lock:
+        with self._lock.read():
             if self._index is None:
                 return None
             try:
@@ -178,7 +346,7 @@ class UserIndex:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        with self._lock:
+        with self._lock.read():
             blob = None if self._index is None else faiss.serialize_index(self._index)
             dim = None if self._index is None else int(self._index.d)
             size = 0 if self._index is None else int(self._index.ntotal)
@@ -195,7 +363,7 @@ class UserIndex:
         )
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> tuple[UserIndex, str]:
+    def load(cls, path: str | os.PathLike, **kw) -> tuple[UserIndex, str]:
         """Read a snapshot written by :meth:`save`: (index, last applied feed id).
 
         Raises FileNotFoundError when there is no snapshot and ValueError when
@@ -212,21 +380,28 @@ class UserIndex:
             feed_id, dim, size = str(meta["feed_id"]), meta["dim"], int(meta["size"])
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path} has an unreadable header: {exc}") from exc
-        out = cls()
+        out = cls(**kw)
         if dim is not None:
             blob = np.frombuffer(raw, dtype=np.uint8, offset=meta_end + 1)
             try:
                 index = faiss.deserialize_index(blob)
             except RuntimeError as exc:
                 raise ValueError(f"{path} holds no readable FAISS index: {exc}") from exc
-            if not isinstance(index, faiss.IndexIDMap2):
-                raise ValueError(f"{path} holds a {type(index).__name__}, expected IndexIDMap2")
+            if isinstance(index, faiss.IndexIVF):
+                if index.direct_map.type != faiss.DirectMap.Hashtable:
+                    raise ValueError(f"{path} holds an IVF index without a hash-table id map")
+            elif not isinstance(index, faiss.IndexIDMap2):
+                raise ValueError(
+                    f"{path} holds a {type(index).__name__}, expected IndexIDMap2 or IndexIVFFlat"
+                )
             if index.metric_type != faiss.METRIC_INNER_PRODUCT:
                 raise ValueError(f"{path} is not an inner-product index")
             if index.d != dim or index.ntotal != size:
                 raise ValueError(
                     f"{path}: index has d={index.d}, n={index.ntotal}; header says {meta}"
                 )
+            if isinstance(index, faiss.IndexIVF):
+                index.nprobe = out.nprobe
             out._index = index
         LOG.info(
             "index snapshot loaded: %d vectors, dim %s, feed id %s from %s in %.3fs",

@@ -111,7 +111,7 @@ def similar_users(ctx: ServingContext, user_id: str, k: int) -> SimilarUsers:
     if not follower.ready.is_set():
         raise IndexNotReady("the similar-user index is still loading; retry shortly")
     index = follower.index
-    num = user_num(ctx, user_id)
+    num, version = ctx.embeddings.lookup(user_id)  # one round trip before the search
     query = None if num is None else index.reconstruct(num)
     if query is None:  # not (yet) in this replica's index: take it from Redis
         query = ctx.embeddings.get(user_id)
@@ -138,9 +138,7 @@ def similar_users(ctx: ServingContext, user_id: str, k: int) -> SimilarUsers:
         for name, (_, score) in zip(names, hits, strict=True)
         if name is not None
     ]
-    return SimilarUsers(
-        user_id=user_id, model_version=ctx.embeddings.version_of(user_id), neighbors=neighbors
-    )
+    return SimilarUsers(user_id=user_id, model_version=version, neighbors=neighbors)
 
 
 def user_embedding(ctx: ServingContext, user_id: str) -> UserEmbedding:
@@ -228,6 +226,7 @@ def stats(ctx: ServingContext) -> Stats:
         model_updated_at=None if info is None else info.updated_at,
         drifts_detected=0 if info is None else info.drifts,
         index_size=len(index),
+        index_kind=index.kind,
         index_dim=index.dim,
         index_ready=ready,
         index_applied_id=applied,

@@ -90,6 +90,7 @@ class Stats(BaseModel):
     model_updated_at: float | None = Field(description="unix time of the latest model version")
     drifts_detected: int = Field(0, description="concept drifts the training worker detected")
     index_size: int = Field(description="vectors in this replica's FAISS index")
+    index_kind: str = Field("flat", description='"flat" (exact) or "ivf" (by size)')
     index_dim: int | None
     index_ready: bool
     index_applied_id: str = Field(description="last update-feed entry applied to the index")

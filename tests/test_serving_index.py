@@ -154,3 +154,84 @@ def test_snapshot_of_empty_index_and_damaged_files(tmp_path):
     path.write_bytes(good.replace(b'"size": 2', b'"size": 3'))
     with pytest.raises(ValueError, match="header says"):
         UserIndex.load(path)
+
+
+def _clustered(rng: np.random.Generator, n: int, d: int, centers: int = 100) -> np.ndarray:
+    """Users in interest groups: unit vectors around ``centers`` directions."""
+    c = _unit(rng, centers, d)
+    x = c[rng.integers(0, centers, n)] + 0.15 * rng.standard_normal((n, d)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_a_large_index_becomes_ivf_and_keeps_recall(tmp_path):
+    """Past ivf_min the index switches to IVF (upserts during the switch are kept),
+    and what it finds stays close to exact search: recall@10 >= 0.95."""
+    rng = np.random.default_rng(3)
+    n, d = 20_000, 32
+    ids = np.arange(1, n + 1, dtype=np.int64)
+    vecs = _clustered(rng, n, d)
+    ix = UserIndex(ivf_min=8000, nlist=64, nprobe=16)
+    for start in range(0, n, 1000):
+        ix.upsert(ids[start : start + 1000], vecs[start : start + 1000])
+    ix.wait_switch(60)
+    assert ix.kind == "ivf" and len(ix) == n
+    changed = rng.choice(n, 500, replace=False)
+    vecs[changed] = _clustered(rng, 500, d)
+    ix.upsert(ids[changed], vecs[changed])  # replaced, not added
+    assert len(ix) == n
+    np.testing.assert_array_equal(ix.reconstruct(int(ids[changed[0]])), vecs[changed[0]])
+    q = vecs[:300]
+    _, got = ix.search(q, 10)
+    _, want = _brute_force(vecs, ids, q, 10)
+    assert _recall_at(10, got, want) >= 0.95
+    assert ix.delete(ids[:10]) == 10 and len(ix) == n - 10 and ix.reconstruct(1) is None
+    path = tmp_path / "ivf.snapshot"
+    ix.save(path, "5-0")
+    back, feed_id = UserIndex.load(path, nprobe=16)
+    assert feed_id == "5-0" and back.kind == "ivf" and len(back) == n - 10
+    np.testing.assert_array_equal(back.search(q, 10)[1], ix.search(q, 10)[1])
+    back.upsert(ids[:3], vecs[:3])  # the loaded index keeps its id map
+    assert len(back) == n - 7
+
+
+def test_upserts_during_searches_neither_block_them_nor_get_lost():
+    import threading
+    import time
+
+    rng = np.random.default_rng(5)
+    n, d = 30_000, 32
+    ids = np.arange(1, n + 1, dtype=np.int64)
+    vecs = _clustered(rng, n, d)
+    ix = UserIndex(ivf_min=10_000, nlist=64, nprobe=8)
+    ix.upsert(ids[:5000], vecs[:5000])
+    stop = threading.Event()
+    latencies: list[float] = []
+
+    def searcher() -> None:
+        k = 0
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            ix.search(vecs[k % 5000], 10)
+            latencies.append(time.perf_counter() - t0)
+            k += 1
+
+    threads = [threading.Thread(target=searcher) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:  # the rest arrives in batches while searches run, crossing ivf_min on the way
+        for start in range(5000, n, 500):
+            ix.upsert(ids[start : start + 500], vecs[start : start + 500])
+        ix.wait_switch(60)
+        newer = _clustered(rng, n, d)
+        for start in range(0, n, 2000):  # and every vector is replaced once
+            ix.upsert(ids[start : start + 2000], newer[start : start + 2000])
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert ix.kind == "ivf" and len(ix) == n
+    for i in rng.choice(n, 200, replace=False):
+        np.testing.assert_array_equal(ix.reconstruct(int(ids[i])), newer[i])
+    assert len(latencies) > 100
+    # no search waited for the IVF training (seconds): writes hold the index for one batch
+    assert max(latencies) < 0.5, f"a search waited {max(latencies):.3f}s"

@@ -198,6 +198,14 @@ class Settings(BaseSettings, ModelSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     index_snapshot_interval_s: float = Field(30.0, gt=0)
+    index_ivf_min: int = Field(
+        200_000, ge=1, description="users from which the index is IVF (exact below)"
+    )
+    index_nlist: int = Field(1024, ge=1, description="IVF lists")
+    index_nprobe: int = Field(32, ge=1, description="IVF lists searched per query")
+    faiss_threads: int = Field(
+        1, ge=0, description="OpenMP threads per FAISS search in the API (0: FAISS's default)"
+    )
     update_feed_maxlen: int = Field(
         2_000_000, ge=1000, description="hard cap on the update feed's length (a backstop)"
     )

@@ -2,7 +2,8 @@
 
 ``bench prequential`` runs :mod:`model.prequential`; ``bench soak`` runs
 :mod:`userstream.soak` (the stack under load and faults); ``bench freshness``
-runs :mod:`userstream.freshness` (produce -> served embedding under load). Settings come from the
+runs :mod:`userstream.freshness` (produce -> served embedding under load);
+``bench query`` runs :mod:`userstream.query_bench` (similar-user queries at N users). Settings come from the
 usual sources (env vars, ``USERSTREAM_CONFIG``), then the cadence options and
 ``--set KEY=VALUE`` override them; the resolved settings go into the report.
 """
@@ -163,6 +164,32 @@ def _cmd_freshness(args: Any) -> int:
     return 0 if ok else 1
 
 
+def _cmd_query(args: Any) -> int:
+    from userstream.query_bench import QueryConfig, run_query_bench
+
+    report = run_query_bench(resolved_settings(), QueryConfig(**given(args, "query")),
+                             Path(args.report) if args.report else None)  # fmt: skip
+    keys = ("users", "clients", "index_kind", "p50_ms", "p99_ms", "rps", "p50_ms_1client",
+            "p99_ms_1client", "rps_1client", "recall_at_10", "cold_start_s", "snapshot_start_s",
+            "write_users_per_s", "rss_mb", "baselines", "ratios")  # fmt: skip
+    for k in keys:
+        print(f"{k:<20}{report.get(k)}")
+    if args.report:
+        print(f"report {args.report}")
+    return 0 if report.get("errors", 0) == 0 else 1
+
+
+def _add_query(bsub: Any) -> None:
+    from userstream.query_bench import QueryConfig
+
+    sp = bsub.add_parser(
+        "query", help="/users/{id}/similar over HTTP at N users, 1 and C clients, vs bare FAISS"
+    )
+    sp.add_argument("--report", help="write the JSON report here")
+    add_fields(sp, QueryConfig, "query")
+    sp.set_defaults(func=_cmd_query)
+
+
 def _add_freshness(bsub: Any) -> None:
     from userstream.freshness import FreshnessConfig
 
@@ -192,6 +219,7 @@ def add_commands(sub: Any) -> None:
     bsub = bench.add_subparsers(dest="bench", required=True)
     _add_soak(bsub)
     _add_freshness(bsub)
+    _add_query(bsub)
     pq = bsub.add_parser(
         "prequential", help="test-then-train over a data set: ours vs frozen and online baselines"
     )

@@ -239,6 +239,10 @@ class EmbeddingStore(Protocol):
         """The user's id if it has one (assigns nothing)."""
         ...
 
+    def lookup(self, user_id: str) -> tuple[int | None, int | None]:
+        """(id, embedding version) of one user in one round trip (assigns nothing)."""
+        ...
+
     def users_for(self, nums: Sequence[int]) -> list[str | None]: ...
 
     # --- writes (training worker) ----------------------------------------------------

@@ -200,6 +200,9 @@ class MemoryEmbeddingStore:
     def num_of(self, user_id: str) -> int | None:
         return self._num.get(user_id)
 
+    def lookup(self, user_id: str) -> tuple[int | None, int | None]:
+        return self._num.get(user_id), self.versions.get(user_id)
+
     def users_for(self, nums: Sequence[int]) -> list[str | None]:
         return [self._user.get(int(n)) for n in nums]
 

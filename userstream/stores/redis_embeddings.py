@@ -74,6 +74,13 @@ class RedisEmbeddingStore:
         raw = self.r.hget(self.keys.user_num, user_id)
         return None if raw is None else int(raw)
 
+    def lookup(self, user_id: str) -> tuple[int | None, int | None]:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hget(self.keys.user_num, user_id)
+        pipe.hget(self.keys.emb_version, user_id)
+        num, version = pipe.execute()
+        return (None if num is None else int(num)), (None if version is None else int(version))
+
     def count(self) -> int:
         return int(self.r.hlen(self.keys.emb))
 
