@@ -23,7 +23,7 @@ LAYERS = (  # (name, module prefixes), lowest first
     ("model", ("model",)),
     ("serving", ("serving",)),
     ("cli", ("userstream.cli", "userstream.stack", "userstream.supervisor", "userstream.soak",
-             "userstream.soak_load",
+             "userstream.soak_load", "userstream.freshness", "userstream.query_bench",
              "userstream.__main__")),
 )  # fmt: skip
 
