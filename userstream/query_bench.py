@@ -10,8 +10,9 @@ start. ``GET /users/{id}/similar?k=10`` is timed at 1 client and at ``clients``
 concurrent clients (one keep-alive connection each, threads): p50/p99 and
 requests/s; recall@10 compares what the API serves with exact search over all
 vectors. Baselines in the same run: bare FAISS exact and HNSW32 (efSearch 64)
-searches in this process, one thread, and a bare FastAPI endpoint under the
-same uvicorn settings and the same clients.
+searches and the API's own :class:`~serving.index.UserIndex`, in this process,
+one thread, and a bare FastAPI endpoint under the same uvicorn settings and
+the same clients.
 
 Report fields: ``users``, ``clients``, ``p50_ms``, ``p99_ms``, ``rps`` (at
 ``clients``), ``p50_ms_1client``, ``p99_ms_1client``, ``rps_1client``,
@@ -168,8 +169,12 @@ def _get_json(port: int, path: str) -> dict:
     return json.loads(resp.read())
 
 
-def _bare_faiss(x: np.ndarray, queries: np.ndarray, exact: np.ndarray, hnsw: bool) -> dict:
+def _bare_faiss(
+    x: np.ndarray, queries: np.ndarray, exact: np.ndarray, hnsw: bool, settings: Settings
+) -> dict:
     import faiss
+
+    from serving.index import UserIndex
 
     faiss.omp_set_num_threads(1)
     out: dict[str, Any] = {}
@@ -180,6 +185,15 @@ def _bare_faiss(x: np.ndarray, queries: np.ndarray, exact: np.ndarray, hnsw: boo
         flat.search(q.reshape(1, -1), 11)
     out["faiss_exact_ms"] = round((time.perf_counter() - t0) / 200 * 1000, 3)
     del flat
+    # the API's own index, in process: what the HTTP path adds on top of it
+    ours = UserIndex.build(np.arange(len(x)), x, ivf_min=settings.index_ivf_min,
+                           nlist=settings.index_nlist, nprobe=settings.index_nprobe)  # fmt: skip
+    t0 = time.perf_counter()
+    for q in queries[:200]:
+        ours.search(q.reshape(1, -1), 11)
+    out["user_index_ms"] = round((time.perf_counter() - t0) / 200 * 1000, 3)
+    out["user_index_kind"] = ours.kind
+    del ours
     if hnsw:
         faiss.omp_set_num_threads(os.cpu_count() or 1)
         index = faiss.IndexHNSWFlat(x.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
@@ -276,7 +290,7 @@ def run_query_bench(settings: Settings, cfg: QueryConfig, report_path: Path | No
         bare.terminate()
         bare.wait(10)
         bare = None
-        base = _bare_faiss(x, x[scored], exact_rows, cfg.hnsw)  # ids there are rows
+        base = _bare_faiss(x, x[scored], exact_rows, cfg.hnsw, settings)  # ids there are rows
         base.update(bare_fastapi_rps=bare_many["rps"], bare_fastapi_p50_ms=bare_many["p50_ms"],
                     bare_fastapi_p99_ms=bare_many["p99_ms"],
                     bare_fastapi_p50_ms_1client=bare_one["p50_ms"])  # fmt: skip
