@@ -24,6 +24,7 @@ trimmed past ``applied_id`` it rebuilds, as at start.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -59,28 +60,81 @@ def feed_lag_s(applied_id: str, head_id: str) -> float:
     return max(0.0, (head[0] - applied[0]) / 1000.0) if head > applied else 0.0
 
 
-class EventTimes:
-    """Per FAISS id, the ts of the newest behavior in the vector the index holds
-    (from the feed; unknown after a rebuild or a snapshot load). A float array
-    indexed by id (ids are dense from 1): 8 bytes per user, no per-entry objects.
-    Written by the follower thread only; a reader may see the value before or
-    after an update, never a torn one."""
+class UserTable:
+    """Per FAISS id, what the index holds: the user id, the model version and the
+    ts of the newest behavior of its vector (from the feed; version and ts are
+    unknown after a rebuild from the embeddings). The similar-user path reads
+    names and ids here instead of asking Redis. Written by the follower thread
+    only; readers see a value before or after an update, never a torn one.
+
+    Memory: a dict entry per user (~120 bytes at 1M users) plus 12 bytes of arrays.
+    """
 
     def __init__(self) -> None:
+        self._num: dict[str, int] = {}
+        self._names: list[str | None] = []
+        self._version = np.full(1024, -1, dtype=np.int64)
         self._ts = np.full(1024, np.nan)
 
-    def set(self, nums: list[int], ts: list[float | None]) -> None:
+    def __len__(self) -> int:
+        return len(self._num)
+
+    def set(self, nums: list[int], users: list[str], versions: list[int | None] | None = None,
+            ts: list[float | None] | None = None) -> None:  # fmt: skip
         top = max(nums)
         if top >= len(self._ts):
-            grown = np.full(max(top + 1, 2 * len(self._ts)), np.nan)
-            grown[: len(self._ts)] = self._ts
-            self._ts = grown
-        self._ts[nums] = [np.nan if t is None else t for t in ts]
+            size = max(top + 1, 2 * len(self._ts))
+            version, stamp = np.full(size, -1, dtype=np.int64), np.full(size, np.nan)
+            version[: len(self._version)], stamp[: len(self._ts)] = self._version, self._ts
+            self._version, self._ts = version, stamp
+        if top >= len(self._names):
+            self._names.extend([None] * (top + 1 - len(self._names)))
+        for n, u in zip(nums, users, strict=True):
+            self._names[n] = u
+            self._num[u] = n
+        if versions is not None:
+            self._version[nums] = [-1 if v is None else v for v in versions]
+        if ts is not None:
+            self._ts[nums] = [np.nan if t is None else t for t in ts]
 
-    def get(self, num: int) -> float | None:
+    def num_of(self, user_id: str) -> int | None:
+        return self._num.get(user_id)
+
+    def names_for(self, nums) -> list[str | None]:
+        names = self._names
+        return [names[n] if 0 <= n < len(names) else None for n in nums]
+
+    def version_of(self, num: int) -> int | None:
+        v = self._version
+        return int(v[num]) if 0 <= num < len(v) and v[num] >= 0 else None
+
+    def event_ts(self, num: int) -> float | None:
         ts = self._ts
         t = ts[num] if 0 <= num < len(ts) else np.nan
         return None if np.isnan(t) else float(t)
+
+    # the index snapshot carries the table, so a snapshot start needs no Redis scan
+    def to_bytes(self) -> bytes:
+        nums = [n for n, u in enumerate(self._names) if u is not None]
+        head = json.dumps({"nums": nums, "users": [self._names[n] for n in nums]}).encode()
+        version = self._version[nums].astype(np.int64).tobytes()
+        ts = self._ts[nums].astype(np.float64).tobytes()
+        return len(head).to_bytes(8, "little") + head + version + ts
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> UserTable:
+        n_head = int.from_bytes(raw[:8], "little")
+        head = json.loads(raw[8 : 8 + n_head])
+        nums, users = head["nums"], head["users"]
+        k = len(nums)
+        body = raw[8 + n_head :]
+        if len(body) != 16 * k:
+            raise ValueError(f"user table: {len(body)} bytes for {k} users")
+        out = cls()
+        if k:
+            out.set(nums, users, np.frombuffer(body[: 8 * k], np.int64).tolist(),
+                    np.frombuffer(body[8 * k :], np.float64).tolist())  # fmt: skip
+        return out
 
 
 @dataclass
@@ -128,7 +182,7 @@ class IndexFollower:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.report_interval_s = report_interval_s
         self.stats = FollowerStats()
-        self.indexed_ts = EventTimes()  # what the index holds, per id
+        self.users = UserTable()  # who each id in the index is, and how fresh
         self.ready = threading.Event()  # set once the initial load is done
         self.index_options = dict(index_options or {})  # UserIndex(**): ivf_min, nlist, nprobe
         self._index = UserIndex(**self.index_options)
@@ -214,7 +268,7 @@ class IndexFollower:
         feed_id = self._applied_id
         if feed_id == self._snapshot_id:
             return False
-        self._index.save(self.snapshot_path, feed_id)
+        self._index.save(self.snapshot_path, feed_id, extra=self.users.to_bytes())
         self._snapshot_id = feed_id
         self.stats.snapshots_written += 1
         return True
@@ -283,7 +337,9 @@ class IndexFollower:
         if not self.snapshot_path.exists():
             return False
         try:
-            index, feed_id = UserIndex.load(self.snapshot_path, **self.index_options)
+            index, feed_id, extra = UserIndex.read_snapshot(self.snapshot_path,
+                                                            **self.index_options)  # fmt: skip
+            users = UserTable.from_bytes(extra) if extra else UserTable()
         except (OSError, ValueError) as exc:
             LOG.warning("ignoring index snapshot %s: %s", self.snapshot_path, exc)
             return False
@@ -298,7 +354,7 @@ class IndexFollower:
         if not self._covers(feed_id):
             LOG.info("update feed was trimmed past the snapshot's feed id %s: rebuilding", feed_id)
             return False
-        self._index = index
+        self._index, self.users = index, users
         self._snapshot_id = feed_id
         self.stats.snapshot_loads += 1
         with self._applied:
@@ -309,10 +365,13 @@ class IndexFollower:
     def _rebuild(self) -> None:
         t0 = time.perf_counter()
         head = self.store.feed_head()  # before read_all: nothing written after is missed
-        _users, vectors, nums = self.store.read_all()
+        users, vectors, nums = self.store.read_all()
         index = UserIndex.build(nums, vectors, **self.index_options) if nums else (
             UserIndex(**self.index_options))  # fmt: skip
-        self._index = index
+        table = UserTable()
+        if nums:
+            table.set(list(nums), list(users))
+        self._index, self.users = index, table
         self.stats.rebuilds += 1
         with self._applied:
             self._applied_id = head
@@ -348,7 +407,8 @@ class IndexFollower:
             )
         if good:
             self._index.upsert([u.num for u in good], np.stack([u.vector for u in good]))
-            self.indexed_ts.set([u.num for u in good], [u.event_ts for u in good])
+            self.users.set([u.num for u in good], [u.user_id for u in good],
+                           [u.version for u in good], [u.event_ts for u in good])  # fmt: skip
         self.stats.applied_updates += len(good)
         with self._applied:
             self._applied_id = updates[-1].stream_id

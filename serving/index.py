@@ -337,8 +337,9 @@ class UserIndex:
                 return None
 
     # --- snapshots -----------------------------------------------------------
-    def save(self, path: str | os.PathLike, feed_id: str) -> None:
-        """Write the index and the last applied ``feed_id`` to the snapshot file ``path``.
+    def save(self, path: str | os.PathLike, feed_id: str, extra: bytes = b"") -> None:
+        """Write the index and the last applied ``feed_id`` to the snapshot file ``path``,
+        with ``extra`` bytes of the caller's (read back by :meth:`read_snapshot`).
 
         The index is serialized to memory under the lock (a memcpy) and
         written to disk outside it, so searches wait only for the copy.
@@ -350,9 +351,11 @@ class UserIndex:
             blob = None if self._index is None else faiss.serialize_index(self._index)
             dim = None if self._index is None else int(self._index.d)
             size = 0 if self._index is None else int(self._index.ntotal)
-        meta = {"feed_id": feed_id, "dim": dim, "size": size}
+        n_blob = 0 if blob is None else int(blob.nbytes)
+        meta = {"feed_id": feed_id, "dim": dim, "size": size, "index_bytes": n_blob,
+                "extra_bytes": len(extra)}  # fmt: skip
         header = _MAGIC + json.dumps(meta).encode() + b"\n"
-        _write_atomic(path, header, *(() if blob is None else (blob,)))
+        _write_atomic(path, header, *(() if blob is None else (blob,)), extra)
         LOG.info(
             "index snapshot: %d vectors, dim %s, feed id %s -> %s in %.3fs",
             size,
@@ -364,7 +367,14 @@ class UserIndex:
 
     @classmethod
     def load(cls, path: str | os.PathLike, **kw) -> tuple[UserIndex, str]:
-        """Read a snapshot written by :meth:`save`: (index, last applied feed id).
+        """(index, last applied feed id) of a snapshot (see :meth:`read_snapshot`)."""
+        index, feed_id, _extra = cls.read_snapshot(path, **kw)
+        return index, feed_id
+
+    @classmethod
+    def read_snapshot(cls, path: str | os.PathLike, **kw) -> tuple[UserIndex, str, bytes]:
+        """Read a snapshot written by :meth:`save`: (index, last applied feed id,
+        the caller's extra bytes).
 
         Raises FileNotFoundError when there is no snapshot and ValueError when
         it is unreadable or inconsistent.
@@ -381,8 +391,13 @@ class UserIndex:
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path} has an unreadable header: {exc}") from exc
         out = cls(**kw)
+        start = meta_end + 1
+        n_blob = int(meta.get("index_bytes", len(raw) - start))  # older snapshots: all of it
+        extra = raw[start + n_blob :] if "extra_bytes" in meta else b""
+        if len(extra) != int(meta.get("extra_bytes", 0)):
+            raise ValueError(f"{path} is truncated: {len(extra)} of {meta['extra_bytes']} bytes")
         if dim is not None:
-            blob = np.frombuffer(raw, dtype=np.uint8, offset=meta_end + 1)
+            blob = np.frombuffer(raw, dtype=np.uint8, offset=start, count=n_blob)
             try:
                 index = faiss.deserialize_index(blob)
             except RuntimeError as exc:
@@ -411,4 +426,4 @@ class UserIndex:
             path,
             time.perf_counter() - t0,
         )
-        return out, feed_id
+        return out, feed_id, extra

@@ -110,8 +110,11 @@ def similar_users(ctx: ServingContext, user_id: str, k: int) -> SimilarUsers:
     follower = ctx.follower
     if not follower.ready.is_set():
         raise IndexNotReady("the similar-user index is still loading; retry shortly")
-    index = follower.index
-    num, version = ctx.embeddings.lookup(user_id)  # one round trip before the search
+    index, table = follower.index, follower.users
+    num = table.num_of(user_id)  # what this replica's index holds: no Redis round trip
+    version = None if num is None else table.version_of(num)
+    if num is None or version is None:  # not followed here yet (or loaded without it)
+        num, version = ctx.embeddings.lookup(user_id)
     query = None if num is None else index.reconstruct(num)
     if query is None:  # not (yet) in this replica's index: take it from Redis
         query = ctx.embeddings.get(user_id)
@@ -132,7 +135,12 @@ def similar_users(ctx: ServingContext, user_id: str, k: int) -> SimilarUsers:
     hits = [
         (int(n), float(s)) for n, s in zip(nums[0], scores[0], strict=True) if n >= 0 and n != num
     ][:k]
-    names = ctx.embeddings.users_for([n for n, _ in hits])
+    names = table.names_for([n for n, _ in hits])
+    missing = [i for i, name in enumerate(names) if name is None]
+    if missing:  # ids the table does not know yet: ask Redis
+        for i, name in zip(missing, ctx.embeddings.users_for([hits[i][0] for i in missing]),
+                           strict=True):  # fmt: skip
+            names[i] = name
     neighbors = [
         Neighbor(user_id=name, score=score)
         for name, (_, score) in zip(names, hits, strict=True)
@@ -151,7 +159,7 @@ def user_embedding(ctx: ServingContext, user_id: str) -> UserEmbedding:
         user_id=user_id,
         model_version=ctx.embeddings.version_of(user_id),
         event_ts=ctx.embeddings.event_ts_of(user_id),
-        indexed_event_ts=None if num is None else ctx.follower.indexed_ts.get(num),
+        indexed_event_ts=None if num is None else ctx.follower.users.event_ts(num),
         dim=int(vector.shape[0]),
         embedding=vector.astype(np.float64).tolist(),
     )

@@ -235,3 +235,22 @@ def test_upserts_during_searches_neither_block_them_nor_get_lost():
     assert len(latencies) > 100
     # no search waited for the IVF training (seconds): writes hold the index for one batch
     assert max(latencies) < 0.5, f"a search waited {max(latencies):.3f}s"
+
+
+def test_the_user_table_travels_in_the_snapshot(tmp_path):
+    """Names, versions and event times of the indexed users come back with the index."""
+    from serving.follower import UserTable
+
+    table = UserTable()
+    table.set([1, 5, 2000], ["a", "b/ü", "c"], [3, None, 4], [1.5, None, 2.25])
+    ix = UserIndex()
+    ix.upsert([1, 5, 2000], np.eye(3, dtype=np.float32))
+    ix.save(tmp_path / "s", "7-1", extra=table.to_bytes())
+    back, feed_id, extra = UserIndex.read_snapshot(tmp_path / "s")
+    got = UserTable.from_bytes(extra)
+    assert feed_id == "7-1" and len(back) == 3 and len(got) == 3
+    assert got.names_for([1, 5, 2000, 7, 10**6]) == ["a", "b/ü", "c", None, None]
+    assert [got.num_of(u) for u in ("a", "b/ü", "c", "d")] == [1, 5, 2000, None]
+    assert [got.version_of(n) for n in (1, 5, 2000)] == [3, None, 4]
+    assert [got.event_ts(n) for n in (1, 5, 2000, 3)] == [1.5, None, 2.25, None]
+    assert UserIndex.load(tmp_path / "s")[1] == "7-1"

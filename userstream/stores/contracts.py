@@ -83,6 +83,7 @@ class EmbeddingUpdate:
     num: int  # stable int64 id for FAISS
     vector: np.ndarray  # (D,) float32, L2-normalized
     event_ts: float | None = None  # ts of the newest behavior the embedding saw
+    version: int | None = None  # model version that made it
 
 
 @dataclass(frozen=True, slots=True)

@@ -223,7 +223,7 @@ class MemoryEmbeddingStore:
                 self.event_ts[u] = float(t)
             if self.feed_maxlen:
                 t = None if t is None else float(t)
-                self._feed.append(EmbeddingUpdate(self._next_id(), u, num, v.copy(), t))
+                self._feed.append(EmbeddingUpdate(self._next_id(), u, num, v.copy(), t, version))
                 self._feed_ids.append(self._last_id)
                 self._added += 1
         extra = len(self._feed) - self.feed_maxlen

@@ -110,7 +110,7 @@ class RedisEmbeddingStore:
         if stamped:
             pipe.hset(k.emb_event_ts, mapping=stamped)
         for u, n, v, t in zip(user_ids, nums, vectors, ts, strict=True):
-            entry = {"u": u, "i": n, "v": v.tobytes()}
+            entry = {"u": u, "i": n, "v": v.tobytes(), "m": version}
             if t is not None:
                 entry["t"] = repr(float(t))
             pipe.xadd(k.updates, entry, maxlen=self.feed_maxlen, approximate=True)
@@ -196,6 +196,7 @@ class RedisEmbeddingStore:
                 int(f["i"]),
                 _vector(f["v"]).copy(),
                 float(f["t"]) if "t" in f else None,
+                int(f["m"]) if "m" in f else None,
             )  # fmt: skip
             for _key, entries in got or []
             for sid, f in entries
