@@ -62,12 +62,12 @@ def feed_lag_s(applied_id: str, head_id: str) -> float:
 
 class UserTable:
     """Per FAISS id, what the index holds: the user id, the model version and the
-    ts of the newest behavior of its vector (from the feed; version and ts are
-    unknown after a rebuild from the embeddings). The similar-user path reads
+    ts of the newest behavior of its vector (from the feed; a rebuild from the
+    embeddings reads the versions, the ts stay unknown). The similar-user path reads
     names and ids here instead of asking Redis. Written by the follower thread
     only; readers see a value before or after an update, never a torn one.
 
-    Memory: a dict entry per user (~120 bytes at 1M users) plus 12 bytes of arrays.
+    Memory: a dict entry per user (~120 bytes) plus 16 bytes of arrays.
     """
 
     def __init__(self) -> None:
@@ -370,7 +370,7 @@ class IndexFollower:
             UserIndex(**self.index_options))  # fmt: skip
         table = UserTable()
         if nums:
-            table.set(list(nums), list(users))
+            table.set(list(nums), list(users), self.store.versions_of(users))
         self._index, self.users = index, table
         self.stats.rebuilds += 1
         with self._applied:

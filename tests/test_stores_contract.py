@@ -326,6 +326,7 @@ def test_upsert_stores_vectors_versions_and_feeds_them(emb):
     )
     np.testing.assert_array_equal(np.stack([f.vector for f in feed]), v)
     assert [f.version for f in feed] == [2, 2, 2]
+    assert emb.versions_of(["b", "nobody", "a"]) == [2, None, 2]
     assert emb.feed_head() == feed[-1].stream_id
     assert emb.read_updates(feed[0].stream_id, count=1)[0].user_id == "b"  # strictly after
     emb.upsert(["a"], _unit(1, seed=1), version=3)  # an upsert replaces

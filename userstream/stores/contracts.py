@@ -268,6 +268,10 @@ class EmbeddingStore(Protocol):
 
     def version_of(self, user_id: str) -> int | None: ...
 
+    def versions_of(self, user_ids: Sequence[str]) -> list[int | None]:
+        """:meth:`version_of` for many users at once."""
+        ...
+
     def event_ts_of(self, user_id: str) -> float | None:
         """The ts of the newest behavior in the user's stored embedding."""
         ...

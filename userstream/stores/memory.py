@@ -250,6 +250,9 @@ class MemoryEmbeddingStore:
     def version_of(self, user_id: str) -> int | None:
         return self.versions.get(user_id)
 
+    def versions_of(self, user_ids: Sequence[str]) -> list[int | None]:
+        return [self.versions.get(u) for u in user_ids]
+
     def event_ts_of(self, user_id: str) -> float | None:
         return self.event_ts.get(user_id)
 

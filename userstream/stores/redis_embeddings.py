@@ -151,6 +151,13 @@ class RedisEmbeddingStore:
         raw = self.r.hget(self.keys.emb_version, user_id)
         return None if raw is None else int(raw)
 
+    def versions_of(self, user_ids: Sequence[str]) -> list[int | None]:
+        out: list[int | None] = []
+        for start in range(0, len(user_ids), 50_000):
+            raw = self.r.hmget(self.keys.emb_version, list(user_ids[start : start + 50_000]))
+            out.extend(None if v is None else int(v) for v in raw)
+        return out
+
     def event_ts_of(self, user_id: str) -> float | None:
         raw = self.r.hget(self.keys.emb_event_ts, user_id)
         return None if raw is None else float(raw)
