@@ -265,10 +265,14 @@ class Trainer:
         return _embed(self.encoder, self.items, self.behaviors, self.device,
                       self.settings.embed_batch_size, sequences)  # fmt: skip
 
-    def snapshot(self) -> EmbeddingModel:
-        """A copy of the current weights and vocabularies for inference only, which
-        later training does not touch (the embedder of the live worker reads it
-        while the trainer keeps stepping)."""
+    def snapshot(self, frozen: bool = True) -> EmbeddingModel:
+        """The current weights and vocabularies for inference: a copy that later
+        training does not touch (the embedder thread of the live worker reads it
+        while the trainer keeps stepping), or, with ``frozen=False``, the live
+        ones themselves (one thread: nothing trains while it embeds)."""
+        if not frozen:
+            return EmbeddingModel(self.encoder, self.items, self.behaviors, self.device,
+                                  self.settings.embed_batch_size, self.version)  # fmt: skip
         encoder = copy.deepcopy(self.encoder).eval()
         for p in encoder.parameters():
             p.requires_grad_(False)

@@ -192,9 +192,10 @@ class TrainingWorker:
         # the embedder re-embeds the cycle's users and a round robin of the others
         # with the new weights, then publishes the info; changed users come first
         refresh = [u for u, _ in kept] + self._refresh_users(s.refresh_budget, exclude=dirty_set)
-        self.embedder.publish(self.trainer.snapshot(), info, refresh)
+        threaded = self.embedder.running
+        self.embedder.publish(self.trainer.snapshot(frozen=threaded), info, refresh)
         n = len(refresh)
-        if not self.embedder.running:  # one thread (tests, the prequential loop)
+        if not threaded:  # one thread (tests, the prequential loop): no copy, embed now
             n = self.embedder.drain()
         self._trim_feed()
         embed_s = time.perf_counter() - t_embed
