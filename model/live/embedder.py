@@ -22,6 +22,7 @@ read of a sequence overwrite a newer one.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Iterable, Sequence
@@ -100,7 +101,7 @@ class Embedder:
             if model is self._model:  # just embedded with the newest weights
                 for u in users:
                     self._refresh.pop(u, None)
-            chunk = list(self._refresh)[: room - len(users)]
+            chunk = list(itertools.islice(self._refresh, max(0, room - len(users))))
             for u in chunk:
                 del self._refresh[u]
         if chunk:
