@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
-import signal
-import sys
 import tempfile
 import threading
 import time
@@ -37,11 +34,11 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from userstream.embedded import free_port, start_redis
+from userstream.bench_env import BenchRedis, child_env, exit_on_sigterm, write_report
 from userstream.settings import Settings
 from userstream.soak import Sent, SoakConfig, StackRun
 from userstream.soak_load import Producer
-from userstream.stores import RedisSequenceStore, connect
+from userstream.stores import RedisSequenceStore
 from userstream.types import Keys
 
 __all__ = ["FreshnessConfig", "run_freshness"]
@@ -159,36 +156,14 @@ def run_freshness(
     settings: Settings, cfg: FreshnessConfig, report_path: Path | None = None
 ) -> dict:
     """Run the benchmark described in the module docstring; returns (and writes) the report."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    exit_on_sigterm()
     t_start = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="freshness-"))
-    own_redis = None
-    redis_url = settings.redis_url
-    if not redis_url:
-        port = free_port()
-        own_redis = start_redis(port, work / "redis", work / "redis.log")
-        redis_url = f"redis://127.0.0.1:{port}/0"
-    prefix = f"fresh-{uuid.uuid4().hex[:8]}:"
-    kafka_port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if k != "USERSTREAM_CONFIG"},
-        "DATA_DIR": str(work / "stack"),
-        "REDIS_URL": redis_url,
-        "REDIS_PREFIX": prefix,
-        "EMBEDDED_KAFKA_PORT": str(kafka_port),
-        "API_PORT": str(free_port()),
-        "STREAM_APP_ID": f"fresh-{uuid.uuid4().hex[:8]}",
-        "PYTHONUNBUFFERED": "1",
-    }
-    if settings.kafka_bootstrap_servers:
-        env["KAFKA_BOOTSTRAP_SERVERS"] = settings.kafka_bootstrap_servers
-    else:
-        env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+    bench_redis = BenchRedis(settings, work, "fresh")
+    env, bootstrap = child_env(settings, work / "stack", bench_redis)
     (work / "stack").mkdir(parents=True)
-    bootstrap = settings.kafka_bootstrap_servers or f"127.0.0.1:{kafka_port}"
-    client = connect(redis_url, socket_timeout=30)
-    store = RedisSequenceStore(client, Keys(prefix), settings.sequence_length)
+    store = RedisSequenceStore(bench_redis.client, Keys(bench_redis.prefix),
+                               settings.sequence_length)  # fmt: skip
     stack = StackRun(env, work / "stack")
     sent = Sent()
     load = SoakConfig(minutes=cfg.minutes, rate=cfg.rate, invalid_every=10**9, items=cfg.items,
@@ -244,16 +219,6 @@ def run_freshness(
         producer.stop.set()
         code = stack.stop()
         LOG.info("freshness: stack stopped (exit %s)", code)
-        try:
-            for k in list(client.scan_iter(match=f"{prefix}*", count=1000)):
-                client.delete(k)
-        except Exception:
-            LOG.warning("freshness: could not delete the run's Redis keys")
-        client.close()
-        if own_redis is not None:
-            own_redis.terminate()
-            own_redis.wait(10)
-    if report_path is not None:
-        report_path.parent.mkdir(parents=True, exist_ok=True)
-        report_path.write_text(json.dumps(report, indent=2) + "\n")
+        bench_redis.close()
+    write_report(report, report_path)
     return report

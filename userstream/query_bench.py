@@ -32,16 +32,16 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from userstream.embedded import free_port, start_redis
+from userstream.bench_env import BenchRedis, child_env, exit_on_sigterm, rss_mb, write_report
+from userstream.embedded import free_port
 from userstream.settings import Settings
-from userstream.stores import RedisEmbeddingStore, connect
+from userstream.stores import RedisEmbeddingStore
 from userstream.types import Keys
 
 __all__ = ["QueryConfig", "run_query_bench"]
@@ -79,14 +79,8 @@ class QueryConfig(BaseModel):
 
 
 def _rss_mb(pid: int | None) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except (OSError, TypeError):
-        pass
-    return None
+    mb = rss_mb(pid)
+    return None if mb is None else round(mb, 1)
 
 
 def _vectors(cfg: QueryConfig) -> np.ndarray:
@@ -212,25 +206,17 @@ def _bare_faiss(
 
 def run_query_bench(settings: Settings, cfg: QueryConfig, report_path: Path | None = None) -> dict:
     """Run the benchmark described in the module docstring; returns (and writes) the report."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    exit_on_sigterm()
     work = Path(tempfile.mkdtemp(prefix="query-"))
-    own_redis = None
-    redis_url = settings.redis_url
-    if not redis_url:
-        port = free_port()
-        own_redis = start_redis(port, work / "redis", work / "redis.log")
-        redis_url = f"redis://127.0.0.1:{port}/0"
-    prefix = f"query-{uuid.uuid4().hex[:8]}:"
-    client = connect(redis_url, socket_timeout=120)
-    store = RedisEmbeddingStore(client, Keys(prefix), feed_maxlen=settings.update_feed_maxlen)
+    bench_redis = BenchRedis(settings, work, "query", socket_timeout=120)
+    client = bench_redis.client
+    store = RedisEmbeddingStore(client, Keys(bench_redis.prefix),
+                                feed_maxlen=settings.update_feed_maxlen)  # fmt: skip
     report: dict[str, Any] = {"users": cfg.users, "clients": cfg.clients}
     api: subprocess.Popen | None = None
     bare: subprocess.Popen | None = None
-    api_port = free_port()
-    env = {**{k: v for k, v in os.environ.items() if k != "USERSTREAM_CONFIG"},
-           "REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "API_PORT": str(api_port),
-           "DATA_DIR": str(work / "data"), "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    env, _bootstrap = child_env(settings, work / "data", bench_redis)
+    api_port = int(env["API_PORT"])
 
     def start_api(name: str) -> tuple[subprocess.Popen, float]:
         log = open(work / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
@@ -308,16 +294,6 @@ def run_query_bench(settings: Settings, cfg: QueryConfig, report_path: Path | No
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
-        try:
-            for k in list(client.scan_iter(match=f"{prefix}*", count=1000)):
-                client.delete(k)
-        except Exception:
-            LOG.warning("query bench: could not delete the run's Redis keys")
-        client.close()
-        if own_redis is not None:
-            own_redis.terminate()
-            own_redis.wait(10)
-    if report_path is not None:
-        report_path.parent.mkdir(parents=True, exist_ok=True)
-        report_path.write_text(json.dumps(report, indent=2) + "\n")
+        bench_redis.close()
+    write_report(report, report_path)
     return report

@@ -47,7 +47,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,10 +54,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from userstream.embedded import free_port, start_redis
+from userstream.bench_env import BenchRedis, child_env, exit_on_sigterm, rss_mb, write_report
 from userstream.settings import Settings
 from userstream.soak_load import Producer, probe
-from userstream.stores import CHANGE_QUEUES, RedisEmbeddingStore, RedisSequenceStore, connect
+from userstream.stores import CHANGE_QUEUES, RedisEmbeddingStore, RedisSequenceStore
 from userstream.types import Keys
 
 __all__ = ["SoakConfig", "run_soak"]
@@ -174,55 +173,19 @@ def _wait(check, timeout_s: float, what: str, proc: subprocess.Popen | None = No
         time.sleep(0.25)
 
 
-def _rss_mb(pid: int | None) -> float | None:
-    if pid is None:
-        return None
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
 def run_soak(settings: Settings, cfg: SoakConfig, report_path: Path | None = None) -> dict:
     """Run the soak described in the module docstring; returns (and writes) the report."""
-    if threading.current_thread() is threading.main_thread():
-        # a SIGTERM (timeout, Ctrl-C from a supervisor) still stops the stack it started
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    exit_on_sigterm()  # a timeout or Ctrl-C from a supervisor still stops the stack
     t_start = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="soak-"))
     rng = random.Random(cfg.seed)
-    own_redis = None
-    redis_url = settings.redis_url
-    if not redis_url:
-        port = free_port()
-        own_redis = start_redis(port, work / "redis", work / "redis.log")
-        redis_url = f"redis://127.0.0.1:{port}/0"
-    prefix = f"soak-{uuid.uuid4().hex[:8]}:"
-    kafka_port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if k != "USERSTREAM_CONFIG"},
-        "DATA_DIR": str(work / "stack"),
-        "REDIS_URL": redis_url,
-        "REDIS_PREFIX": prefix,
-        "EMBEDDED_KAFKA_PORT": str(kafka_port),
-        "API_PORT": str(free_port()),
-        "STREAM_APP_ID": f"soak-{uuid.uuid4().hex[:8]}",
-        "PYTHONUNBUFFERED": "1",
-    }
-    if settings.kafka_bootstrap_servers:
-        env["KAFKA_BOOTSTRAP_SERVERS"] = settings.kafka_bootstrap_servers
-    else:
-        env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+    bench_redis = BenchRedis(settings, work, "soak")
+    own_redis, client = bench_redis.own, bench_redis.client
+    env, bootstrap = child_env(settings, work / "stack", bench_redis)
     (work / "stack").mkdir(parents=True)
-    bootstrap = settings.kafka_bootstrap_servers or f"127.0.0.1:{kafka_port}"
     total = int(cfg.rate * cfg.minutes * 60)
     users = max(10, math.ceil(total / (settings.sequence_length / 2)))  # ~half a window each
-    client = connect(redis_url, socket_timeout=30)
-    keys = Keys(prefix)
-    store = RedisSequenceStore(client, keys, settings.sequence_length)
+    store = RedisSequenceStore(client, Keys(bench_redis.prefix), settings.sequence_length)
     stack = StackRun(env, work / "stack")
     sent = Sent()
     faults: list[dict[str, Any]] = []
@@ -273,19 +236,9 @@ def run_soak(settings: Settings, cfg: SoakConfig, report_path: Path | None = Non
             os.kill(own_redis.pid, signal.SIGCONT)
         code = stack.stop()
         LOG.info("soak: stack stopped (exit %s)", code)
-        try:
-            for k in list(client.scan_iter(match=f"{prefix}*", count=1000)):
-                client.delete(k)
-        except Exception:
-            LOG.warning("soak: could not delete the run's Redis keys")
-        client.close()
-        if own_redis is not None:
-            own_redis.terminate()
-            own_redis.wait(10)
+        bench_redis.close()
     report["stack_exit_code"] = code
-    if report_path is not None:
-        report_path.parent.mkdir(parents=True, exist_ok=True)
-        report_path.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, report_path)
     return report
 
 
@@ -373,10 +326,10 @@ def _settle(stack: StackRun, store: RedisSequenceStore, timeout_s: float) -> flo
 
 def _sample_rss(stack, own_redis, rss, when: str) -> None:
     for name, child in stack.state().get("children", {}).items():
-        rss[name][when] = _rss_mb(child.get("pid"))
+        rss[name][when] = rss_mb(child.get("pid"))
     if own_redis is not None:
-        rss["redis"][when] = _rss_mb(own_redis.pid)
-    rss["supervisor"][when] = _rss_mb(stack.proc.pid if stack.proc else None)
+        rss["redis"][when] = rss_mb(own_redis.pid)
+    rss["supervisor"][when] = rss_mb(stack.proc.pid if stack.proc else None)
 
 
 def _report(cfg, settings, store, sent, stack, faults, rss, waits, users, drained, settled,
