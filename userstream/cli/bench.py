@@ -179,37 +179,12 @@ def _cmd_query(args: Any) -> int:
     return 0 if report.get("errors", 0) == 0 else 1
 
 
-def _add_query(bsub: Any) -> None:
-    from userstream.query_bench import QueryConfig
-
-    sp = bsub.add_parser(
-        "query", help="/users/{id}/similar over HTTP at N users, 1 and C clients, vs bare FAISS"
-    )
+def _add_run(bsub: Any, name: str, help: str, config: type, func: Any) -> None:
+    """A benchmark of the running service: its config's fields as options, and --report."""
+    sp = bsub.add_parser(name, help=help)
     sp.add_argument("--report", help="write the JSON report here")
-    add_fields(sp, QueryConfig, "query")
-    sp.set_defaults(func=_cmd_query)
-
-
-def _add_freshness(bsub: Any) -> None:
-    from userstream.freshness import FreshnessConfig
-
-    sp = bsub.add_parser(
-        "freshness", help="the real stack under load: produce -> served embedding, p50/p99"
-    )
-    sp.add_argument("--report", help="write the JSON report here")
-    add_fields(sp, FreshnessConfig, "freshness")
-    sp.set_defaults(func=_cmd_freshness)
-
-
-def _add_soak(bsub: Any) -> None:
-    from userstream.soak import SoakConfig
-
-    sp = bsub.add_parser(
-        "soak", help="the real stack under load while processes are killed and restarted"
-    )
-    sp.add_argument("--report", help="write the JSON report here")
-    add_fields(sp, SoakConfig, "soak")
-    sp.set_defaults(func=_cmd_soak)
+    add_fields(sp, config, name)
+    sp.set_defaults(func=func)
 
 
 def add_commands(sub: Any) -> None:
@@ -217,9 +192,16 @@ def add_commands(sub: Any) -> None:
 
     bench = sub.add_parser("bench", help="benchmarks (PROTOCOL.md)")
     bsub = bench.add_subparsers(dest="bench", required=True)
-    _add_soak(bsub)
-    _add_freshness(bsub)
-    _add_query(bsub)
+    from userstream.freshness import FreshnessConfig
+    from userstream.query_bench import QueryConfig
+    from userstream.soak import SoakConfig
+
+    _add_run(bsub, "soak", "the real stack under load while processes are killed and restarted",
+             SoakConfig, _cmd_soak)  # fmt: skip
+    _add_run(bsub, "freshness", "the real stack under load: produce -> served embedding, p50/p99",
+             FreshnessConfig, _cmd_freshness)  # fmt: skip
+    _add_run(bsub, "query", "/users/{id}/similar over HTTP at N users, 1 and C clients, vs bare "
+             "FAISS", QueryConfig, _cmd_query)  # fmt: skip
     pq = bsub.add_parser(
         "prequential", help="test-then-train over a data set: ours vs frozen and online baselines"
     )
