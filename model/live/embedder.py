@@ -52,7 +52,7 @@ class Embedder:
         self.sequences = sequences
         self.embeddings = embeddings
         self._model = model
-        self._lock = threading.Lock()  # guards the three fields below
+        self._lock = threading.Lock()  # guards _model, _refresh and _pending
         self._refresh: dict[str, None] = {}  # users to re-embed with the newest version
         self._pending: ModelInfo | None = None  # written once the refresh is done
         self.embedded_changed = 0  # users embedded because they changed
@@ -60,15 +60,6 @@ class Embedder:
         self.failures = 0  # batches that raised in run_forever
         self.batches = 0
         self._thread: threading.Thread | None = None
-
-    @property
-    def version(self) -> int:
-        return self._model.version
-
-    @property
-    def refresh_pending(self) -> int:
-        with self._lock:
-            return len(self._refresh)
 
     def publish(
         self, model: EmbeddingModel, info: ModelInfo | None, refresh: Iterable[str] = ()

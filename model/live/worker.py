@@ -40,6 +40,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -144,12 +145,13 @@ class TrainingWorker:
             return
         LOG.info("v%d was not published yet: refreshing with it", t.version)
         refresh = self._refresh_users(self.settings.refresh_budget, exclude=set())
-        self.embedder.publish(
-            t.snapshot(),
-            ModelInfo(t.version, str(path), t.items.num_admitted, time.time(), t.last_loss,
-                      drifts=self.drift.count),
-            refresh,
-        )  # fmt: skip
+        self.embedder.publish(t.snapshot(), self._model_info(path), refresh)
+
+    def _model_info(self, checkpoint: Path) -> ModelInfo:
+        """What the API reads about the trainer's current version (its checkpoint)."""
+        t = self.trainer
+        return ModelInfo(t.version, str(checkpoint), t.items.num_admitted, time.time(),
+                         t.last_loss, drifts=self.drift.count)  # fmt: skip
 
     def _stopping(self) -> bool:
         return self._stop is not None and self._stop.is_set()
@@ -185,10 +187,7 @@ class TrainingWorker:
 
         t_embed = time.perf_counter()
         version = self.trainer.version
-        info = ModelInfo(
-            version, str(path), self.trainer.items.num_admitted, time.time(), stats["loss"],
-            drifts=self.drift.count,
-        )  # fmt: skip
+        info = self._model_info(path)
         # the embedder re-embeds the cycle's users and a round robin of the others
         # with the new weights, then publishes the info; changed users come first
         refresh = [u for u, _ in kept] + self._refresh_users(s.refresh_budget, exclude=dirty_set)
