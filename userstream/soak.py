@@ -199,8 +199,8 @@ def run_soak(settings: Settings, cfg: SoakConfig, report_path: Path | None = Non
                  users, total)  # fmt: skip
         _sample_rss(stack, own_redis, rss, "start")
         producer.start()
-        prober = threading.Thread(target=probe, args=(stack, bootstrap, settings.events_topic,
-                                  stop_probe, cfg.probe_every_s, waits, sent), daemon=True)  # fmt: skip
+        prober = threading.Thread(target=probe, args=(stack, producer, stop_probe,
+                                  cfg.probe_every_s, waits, sent), daemon=True)  # fmt: skip
         prober.start()
         plan = _plan(cfg, rng)
         t0 = time.monotonic()
@@ -277,7 +277,9 @@ def _fault(kind, stack, own_redis, producer, store, sent, cfg, rng, at) -> dict[
     elif kind in ("broker", "stack"):
         # what the memory-only broker holds unconsumed dies with it: catch up first
         producer.go.clear()
-        producer.idle.wait(60)
+        out["paused"] = producer.idle.wait(60)
+        with producer.probe_gate:  # a probe in flight is acknowledged (and counted) first
+            pass
         out["drained"] = _drain(store, sent, cfg.drain_timeout_s)
         if kind == "broker":
             pid = stack.pid("broker")

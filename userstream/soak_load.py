@@ -46,6 +46,7 @@ class Producer(threading.Thread):
         self.go = threading.Event()  # cleared = paused
         self.go.set()
         self.idle = threading.Event()  # set while paused with nothing in flight
+        self.probe_gate = threading.Lock()  # held by the prober while a probe is in flight
         self.stop = threading.Event()
         self.seq = 0
         self.errors = 0
@@ -139,25 +140,35 @@ class Producer(threading.Thread):
         return producer
 
 
-def probe(stack: StackRun, bootstrap: str, topic: str, stop: threading.Event, every_s: float,
-           waits: list[float], sent: Sent) -> None:  # fmt: skip
-    """A new user every ``every_s``: the time until the API serves its embedding."""
+def probe(stack: StackRun, load: Producer, stop: threading.Event, every_s: float,
+          waits: list[float], sent: Sent) -> None:  # fmt: skip
+    """A new user every ``every_s``: the time until the API serves its embedding.
+
+    Probes pause with the load (``load.go``), and a probe in flight holds
+    ``load.probe_gate``: a fault that restarts the memory-only broker takes the
+    gate after pausing the load, so no acknowledged probe dies with the broker."""
     from kafka import KafkaProducer
 
     n = 0
     while not stop.wait(every_s):
-        n += 1
-        user = f"probe-{n}"
-        body = {"user_id": user, "item_id": "probe-item", "behavior": "view", "ts": time.time()}
-        t0 = time.monotonic()
-        try:
-            producer = KafkaProducer(bootstrap_servers=bootstrap, acks=1, request_timeout_ms=5000)
-            producer.send(topic, value=json.dumps(body).encode(), key=user.encode()).get(10)
-            producer.close(timeout=2)
-        except Exception:
-            continue  # the broker is restarting; the next probe tries again
-        with sent.lock:
-            sent.probes += 1
+        with load.probe_gate:
+            if not load.go.is_set():
+                continue  # paused for a broker or stack restart
+            n += 1
+            user = f"probe-{n}"
+            body = {"user_id": user, "item_id": "probe-item", "behavior": "view",
+                    "ts": time.time()}  # fmt: skip
+            t0 = time.monotonic()
+            try:
+                producer = KafkaProducer(bootstrap_servers=load.bootstrap, acks=1,
+                                         request_timeout_ms=5000)  # fmt: skip
+                producer.send(load.topic, value=json.dumps(body).encode(),
+                              key=user.encode()).get(10)  # fmt: skip
+                producer.close(timeout=2)
+            except Exception:
+                continue  # the broker is restarting; the next probe tries again
+            with sent.lock:
+                sent.probes += 1
         while not stop.is_set():
             if stack.get(f"/users/{user}/embedding") is not None:
                 waits.append(time.monotonic() - t0)
