@@ -29,7 +29,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-__all__ = ["FACTORY", "IVF_MIN", "UserIndex"]
+__all__ = ["FACTORY", "IVF_MIN", "IndexBusy", "UserIndex"]
 
 LOG = logging.getLogger(__name__)
 
@@ -72,6 +72,10 @@ def _write_atomic(path: Path, *parts: bytes | np.ndarray) -> None:
         os.close(fd)
 
 
+class IndexBusy(RuntimeError):
+    """A read that may not wait found a writer holding (or waiting for) the index."""
+
+
 class _ReadWriteLock:
     """Many readers at once, one writer alone; a waiting writer holds back new
     readers (so a steady query load cannot starve upserts)."""
@@ -83,9 +87,13 @@ class _ReadWriteLock:
         self._waiting = 0
 
     @contextmanager
-    def read(self):
+    def read(self, wait: bool = True):
+        """Share the index; with ``wait=False`` raise :class:`IndexBusy` instead of
+        waiting for a writer (the mutex itself is only ever held for a moment)."""
         with self._cond:
             while self._writer or self._waiting:
+                if not wait:
+                    raise IndexBusy("the index is being written")
                 self._cond.wait()
             self._readers += 1
         try:
@@ -301,18 +309,21 @@ class UserIndex:
             thread.join(timeout_s)
 
     # --- reads ---------------------------------------------------------------
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, vectors: np.ndarray, k: int, *, wait: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The k best inner products per query: (scores (Q, k) float32, nums (Q, k) int64).
 
         Rows are sorted by descending score. Missing results (fewer than k
-        vectors in the index) have num -1, as in FAISS.
+        vectors in the index) have num -1, as in FAISS. ``wait=False``: raise
+        :class:`IndexBusy` rather than wait while a write holds the index.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         q = np.ascontiguousarray(vectors, dtype=np.float32)
         if q.ndim == 1:
             q = q.reshape(1, -1)
-        with self._lock.read():
+        with self._lock.read(wait):
             index = self._index
             if index is None or index.ntotal == 0:
                 return (
@@ -326,9 +337,10 @@ class UserIndex:
             scores, nums = index.search(q, k)
         return scores, nums
 
-    def reconstruct(self, num: int) -> np.ndarray | None:
-        """The stored vector of ``num`` (a copy), or None when it is not in the index."""
-        with self._lock.read():
+    def reconstruct(self, num: int, *, wait: bool = True) -> np.ndarray | None:
+        """The stored vector of ``num`` (a copy), or None when it is not in the index.
+        ``wait=False`` as in :meth:`search`."""
+        with self._lock.read(wait):
             if self._index is None:
                 return None
             try:

@@ -16,6 +16,7 @@ import redis
 
 from serving.context import ServingContext
 from serving.follower import feed_lag_s
+from serving.index import IndexBusy
 from serving.recommender import ModelNotReady
 from serving.schemas import (
     Health,
@@ -105,21 +106,45 @@ def _no_embedding(ctx: ServingContext, user_id: str) -> NoEmbedding:
     return NoEmbedding(user_id, events, None if info is None else info.version)
 
 
-def similar_users(ctx: ServingContext, user_id: str, k: int) -> SimilarUsers:
-    """The k nearest other users by inner product of embeddings, best first."""
-    follower = ctx.follower
-    if not follower.ready.is_set():
+class _NeedsRedis(Exception):
+    """Raised by :func:`_similar` where a local-only answer would need Redis."""
+
+
+def similar_users(
+    ctx: ServingContext, user_id: str, k: int, *, local_only: bool = False
+) -> SimilarUsers | None:
+    """The k nearest other users by inner product of embeddings, best first.
+
+    What this replica's index and user table hold answers without Redis; a user
+    (or a neighbour) they do not know yet is looked up there. ``local_only``:
+    return None instead of making that round trip or of waiting while an
+    upsert holds the index (the route answers the in-memory case on the event
+    loop and only the rest in its thread pool).
+    """
+    if not ctx.follower.ready.is_set():
         raise IndexNotReady("the similar-user index is still loading; retry shortly")
-    index, table = follower.index, follower.users
+    try:
+        return _similar(ctx, user_id, k, local_only)
+    except (_NeedsRedis, IndexBusy):  # only ever raised when local_only
+        return None
+
+
+def _similar(ctx: ServingContext, user_id: str, k: int, local_only: bool) -> SimilarUsers:
+    def redis(call, *args):
+        if local_only:
+            raise _NeedsRedis
+        return call(*args)
+
+    index, table, wait = ctx.follower.index, ctx.follower.users, not local_only
     num = table.num_of(user_id)  # what this replica's index holds: no Redis round trip
     version = None if num is None else table.version_of(num)
     if num is None or version is None:  # not followed here yet (or loaded without it)
-        num, version = ctx.embeddings.lookup(user_id)
-    query = None if num is None else index.reconstruct(num)
+        num, version = redis(ctx.embeddings.lookup, user_id)
+    query = None if num is None else index.reconstruct(num, wait=wait)
     if query is None:  # not (yet) in this replica's index: take it from Redis
-        query = ctx.embeddings.get(user_id)
+        query = redis(ctx.embeddings.get, user_id)
     if query is None:
-        raise _no_embedding(ctx, user_id)
+        raise redis(_no_embedding, ctx, user_id)  # the 404 says how many events are stored
     if index.dim is not None and query.shape[0] != index.dim:
         LOG.error(
             "user %r has a %d-dim embedding, the index holds %d-dim vectors",
@@ -131,15 +156,15 @@ def similar_users(ctx: ServingContext, user_id: str, k: int) -> SimilarUsers:
             f"user {user_id!r} has a {query.shape[0]}-dim embedding but the index holds "
             f"{index.dim}-dim vectors (model change in progress?)"
         )
-    scores, nums = index.search(query.reshape(1, -1), k + 1)  # +1: the user itself
+    scores, nums = index.search(query.reshape(1, -1), k + 1, wait=wait)  # +1: the user itself
     hits = [
         (int(n), float(s)) for n, s in zip(nums[0], scores[0], strict=True) if n >= 0 and n != num
     ][:k]
     names = table.names_for([n for n, _ in hits])
     missing = [i for i, name in enumerate(names) if name is None]
     if missing:  # ids the table does not know yet: ask Redis
-        for i, name in zip(missing, ctx.embeddings.users_for([hits[i][0] for i in missing]),
-                           strict=True):  # fmt: skip
+        found = redis(ctx.embeddings.users_for, [hits[i][0] for i in missing])
+        for i, name in zip(missing, found, strict=True):
             names[i] = name
     neighbors = [
         Neighbor(user_id=name, score=score)

@@ -105,6 +105,51 @@ def test_similar_returns_planted_neighbours(settings, redis_client, store, plant
         assert [n["user_id"] for n in r.json()["neighbors"]] == brute
 
 
+def test_similar_from_memory_makes_no_redis_call(settings, redis_client, store, planted,
+                                                 monkeypatch):  # fmt: skip
+    """A followed user with followed neighbours is answered from the index and the
+    user table alone (on the event loop); a write holding the index sends the
+    request to the thread pool, where it waits for the write instead of failing."""
+    with _client(settings, redis_client, store) as c:
+        _caught_up(c, store)
+        ctx = c.app.state.ctx
+
+        def no_redis(*_a, **_k):
+            raise AssertionError("the in-memory path called Redis")
+
+        for name in ("lookup", "get", "users_for", "num_of"):
+            monkeypatch.setattr(ctx.embeddings, name, no_redis)
+        r = c.get("/users/u0/similar", params={"k": 3})
+        assert r.status_code == 200, r.text
+        assert [n["user_id"] for n in r.json()["neighbors"]] == ["n1", "n2", "n3"]
+        monkeypatch.undo()
+
+        index = ctx.follower.index
+        held, release, answers = threading.Event(), threading.Event(), []
+
+        def writer() -> None:
+            with index._lock.write():
+                held.set()
+                release.wait(10)
+
+        def ask() -> None:
+            answers.append(c.get("/users/u0/similar", params={"k": 3}))
+
+        w = threading.Thread(target=writer)
+        w.start()
+        assert held.wait(5)
+        q = threading.Thread(target=ask)
+        q.start()
+        q.join(0.5)
+        assert q.is_alive() and not answers  # waiting for the write, in the pool
+        assert c.get("/healthz").status_code == 200  # and the event loop is free
+        release.set()
+        q.join(10)
+        w.join(5)
+        assert answers and answers[0].status_code == 200
+        assert [n["user_id"] for n in answers[0].json()["neighbors"]] == ["n1", "n2", "n3"]
+
+
 def test_similar_for_user_not_yet_in_the_index(settings, redis_client, store, planted):
     """A user embedded after the index loaded is queried with its vector from Redis."""
     with _client(settings, redis_client, store, start_follower=False) as c:

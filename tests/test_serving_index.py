@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.index import UserIndex
+from serving.index import IndexBusy, UserIndex
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -254,3 +254,31 @@ def test_the_user_table_travels_in_the_snapshot(tmp_path):
     assert [got.version_of(n) for n in (1, 5, 2000)] == [3, None, 4]
     assert [got.event_ts(n) for n in (1, 5, 2000, 3)] == [1.5, None, 2.25, None]
     assert UserIndex.load(tmp_path / "s")[1] == "7-1"
+
+
+def test_a_read_that_may_not_wait_is_refused_while_a_write_holds_the_index():
+    import threading
+
+    ix = UserIndex()
+    ix.upsert([1, 2], np.eye(2, dtype=np.float32))
+    q = np.array([1.0, 0.0], dtype=np.float32)
+    held, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with ix._lock.write():
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        assert held.wait(5)
+        with pytest.raises(IndexBusy):
+            ix.search(q, 1, wait=False)
+        with pytest.raises(IndexBusy):
+            ix.reconstruct(1, wait=False)
+    finally:
+        release.set()
+        t.join(5)
+    _, nums = ix.search(q, 1, wait=False)  # free again: answered at once
+    assert int(nums[0, 0]) == 1

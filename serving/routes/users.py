@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi.concurrency import run_in_threadpool
 
 from serving import queries
 from serving.deps import ContextDep
@@ -29,18 +30,26 @@ _NOT_FOUND = {404: {"description": "the user has no embedding (the message says 
     response_model=SimilarUsers,
     responses={**_NOT_FOUND, 503: {"description": "the index is still loading"}},
 )
-def similar(
+async def similar(
     user_id: str,
     ctx: ContextDep,
     k: Annotated[int, Query(ge=1, le=1000, description="how many neighbours")] = 10,
-) -> SimilarUsers:
+) -> Response:
     """The k most similar other users by inner product of L2-normalized embeddings."""
     try:
-        return queries.similar_users(ctx, user_id, k)
+        # what this replica holds in memory is answered on the event loop (a
+        # search is well under a millisecond); what needs Redis goes to the
+        # thread pool, so a slow Redis never stalls the loop
+        answer = queries.similar_users(ctx, user_id, k, local_only=True)
+        if answer is None:
+            answer = await run_in_threadpool(queries.similar_users, ctx, user_id, k)
     except queries.NoEmbedding as exc:
         raise HTTPException(404, str(exc)) from exc
     except queries.IndexNotReady as exc:
         raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from exc
+    # serialized by pydantic-core directly: FastAPI's response_model path would
+    # validate the model again and walk it through jsonable_encoder
+    return Response(answer.model_dump_json(), media_type="application/json")
 
 
 @router.get("/{user_id:path}/embedding", response_model=UserEmbedding, responses=_NOT_FOUND)
