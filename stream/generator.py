@@ -115,38 +115,70 @@ class ClickstreamGenerator:
     # --- the stream ----------------------------------------------------------
     def events(self, n_events: int, start_ts: float | None = None) -> Iterator[dict[str, Any]]:
         """``n_events`` event dicts in time order, continuing the stream of earlier calls."""
-        rng = self._rng
+        self._start(start_ts)
+        for _ in range(n_events):
+            yield self._event(None)
+
+    def sessions(
+        self, n_sessions: int, length: int = 5, start_ts: float | None = None
+    ) -> Iterator[list[dict[str, Any]]]:
+        """``n_sessions`` bursts of ``length`` consecutive events of one user each (a
+        client that uploads a session at once), continuing the same stream. Users
+        take turns in a seeded random order, so the first ``n_users`` sessions
+        cover every user once.
+
+        >>> gen = ClickstreamGenerator(n_users=3, n_groups=2, items_per_group=5, seed=2)
+        >>> runs = list(gen.sessions(4, length=2))
+        >>> len({s[0]["user_id"] for s in runs[:3]}), all(len({e["user_id"] for e in s}) == 1
+        ...                                                   for s in runs)
+        (3, True)
+        """
+        if length < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
+        self._start(start_ts)
+        order = list(range(self.n_users))
+        for i in range(n_sessions):
+            if i % self.n_users == 0:
+                self._rng.shuffle(order)
+            u = order[i % self.n_users]
+            yield [self._event(u) for _ in range(length)]
+
+    def _start(self, start_ts: float | None) -> None:
         if start_ts is not None:
             self._ts = start_ts
         elif self._ts is None:
             self._ts = 1_700_000_000.0
-        for _ in range(n_events):
-            if self.drift_every and self._emitted and self._emitted % self.drift_every == 0:
-                self._drift()
-            self._emitted += 1
-            gap = rng.expovariate(1.0 / self.mean_gap_s) if self.mean_gap_s > 0 else 0.0
-            self._ts += max(gap, 0.001)  # ts are kept to ms: stay strictly increasing
+
+    def _event(self, u: int | None) -> dict[str, Any]:
+        """The stream's next event, for user number ``u`` (None: a random user)."""
+        rng = self._rng
+        if self.drift_every and self._emitted and self._emitted % self.drift_every == 0:
+            self._drift()
+        self._emitted += 1
+        gap = rng.expovariate(1.0 / self.mean_gap_s) if self.mean_gap_s > 0 else 0.0
+        self._ts += max(gap, 0.001)  # ts are kept to ms: stay strictly increasing
+        if u is None:
             u = rng.randrange(self.n_users)
-            group = self._groups[u]
-            if self.n_groups > 1 and rng.random() < self.noise:
-                group = (group + 1 + rng.randrange(self.n_groups - 1)) % self.n_groups
-            if rng.random() < self.new_items_rate:
-                index = self._catalog[group]
-                self._catalog[group] += 1
-            else:
-                # popularity skew: low indices (older, popular items) come up more often
-                index = int(self._catalog[group] * rng.random() ** 2)
-            behavior = rng.choices(self._behaviors, cum_weights=self._cum_weights)[0]
-            ev: dict[str, Any] = {
-                "user_id": self._user_ids[u],
-                "item_id": self.item_id(group, index),
-                "behavior": behavior,
-                "ts": round(self._ts, 3),
-            }
-            if behavior == "search":
-                topic = _TOPICS[group % len(_TOPICS)]
-                ev["text"] = f"{topic} {rng.choice(_WORDS)}"
-            yield ev
+        group = self._groups[u]
+        if self.n_groups > 1 and rng.random() < self.noise:
+            group = (group + 1 + rng.randrange(self.n_groups - 1)) % self.n_groups
+        if rng.random() < self.new_items_rate:
+            index = self._catalog[group]
+            self._catalog[group] += 1
+        else:
+            # popularity skew: low indices (older, popular items) come up more often
+            index = int(self._catalog[group] * rng.random() ** 2)
+        behavior = rng.choices(self._behaviors, cum_weights=self._cum_weights)[0]
+        ev: dict[str, Any] = {
+            "user_id": self._user_ids[u],
+            "item_id": self.item_id(group, index),
+            "behavior": behavior,
+            "ts": round(self._ts, 3),
+        }
+        if behavior == "search":
+            topic = _TOPICS[group % len(_TOPICS)]
+            ev["text"] = f"{topic} {rng.choice(_WORDS)}"
+        return ev
 
     def _drift(self) -> None:
         if self.n_groups < 2 or self.drift_prob <= 0:

@@ -74,3 +74,16 @@ def test_drift_moves_users_between_groups():
     assert 10 < moved < 40
     with pytest.raises(ValueError):
         make(noise=1.5)
+
+
+def test_sessions_cover_every_user_in_bursts_of_one_user():
+    gen = ClickstreamGenerator(n_users=200, n_groups=4, items_per_group=50, seed=3, noise=0.0)
+    runs = list(gen.sessions(300, length=4))
+    assert all(len(s) == 4 and len({e["user_id"] for e in s}) == 1 for s in runs)
+    assert {s[0]["user_id"] for s in runs[:200]} == set(gen.user_ids)  # one pass covers all
+    stamps = [e["ts"] for s in runs for e in s]
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
+    for s in runs:  # noise 0: every item from the user's own group
+        assert all(gen.item_group(e["item_id"]) == gen.group_of(e["user_id"]) for e in s)
+    with pytest.raises(ValueError, match="length"):
+        next(gen.sessions(1, length=0))
