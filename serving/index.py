@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -35,8 +36,19 @@ LOG = logging.getLogger(__name__)
 
 FACTORY = "IDMap2,Flat"
 IVF_MIN = 200_000  # vectors from which the index is an IVF one (exact below)
-IVF_NLIST = 1024
+IVF_NLIST = 8192  # the most lists: 4 sqrt(n) (a power of two) up to this
 IVF_NPROBE = 32
+
+
+def nlist_for(n: int, most: int = IVF_NLIST) -> int:
+    """IVF lists for ``n`` vectors: the power of two nearest 4 sqrt(n), at most
+    ``most`` and at most one list per 39 vectors (FAISS's training minimum).
+
+    >>> nlist_for(200_000), nlist_for(1_000_000), nlist_for(1_000_000, most=1024)
+    (2048, 4096, 1024)
+    """
+    ideal = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
+    return max(1, min(most, ideal, n // 39))
 
 
 def _remove(index: faiss.Index, ids: np.ndarray) -> int:
@@ -165,11 +177,14 @@ class UserIndex:
     """Thread-safe FAISS inner-product index over int64 user numbers, chosen by size.
 
     Below ``ivf_min`` vectors it is exact (``IDMap2,Flat``); once it holds that
-    many it becomes an inverted-file index (``IndexIVFFlat``, ``nlist`` lists
-    trained on the vectors it holds, ``nprobe`` of them searched per query, a
-    hash-table id map so an upsert or a delete costs O(batch), not O(index)).
-    The switch is built beside the serving index and swapped in with the writes
-    that happened meanwhile, so queries never wait for the training.
+    many it becomes an inverted-file index (``IndexIVFFlat``, :func:`nlist_for`
+    lists, at most ``nlist``, trained on the vectors it holds, ``nprobe`` of
+    them searched per query, a hash-table id map so an upsert or a delete costs
+    O(batch), not O(index)); each time it grows about 4x past the size its lists
+    were trained for, a new IVF index is trained (a search scans ~4x fewer
+    vectors than the old lists would make it). Each new index is built beside
+    the serving one and swapped in with the writes that happened meanwhile, so
+    queries never wait for the training.
 
     Searches run concurrently (FAISS releases the GIL; a reader-writer lock lets
     them share the index); an upsert or delete takes the index alone for the
@@ -208,7 +223,7 @@ class UserIndex:
         ids = np.ascontiguousarray(nums, dtype=np.int64).reshape(-1)
         vecs = np.ascontiguousarray(vectors, dtype=np.float32)
         if len(ids) >= out.ivf_min:
-            ivf = _ivf(vecs, min(out.nlist, max(1, len(ids) // 39)), out.nprobe)
+            ivf = _ivf(vecs, nlist_for(len(ids), out.nlist), out.nprobe)
             ivf.add_with_ids(vecs, ids)
             out._index = ivf
         elif len(ids):
@@ -261,9 +276,16 @@ class UserIndex:
             self._index.add_with_ids(vecs, ids)
             if self._log is not None:
                 self._log.append((ids, vecs))
-            due = self.kind == "flat" and self._index.ntotal >= self.ivf_min
+            due = self._due(self._index)
         if due:
             self._start_switch()
+
+    def _due(self, index: faiss.Index) -> bool:
+        """Time for a (new) IVF index: the flat one reached ``ivf_min``, or the IVF
+        one has grown about 4x past the size its lists were trained for."""
+        if not isinstance(index, faiss.IndexIVF):
+            return index.ntotal >= self.ivf_min
+        return nlist_for(index.ntotal, self.nlist) >= 2 * index.nlist
 
     def delete(self, nums) -> int:
         """Remove ``nums`` from the index; returns how many were present."""
@@ -283,13 +305,24 @@ class UserIndex:
             self._switching.start()
 
     def _to_ivf(self) -> None:
-        """Build the IVF index from a copy of the flat one, replay the writes made
-        meanwhile, swap it in."""
+        """Build an IVF index from a copy of the serving one (flat, or an IVF one
+        that outgrew its lists), replay the writes made meanwhile, swap it in."""
+        try:
+            self._rebuild()
+        except Exception:  # the serving index stays; the next due write tries again
+            LOG.exception("index: building the IVF index failed; the current one keeps serving")
+            with self._lock.write():
+                self._log = None
+        finally:
+            with self._switch:
+                self._switching = None
+
+    def _rebuild(self) -> None:
         t0 = time.perf_counter()
         with self._lock.read():
             ids, vecs = _contents(self._index)
             self._log = []  # set under the read lock: every later write is logged
-        ivf = _ivf(vecs, min(self.nlist, max(1, len(ids) // 39)), self.nprobe)
+        ivf = _ivf(vecs, nlist_for(len(ids), self.nlist), self.nprobe)
         ivf.add_with_ids(vecs, ids)
         t_built = time.perf_counter() - t0
         with self._lock.write():
@@ -299,7 +332,7 @@ class UserIndex:
                     ivf.add_with_ids(log_vecs, log_ids)
             replayed = len(self._log)
             self._index, self._log = ivf, None
-        LOG.info("index: %d vectors moved to IVF (%d lists, nprobe %d) in %.1fs, %d writes "
+        LOG.info("index: %d vectors in a new IVF index (%d lists, nprobe %d) in %.1fs, %d writes "
                  "replayed", len(ids), ivf.nlist, ivf.nprobe, t_built, replayed)  # fmt: skip
 
     def wait_switch(self, timeout_s: float | None = None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.index import IndexBusy, UserIndex
+from serving.index import IndexBusy, UserIndex, nlist_for
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -282,3 +282,28 @@ def test_a_read_that_may_not_wait_is_refused_while_a_write_holds_the_index():
         t.join(5)
     _, nums = ix.search(q, 1, wait=False)  # free again: answered at once
     assert int(nums[0, 0]) == 1
+
+
+def test_an_ivf_index_that_grew_4x_gets_new_lists():
+    rng = np.random.default_rng(9)
+    n, d = 40_000, 16
+    ids = np.arange(n, dtype=np.int64)
+    vecs = _clustered(rng, n, d)
+    ix = UserIndex(ivf_min=2_000, nlist=4096, nprobe=16)
+    ix.upsert(ids[:2_000], vecs[:2_000])
+    ix.wait_switch(60)
+    assert ix.kind == "ivf"
+    first = ix._index.nlist
+    assert first == nlist_for(2_000, 4096) == 51
+    for start in range(2_000, n, 1_000):
+        ix.upsert(ids[start : start + 1_000], vecs[start : start + 1_000])
+        ix.wait_switch(60)
+    assert ix._index.nlist >= 4 * first  # retrained twice or more on the way
+    assert len(ix) == n
+    for i in rng.choice(n, 100, replace=False):  # nothing lost in the swaps
+        np.testing.assert_array_equal(ix.reconstruct(int(ids[i])), vecs[i])
+    exact = vecs @ vecs[:200].T
+    want = np.argsort(-exact, axis=0)[:10].T
+    _, got = ix.search(vecs[:200], 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want, strict=True)])
+    assert recall >= 0.95, recall

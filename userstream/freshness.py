@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from userstream.soak_load import Producer
 from userstream.stores import RedisSequenceStore
 from userstream.types import Keys
 
-__all__ = ["FreshnessConfig", "run_freshness"]
+__all__ = ["FreshnessConfig", "Prober", "cycle_times", "run_freshness"]
 
 LOG = logging.getLogger(__name__)
 
@@ -64,19 +65,25 @@ def _pct(xs: list[float], q: float) -> float | None:
     return round(float(np.percentile(xs, q)), 4) if xs else None
 
 
-class _Prober(threading.Thread):
-    """One probe at a time, for new users or for existing ones."""
+class Prober(threading.Thread):
+    """One probe at a time, for new users (``kind="new"``) or for existing ones
+    (``"existing"``: ``pick(rng)`` names a load user; one without an embedding
+    yet is skipped). Each probe gives up after ``timeout_s``."""
 
     def __init__(self, kind: str, stack: StackRun, store: RedisSequenceStore, bootstrap: str,
-                 topic: str, cfg: FreshnessConfig, stop: threading.Event) -> None:  # fmt: skip
+                 topic: str, stop: threading.Event, *, timeout_s: float,
+                 pick: Callable[[random.Random], str] | None = None, seed: int = 0) -> None:  # fmt: skip
         super().__init__(name=f"probe-{kind}", daemon=True)
+        if kind not in ("new", "existing") or (kind == "existing" and pick is None):
+            raise ValueError("kind is 'new', or 'existing' with a pick function")
         self.kind, self.stack, self.store = kind, stack, store
-        self.bootstrap, self.topic, self.cfg, self.stop = bootstrap, topic, cfg, stop
+        self.bootstrap, self.topic, self.stop = bootstrap, topic, stop
+        self.timeout_s, self.pick = timeout_s, pick
         self.served: list[float] = []
         self.ingested: list[float] = []
         self.embedded: list[float] = []  # in Redis, before the API's index has it
         self.timeouts = 0
-        self.rng = random.Random(cfg.seed + (kind == "new"))
+        self.rng = random.Random(seed + (kind == "new"))
 
     def run(self) -> None:
         from kafka import KafkaProducer
@@ -97,7 +104,7 @@ class _Prober(threading.Thread):
     def _user(self, n: int) -> str | None:
         if self.kind == "new":
             return f"fresh-{uuid.uuid4().hex[:6]}-{n}"
-        user = f"s{self.rng.randrange(self.cfg.users)}"
+        user = self.pick(self.rng)
         return user if self.stack.get(f"/users/{user}/embedding") is not None else None
 
     def _probe(self, producer, user: str) -> None:
@@ -106,7 +113,7 @@ class _Prober(threading.Thread):
         t0 = time.monotonic()
         producer.send(self.topic, value=json.dumps(body).encode(), key=user.encode()).get(10)
         ingested = embedded = None
-        deadline = t0 + self.cfg.probe_timeout_s
+        deadline = t0 + self.timeout_s
         while time.monotonic() < deadline and not self.stop.is_set():
             now = time.monotonic()
             if ingested is None:
@@ -139,7 +146,7 @@ class _Prober(threading.Thread):
         }
 
 
-def _cycles(log: Path) -> dict[str, Any]:
+def cycle_times(log: Path) -> dict[str, Any]:
     train, total = [], []
     try:
         text = log.read_text(errors="replace")
@@ -171,7 +178,17 @@ def run_freshness(
     producer = Producer(bootstrap, settings.events_topic, load, cfg.users, sent)
     stop = threading.Event()
     probers = [
-        _Prober(kind, stack, store, bootstrap, settings.events_topic, cfg, stop)
+        Prober(
+            kind,
+            stack,
+            store,
+            bootstrap,
+            settings.events_topic,
+            stop,
+            timeout_s=cfg.probe_timeout_s,
+            pick=lambda rng: f"s{rng.randrange(cfg.users)}",
+            seed=cfg.seed,
+        )  # fmt: skip
         for kind in ("new", "existing")
     ]
     try:
@@ -196,7 +213,7 @@ def run_freshness(
         report = {
             "new": probers[0].summary(),
             "existing": probers[1].summary(),
-            "cycles": _cycles(work / "stack" / "logs" / "train-worker.log"),
+            "cycles": cycle_times(work / "stack" / "logs" / "train-worker.log"),
             "rate": cfg.rate,
             "rate_achieved": round(sent.valid / elapsed, 1),
             "events_sent": sent.valid,

@@ -201,7 +201,9 @@ class Settings(BaseSettings, ModelSettings):
     index_ivf_min: int = Field(
         200_000, ge=1, description="users from which the index is IVF (exact below)"
     )
-    index_nlist: int = Field(1024, ge=1, description="IVF lists")
+    index_nlist: int = Field(
+        8192, ge=1, description="most IVF lists (4 sqrt(users), rebuilt as the index grows 4x)"
+    )
     index_nprobe: int = Field(32, ge=1, description="IVF lists searched per query")
     faiss_threads: int = Field(
         1, ge=0, description="OpenMP threads per FAISS search in the API (0: FAISS's default)"

@@ -3,7 +3,9 @@
 ``bench prequential`` runs :mod:`model.prequential`; ``bench soak`` runs
 :mod:`userstream.soak` (the stack under load and faults); ``bench freshness``
 runs :mod:`userstream.freshness` (produce -> served embedding under load);
-``bench query`` runs :mod:`userstream.query_bench` (similar-user queries at N users). Settings come from the
+``bench query`` runs :mod:`userstream.query_bench` (similar-user queries at N
+users); ``bench scale`` runs :mod:`userstream.scale` (a million users through
+the stack). Settings come from the
 usual sources (env vars, ``USERSTREAM_CONFIG``), then the cadence options and
 ``--set KEY=VALUE`` override them; the resolved settings go into the report.
 """
@@ -179,6 +181,23 @@ def _cmd_query(args: Any) -> int:
     return 0 if report.get("errors", 0) == 0 else 1
 
 
+def _cmd_scale(args: Any) -> int:
+    from userstream.scale import ScaleConfig, run_scale
+
+    report = run_scale(resolved_settings(), ScaleConfig(**given(args, "scale")),
+                       Path(args.report) if args.report else None)  # fmt: skip
+    keys = ("users", "items", "items_seen", "events", "produce_events_per_s",
+            "ingest_events_per_s", "embedded_users", "all_embedded_s", "embed_users_per_s",
+            "train_pending", "cycles", "freshness", "rss_mb", "rss_total_max_mb",
+            "redis_used_mb", "redis_bytes_per_user", "within_24gib", "plot")  # fmt: skip
+    for k in keys:
+        print(f"{k:<22}{report.get(k)}")
+    if args.report:
+        print(f"report {args.report}")
+    done = report["all_embedded_s"] is not None and report["ingested_s"] is not None
+    return 0 if done and report["within_24gib"] else 1
+
+
 def _add_run(bsub: Any, name: str, help: str, config: type, func: Any) -> None:
     """A benchmark of the running service: its config's fields as options, and --report."""
     sp = bsub.add_parser(name, help=help)
@@ -194,6 +213,7 @@ def add_commands(sub: Any) -> None:
     bsub = bench.add_subparsers(dest="bench", required=True)
     from userstream.freshness import FreshnessConfig
     from userstream.query_bench import QueryConfig
+    from userstream.scale import ScaleConfig
     from userstream.soak import SoakConfig
 
     _add_run(bsub, "soak", "the real stack under load while processes are killed and restarted",
@@ -202,6 +222,8 @@ def add_commands(sub: Any) -> None:
              FreshnessConfig, _cmd_freshness)  # fmt: skip
     _add_run(bsub, "query", "/users/{id}/similar over HTTP at N users, 1 and C clients, vs bare "
              "FAISS", QueryConfig, _cmd_query)  # fmt: skip
+    _add_run(bsub, "scale", "a million users and 100k items through the real stack: ingest, "
+             "cycles, freshness, RSS, Redis memory", ScaleConfig, _cmd_scale)  # fmt: skip
     pq = bsub.add_parser(
         "prequential", help="test-then-train over a data set: ours vs frozen and online baselines"
     )
