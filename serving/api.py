@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
-import faiss
 import redis
 import uvicorn
 from fastapi import FastAPI
@@ -118,6 +117,7 @@ def create_app(
             "ivf_min": settings.index_ivf_min,
             "nlist": settings.index_nlist,
             "nprobe": settings.index_nprobe,
+            "threads": settings.faiss_threads,
         },  # fmt: skip
     )
     ops_client = fail_fast_client(client)
@@ -173,8 +173,6 @@ def serve(settings: Settings) -> None:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
-    if settings.faiss_threads:  # one thread per search: concurrency comes from requests
-        faiss.omp_set_num_threads(settings.faiss_threads)
     app = create_app(settings)
     LOG.info("serving on http://%s:%d", settings.api_host, settings.api_port)
     # no access log: a line per request costs more than a search; /metrics counts them

@@ -51,6 +51,13 @@ def nlist_for(n: int, most: int = IVF_NLIST) -> int:
     return max(1, min(most, ideal, n // 39))
 
 
+def _use_threads(n: int) -> None:
+    """OpenMP threads for FAISS calls of the calling thread (the setting is per
+    thread; 0 leaves FAISS's default, one per core)."""
+    if n and faiss.omp_get_max_threads() != n:
+        faiss.omp_set_num_threads(n)
+
+
 def _remove(index: faiss.Index, ids: np.ndarray) -> int:
     if isinstance(index, faiss.IndexIVF):  # the hash-table id map takes an id array
         return int(index.remove_ids(faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids))))
@@ -140,14 +147,14 @@ def _flat(dim: int) -> faiss.Index:
 
 def _ivf(vectors: np.ndarray, nlist: int, nprobe: int, seed: int = 0) -> faiss.IndexIVFFlat:
     """An empty IVF index with ``nlist`` lists trained on ``vectors`` (a sample of
-    at most 64 per list), a hash-table id map (O(1) removal by id)."""
+    at most 32 per list), a hash-table id map (O(1) removal by id)."""
     d = vectors.shape[1]
     rng = np.random.default_rng(seed)
-    n_train = min(len(vectors), 64 * nlist)
+    n_train = min(len(vectors), 32 * nlist)
     sample = vectors[rng.choice(len(vectors), n_train, replace=False)]
     ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
     ivf.cp.niter = 10
-    ivf.cp.min_points_per_centroid = 1  # a sample of 64 per list is enough here
+    ivf.cp.min_points_per_centroid = 1  # a sample of 32 per list is enough here
     ivf.train(np.ascontiguousarray(sample))
     ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
     ivf.nprobe = nprobe
@@ -205,8 +212,10 @@ class UserIndex:
         ivf_min: int = IVF_MIN,
         nlist: int = IVF_NLIST,
         nprobe: int = IVF_NPROBE,
+        threads: int = 1,
     ) -> None:
         self._lock = _ReadWriteLock()
+        self.threads = threads  # OpenMP threads of a search and of a background build
         self._switch = threading.Lock()  # one switch to IVF at a time
         self._index: faiss.Index | None = None
         self.ivf_min, self.nlist, self.nprobe = ivf_min, nlist, nprobe
@@ -318,6 +327,7 @@ class UserIndex:
                 self._switching = None
 
     def _rebuild(self) -> None:
+        _use_threads(self.threads)  # in the background: leave the cores to the searches
         t0 = time.perf_counter()
         with self._lock.read():
             ids, vecs = _contents(self._index)
@@ -356,6 +366,7 @@ class UserIndex:
         q = np.ascontiguousarray(vectors, dtype=np.float32)
         if q.ndim == 1:
             q = q.reshape(1, -1)
+        _use_threads(self.threads)
         with self._lock.read(wait):
             index = self._index
             if index is None or index.ntotal == 0:

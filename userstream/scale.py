@@ -253,7 +253,9 @@ def _report(cfg, sent, n_events, t_produced, ingested_at, embedded_at, last, sta
         },  # fmt: skip
         "rss_total_max_mb": round(total_max, 1),
         "redis_used_mb": {"max": round(sampler.redis_max, 1), "end": last["redis_used_mb"]},
+        # of the whole server: the run's own unless REDIS_URL names a shared one
         "redis_bytes_per_user": round(last["redis_used_mb"] * 2**20 / max(1, embedded)),
+        "redis_own": "redis" in sampler.rss_max,
         "within_24gib": total_max * 2**20 < 24 * GIB,
         "config": cfg.model_dump(),
         "timeline": sampler.samples,

@@ -206,7 +206,10 @@ class Settings(BaseSettings, ModelSettings):
     )
     index_nprobe: int = Field(32, ge=1, description="IVF lists searched per query")
     faiss_threads: int = Field(
-        1, ge=0, description="OpenMP threads per FAISS search in the API (0: FAISS's default)"
+        1,
+        ge=0,
+        description="OpenMP threads per FAISS search in the API, and of its background "
+        "index builds (0: FAISS's default, a thread per core)",
     )
     update_feed_maxlen: int = Field(
         2_000_000, ge=1000, description="hard cap on the update feed's length (a backstop)"
