@@ -29,7 +29,7 @@ def test_bench_scale_embeds_every_user_and_reports_every_figure(tmp_path, monkey
     assert all(v["max"] > 0 for v in report["rss_mb"].values())
     assert report["redis_used_mb"]["max"] > 0 and report["redis_bytes_per_user"] > 0
     assert report["within_24gib"] and report["timeline"]
-    assert report["items_seen"] <= 400
+    assert 300 < report["items_seen"] <= 402  # the catalogue and the two probe items
     fresh = report["freshness"]
     assert fresh["new"]["n"] > 0 and fresh["new"]["timeouts"] == 0, fresh
     on_disk = json.loads((tmp_path / "scale.json").read_text())

@@ -83,6 +83,7 @@ class Prober(threading.Thread):
         self.ingested: list[float] = []
         self.embedded: list[float] = []  # in Redis, before the API's index has it
         self.timeouts = 0
+        self.sent = 0  # probe events the broker acknowledged
         self.rng = random.Random(seed + (kind == "new"))
 
     def run(self) -> None:
@@ -112,6 +113,7 @@ class Prober(threading.Thread):
         body = {"user_id": user, "item_id": f"probe-{self.kind}", "behavior": "click", "ts": ts}
         t0 = time.monotonic()
         producer.send(self.topic, value=json.dumps(body).encode(), key=user.encode()).get(10)
+        self.sent += 1
         ingested = embedded = None
         deadline = t0 + self.timeout_s
         while time.monotonic() < deadline and not self.stop.is_set():

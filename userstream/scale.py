@@ -176,17 +176,25 @@ def run_scale(settings: Settings, cfg: ScaleConfig, report_path: Path | None = N
         t_produced = time.monotonic() - t0
         LOG.info("scale: %d events in %d messages produced in %.0fs (%d failed)",
                  sent.events, sent.messages, t_produced, sent.failed)  # fmt: skip
-        t_ingested = _wait_for(lambda: store.counters()["events_ingested"] >= sent.events,
-                               cfg.settle_timeout_s, stack)  # fmt: skip
+
+        def probes() -> int:
+            return sum(p.sent for p in probers)
+
+        def all_in() -> bool:
+            return store.counters()["events_ingested"] >= sent.events + probes()
+
+        t_ingested = _wait_for(all_in, cfg.settle_timeout_s, stack)
         ingested_at = None if t_ingested is None else time.monotonic() - t0
         t_embedded = _wait_for(lambda: sampler.pending("embed") == 0, cfg.settle_timeout_s, stack)
         embedded_at = None if t_embedded is None else time.monotonic() - t0
         stop.set()
         for p in probers:
             p.join(cfg.probe_timeout_s + 10)
+        _wait_for(all_in, 60, stack)  # the last probes' events too
         sampler.stop.set()
         sampler.join(cfg.sample_every_s + 30)
         last = sampler.sample()
+        last["events_ingested"] -= probes()
         stats = stack.get("/stats") or {}
         report = _report(cfg, sent, n_events, t_produced, ingested_at, embedded_at, last, stats,
                          sampler, probers, work)  # fmt: skip
@@ -238,8 +246,8 @@ def _report(cfg, sent, n_events, t_produced, ingested_at, embedded_at, last, sta
         "produce_events_per_s": round(sent.events / t_produced, 1) if t_produced else None,
         "ingested_s": None if ingested_at is None else round(ingested_at, 1),
         "ingest_events_per_s": None if not ingested_at else round(sent.events / ingested_at, 1),
-        "events_ingested": last["events_ingested"],
-        "embedded_users": embedded,
+        "events_ingested": last["events_ingested"],  # of the stream, without the probes
+        "embedded_users": embedded,  # the probes' users included
         "all_embedded_s": None if embedded_at is None else round(embedded_at, 1),
         "embed_users_per_s": None if not embedded_at else round(embedded / embedded_at, 1),
         "train_pending": last["train_pending"],
