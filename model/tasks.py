@@ -38,7 +38,8 @@ the bidirectional tasks read the last ``max_len``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -50,12 +51,14 @@ from model.vocab import MASK, PAD
 from userstream.settings import ModelSettings
 
 __all__ = [
+    "ItemSoftmax",
     "LossWeights",
     "bag_loss",
     "cloze_loss",
     "contrastive_loss",
     "future_item_loss",
     "item_bag_loss",
+    "item_cross_entropy",
     "last_item_loss",
     "next_item_loss",
     "total_loss",
@@ -73,10 +76,11 @@ class LossWeights:
     future: float = 0.0
     bag: float = 0.0
     item_bag: float = 0.0
+    softmax: ItemSoftmax = field(default_factory=lambda: ItemSoftmax())
 
     @classmethod
     def of(cls, settings: ModelSettings) -> LossWeights:
-        """The weights ``settings`` give (``*_weight`` fields)."""
+        """The weights ``settings`` give (``*_weight`` fields) and its item softmax."""
         return cls(
             mlm=settings.mlm_weight,
             next=settings.next_weight,
@@ -84,7 +88,53 @@ class LossWeights:
             future=settings.future_weight,
             bag=settings.bag_weight,
             item_bag=settings.item_bag_weight,
+            softmax=ItemSoftmax(settings.item_softmax == "sampled", settings.sampled_negatives),
         )
+
+
+@dataclass(frozen=True)
+class ItemSoftmax:
+    """How cloze, next- and future-item score their targets (:func:`item_cross_entropy`).
+
+    ``sampled=False``: over every item row in use. ``sampled=True``: over the
+    distinct targets of the call (in-batch negatives, each corrected by the log
+    of its count there: popular items are not pushed down for being popular)
+    and ``negatives`` rows drawn uniformly (corrected by the log of their
+    expected count, ``negatives / rows``), accidental hits masked. The cost then
+    depends on the batch, not on the catalogue; while the catalogue has no more
+    rows than ``negatives`` the full softmax is used.
+    """
+
+    sampled: bool = False
+    negatives: int = 1024
+
+
+def item_cross_entropy(
+    encoder: SequenceEncoder,
+    h: torch.Tensor,
+    targets: torch.Tensor,
+    n_valid: int,
+    softmax: ItemSoftmax,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy of item ``targets`` (P,) given states ``h`` (P, H)."""
+    rows = n_valid - 2  # PAD and MASK are never scored
+    if not softmax.sampled or rows <= softmax.negatives:
+        return F.cross_entropy(encoder.item_logits(h, n_valid), targets)
+    table = encoder.item_emb.weight
+    distinct, label, counts = torch.unique(targets, return_inverse=True, return_counts=True)
+    negatives = torch.randint(2, n_valid, (softmax.negatives,), generator=generator)
+    negatives = negatives.to(targets.device)  # (S,)
+    candidates = torch.cat([distinct, negatives])  # (U + S,)
+    logits = h @ table[candidates].T  # (P, U + S)
+    correction = torch.cat([
+        counts.to(h.dtype).log(),
+        torch.full((softmax.negatives,), math.log(softmax.negatives / rows),
+                   dtype=h.dtype, device=h.device),
+    ])  # fmt: skip
+    hits = negatives[None, :] == targets[:, None]  # (P, S): a row's own target drawn
+    hits = torch.cat([hits.new_zeros(hits.shape[0], distinct.shape[0]), hits], dim=1)
+    return F.cross_entropy((logits - correction).masked_fill(hits, -torch.inf), label)
 
 
 def _zero(encoder: SequenceEncoder) -> torch.Tensor:
@@ -172,6 +222,7 @@ def _cloze(
     generator: torch.Generator | None,
     mask_prob: float = 0.2,
     bag: bool = False,
+    softmax: ItemSoftmax = ItemSoftmax(),
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(cloze loss, pooled embedding of the masked view (B, H) or None if nothing
     masked, bag loss or a zero when not asked for)."""
@@ -183,8 +234,7 @@ def _cloze(
         return _zero(encoder), None, _zero(encoder)
     inputs = items.masked_fill(masked, MASK)  # (B, T)
     h = encoder(inputs, batch.behaviors, batch.gaps, causal=False)  # (B, T, H)
-    logits = encoder.item_logits(h[masked], n_valid)  # (M, n_valid)
-    cloze = F.cross_entropy(logits, items[masked])
+    cloze = item_cross_entropy(encoder, h[masked], items[masked], n_valid, softmax, generator)
     mean = encoder.mean_states(h, inputs)  # (B, H) pooled, not normalized
     bag_nll = _zero(encoder)
     if bag:
@@ -262,6 +312,7 @@ def _causal(
     future: bool,
     next_item: bool = True,
     last_only: bool = False,
+    softmax: ItemSoftmax = ItemSoftmax(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(next-item loss, future-item loss) from ONE causal pass; a loss not asked
     for is a graph-attached zero. ``last_only``: only the last step is a target."""
@@ -279,7 +330,8 @@ def _causal(
     h_prev = h[pair]  # (P, H)
     nxt = fut = _zero(encoder)
     if next_item:
-        nxt = F.cross_entropy(encoder.item_logits(h_prev, n_valid), targets.items[pair])
+        nxt = item_cross_entropy(encoder, h_prev, targets.items[pair], n_valid, softmax,
+                                 generator)  # fmt: skip
         if behavior_weight > 0:
             nxt = nxt + behavior_weight * F.cross_entropy(
                 encoder.behavior_logits(h_prev), targets.behaviors[pair]
@@ -287,7 +339,7 @@ def _causal(
     if future:
         col = _future_columns(pair, generator)  # (B, T')
         later = targets.items.gather(1, col)[pair]  # (P,)
-        fut = F.cross_entropy(encoder.item_logits(h_prev, n_valid), later)
+        fut = item_cross_entropy(encoder, h_prev, later, n_valid, softmax, generator)
     return nxt, fut
 
 
@@ -342,7 +394,8 @@ def total_loss(
 
     view = None
     if weights.mlm > 0 or weights.bag > 0:
-        cloze, view, bag = _cloze(encoder, batch, n_valid, generator, bag=weights.bag > 0)
+        cloze, view, bag = _cloze(encoder, batch, n_valid, generator, bag=weights.bag > 0,
+                                  softmax=weights.softmax)  # fmt: skip
         if weights.mlm > 0:
             add("mlm", weights.mlm, cloze)
         if weights.bag > 0:
@@ -350,7 +403,7 @@ def total_loss(
     if weights.next > 0 or weights.future > 0:
         nxt, fut = _causal(
             encoder, batch, n_valid, generator, 0.2, weights.future > 0, weights.next > 0,
-            last_only=last_only,
+            last_only=last_only, softmax=weights.softmax,
         )  # fmt: skip
         if weights.next > 0:
             add("next", weights.next, nxt)

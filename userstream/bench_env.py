@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,7 +42,8 @@ class BenchRedis:
     """The run's Redis: ``settings.redis_url``, else a bundled redis-server of its
     own in ``work``; keys under ``<tag>-<random>:``. :meth:`close` (or leaving
     it as a context manager) deletes those keys, closes the client and stops
-    its own server."""
+    its own server and deletes its data (a million users leave ~1 GB of AOF);
+    the run's logs stay in ``work``."""
 
     def __init__(
         self, settings: Settings, work: Path, tag: str, socket_timeout: float = 30
@@ -50,7 +52,8 @@ class BenchRedis:
         self.url = settings.redis_url
         if not self.url:
             port = free_port()
-            self.own = start_redis(port, work / "redis", work / "redis.log")
+            self.own_dir = work / "redis"
+            self.own = start_redis(port, self.own_dir, work / "redis.log")
             self.url = f"redis://127.0.0.1:{port}/0"
         self.tag = tag
         self.prefix = f"{tag}-{uuid.uuid4().hex[:8]}:"
@@ -74,6 +77,7 @@ class BenchRedis:
                 os.kill(self.own.pid, signal.SIGCONT)  # a run may have paused it
             self.own.terminate()
             self.own.wait(10)
+            shutil.rmtree(self.own_dir, ignore_errors=True)
 
 
 def child_env(settings: Settings, data_dir: Path, store: BenchRedis) -> tuple[dict[str, str], str]:

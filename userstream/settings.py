@@ -107,6 +107,17 @@ class ModelSettings(BaseModel):
         "window's shown items predicts its hidden ones; > 0 adds that table",
     )
 
+    # --- the item softmax of cloze, next- and future-item -----------------------
+    item_softmax: Literal["full", "sampled"] = Field(
+        "full",
+        description="full: every item row scores each target; sampled: the batch's targets and "
+        "sampled_negatives uniform rows, logQ-corrected (a step's cost stops growing with the "
+        "catalogue; full is used while the catalogue is not larger than that sample)",
+    )
+    sampled_negatives: int = Field(
+        1024, ge=1, description="uniform negatives per step of the sampled softmax"
+    )
+
     # --- optimizer and inference -------------------------------------------------
     train_batch_size: int = Field(128, ge=2, description="sequences per optimizer step")
     learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate")

@@ -201,7 +201,7 @@ def train_step(
     if config.examples == "windows":
         loss, parts = total_loss(encoder, batch, n_valid, w, trainer.generator)
     else:
-        next_only = LossWeights(next=w.next)
+        next_only = LossWeights(next=w.next, softmax=w.softmax)
         loss, parts = total_loss(encoder, batch, n_valid, next_only, last_only=True)
         if side is not None:  # total_loss skips the tasks whose weight is 0
             others = dataclasses.replace(w, next=0.0)
