@@ -421,6 +421,30 @@ def test_an_embedder_killed_mid_batch_leaves_its_users_stale(tmp_path, keys, sto
     assert seq_store.claimed_count("embed") == 0
 
 
+def test_a_standing_backlog_of_changes_does_not_starve_the_refresh(tmp_path, keys, stores):
+    """Every batch finds the change queue full, yet the new version's refresh gets a
+    share of each batch and its model info is published."""
+    seq_store, emb_store = stores
+    s = make_settings(tmp_path, keys, embed_claim_max=8)
+    feed = Feed(seq_store, n_users=40)
+    feed.write(feed.users, per_user=2)
+    worker = TrainingWorker(s, seq_store, emb_store)
+    while worker.embedder.run_once():
+        pass
+    trainer = worker.trainer
+    trainer.learn_many(seq_store.read_many(feed.users), 1)
+    info = worker._model_info(tmp_path / "v1.pt")
+    worker.embedder.publish(trainer.snapshot(), info, feed.users[:20])
+    rounds = 0
+    while emb_store.model_info() is None:
+        feed.write(feed.users[20:], per_user=1)  # 20 changed users before every batch
+        assert seq_store.dirty_count("embed") >= 8
+        worker.embedder.run_once()
+        rounds += 1
+        assert rounds <= 10, "the refresh starved"  # 2 of each batch of 8: 10 rounds
+    assert emb_store.model_info().version == info.version
+
+
 @pytest.mark.parametrize("kw", [{}, {"positions": "relative"}, {"lowpass_alpha": 0.5}])
 def test_embedding_short_sequences_in_trimmed_batches_changes_nothing(tmp_path, kw):
     """Inference pads a batch to its longest sequence, not to max_len: the same vectors."""

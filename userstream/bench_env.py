@@ -41,9 +41,9 @@ def exit_on_sigterm() -> None:
 class BenchRedis:
     """The run's Redis: ``settings.redis_url``, else a bundled redis-server of its
     own in ``work``; keys under ``<tag>-<random>:``. :meth:`close` (or leaving
-    it as a context manager) deletes those keys, closes the client and stops
-    its own server and deletes its data (a million users leave ~1 GB of AOF);
-    the run's logs stay in ``work``."""
+    it as a context manager) deletes those keys from a shared server, or stops
+    its own and deletes its data (a million users leave ~1 GB of AOF), and
+    closes the client; the run's logs stay in ``work``."""
 
     def __init__(
         self, settings: Settings, work: Path, tag: str, socket_timeout: float = 30
@@ -66,11 +66,18 @@ class BenchRedis:
         self.close()
 
     def close(self) -> None:
-        try:
-            for k in list(self.client.scan_iter(match=f"{self.prefix}*", count=1000)):
-                self.client.delete(k)
-        except Exception:
-            LOG.warning("%s: could not delete the run's Redis keys", self.tag)
+        if self.own is None:  # a shared server: delete this run's keys, in batches
+            try:
+                batch: list[str] = []
+                for k in self.client.scan_iter(match=f"{self.prefix}*", count=10_000):
+                    batch.append(k)
+                    if len(batch) >= 10_000:
+                        self.client.unlink(*batch)
+                        batch.clear()
+                if batch:
+                    self.client.unlink(*batch)
+            except Exception:
+                LOG.warning("%s: could not delete the run's Redis keys", self.tag)
         self.client.close()
         if self.own is not None:
             if self.own.poll() is None:

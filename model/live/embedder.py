@@ -12,9 +12,11 @@ goes unembedded.
 
 The training worker hands over each new version with :meth:`publish`, together
 with the users to re-embed with it (the cycle's users and a round-robin
-refresh of the others). They come after the changed users, a batch at a time,
-and the version's :class:`ModelInfo` is written once they all are: the
-``model_version`` the API reports is a version whose refresh is done.
+refresh of the others). They fill what the changed users leave of each batch,
+and at least a quarter of it (``REFRESH_SHARE``: a standing backlog of changes,
+as in a bulk load, must not starve them), and the version's
+:class:`ModelInfo` is written once they all are: the ``model_version`` the API
+reports is a version whose refresh is done.
 
 The embedder is the only writer of embeddings: two writers could let an older
 read of a sequence overwrite a newer one.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 from collections.abc import Iterable, Sequence
 
@@ -36,6 +39,7 @@ __all__ = ["Embedder"]
 LOG = logging.getLogger(__name__)
 
 ERROR_BACKOFF_S = 1.0
+REFRESH_SHARE = 0.25  # of a batch kept for the refresh while one is pending
 
 
 class Embedder:
@@ -73,7 +77,8 @@ class Embedder:
 
     # --- work ------------------------------------------------------------------
     def run_once(self) -> int:
-        """One batch: changed users first, the rest of the batch from the refresh.
+        """One batch: changed users first, the rest of the batch (at least
+        ``REFRESH_SHARE`` of ``embed_claim_max``) from the refresh.
         Returns the users embedded (0: nothing to do)."""
         model = self._model
         room = self.settings.embed_claim_max
@@ -92,7 +97,11 @@ class Embedder:
             if model is self._model:  # just embedded with the newest weights
                 for u in users:
                     self._refresh.pop(u, None)
-            chunk = list(itertools.islice(self._refresh, max(0, room - len(users))))
+            # what the changed users left of the batch, and never less than a share of
+            # it: under a standing backlog of changes a new version still gets its
+            # refresh done and published
+            take = max(room - len(users), math.ceil(REFRESH_SHARE * room))
+            chunk = list(itertools.islice(self._refresh, take))
             for u in chunk:
                 del self._refresh[u]
         if chunk:

@@ -5,7 +5,8 @@
 runs :mod:`userstream.freshness` (produce -> served embedding under load);
 ``bench query`` runs :mod:`userstream.query_bench` (similar-user queries at N
 users); ``bench scale`` runs :mod:`userstream.scale` (a million users through
-the stack). Settings come from the
+the stack); ``bench train`` runs :mod:`model.step_bench` (a live training step
+beside a bare-torch SASRec). Settings come from the
 usual sources (env vars, ``USERSTREAM_CONFIG``), then the cadence options and
 ``--set KEY=VALUE`` override them; the resolved settings go into the report.
 """
@@ -198,6 +199,22 @@ def _cmd_scale(args: Any) -> int:
     return 0 if done and report["within_24gib"] else 1
 
 
+def _cmd_train(args: Any) -> int:
+    from model.step_bench import TrainBenchConfig, run_train_bench
+    from userstream.bench_env import write_report
+
+    report = run_train_bench(resolved_settings(), TrainBenchConfig(**given(args, "train")))
+    write_report(report, Path(args.report) if args.report else None)
+    for k in ("bare_s", "live_next_s", "live_default_s", "sampled_s", "large_full_s",
+              "large_sampled_s", "live_vs_bare_ratio", "live_default_vs_bare_ratio",
+              "step_ratio_100k_vs_10k", "step_ratio_100k_vs_10k_full", "torch_threads",
+              "device"):  # fmt: skip
+        print(f"{k:<30}{report[k]}")
+    if args.report:
+        print(f"report {args.report}")
+    return 0
+
+
 def _add_run(bsub: Any, name: str, help: str, config: type, func: Any) -> None:
     """A benchmark of the running service: its config's fields as options, and --report."""
     sp = bsub.add_parser(name, help=help)
@@ -211,6 +228,7 @@ def add_commands(sub: Any) -> None:
 
     bench = sub.add_parser("bench", help="benchmarks (PROTOCOL.md)")
     bsub = bench.add_subparsers(dest="bench", required=True)
+    from model.step_bench import TrainBenchConfig
     from userstream.freshness import FreshnessConfig
     from userstream.query_bench import QueryConfig
     from userstream.scale import ScaleConfig
@@ -224,6 +242,8 @@ def add_commands(sub: Any) -> None:
              "FAISS", QueryConfig, _cmd_query)  # fmt: skip
     _add_run(bsub, "scale", "a million users and 100k items through the real stack: ingest, "
              "cycles, freshness, RSS, Redis memory", ScaleConfig, _cmd_scale)  # fmt: skip
+    _add_run(bsub, "train", "a live training step beside a bare-torch SASRec step, and at 10k "
+             "vs 100k items (full and sampled softmax)", TrainBenchConfig, _cmd_train)  # fmt: skip
     pq = bsub.add_parser(
         "prequential", help="test-then-train over a data set: ours vs frozen and online baselines"
     )
