@@ -11,8 +11,9 @@ full (``max_len`` behaviors over a catalogue of ``items`` items):
   cross-entropy over tied item rows at every position, AdamW), batches made
   beforehand: the floor for this model on this machine.
 * ``live_next_s``: :meth:`model.trainer.Trainer.learn_many` as the live worker
-  calls it (batches made from behaviors each step) with next-item prediction
-  alone: the same objective as the bare model. ``live_vs_bare_ratio`` is this
+  calls it, on one batch of users per call (the vocabulary pass, the batch made
+  from behaviors, the step), with next-item prediction alone: the same
+  objective as the bare model. ``live_vs_bare_ratio`` is this
   over ``bare_s``.
 * ``live_default_s``: the same with the service's default tasks (cloze,
   next-item, contrastive: three passes); ``live_default_vs_bare_ratio``.
@@ -114,7 +115,10 @@ def _live(settings: ModelSettings, cfg: TrainBenchConfig, n_items: int, **change
     trainer.observe_many(_every_item(n_items, s.max_len))
     users = _users(cfg, n_items, s.max_len)
     trainer.observe_many(users)
-    return _time_steps(lambda: trainer.learn_many(users, 1), cfg)
+    rng = random.Random(cfg.seed)
+    # one step per call on one batch of users, as a cycle whose users fill one
+    # batch: the vocabulary pass, the batch made from behaviors, the step
+    return _time_steps(lambda: trainer.learn_many(rng.sample(users, s.train_batch_size), 1), cfg)
 
 
 def _bare(settings: ModelSettings, cfg: TrainBenchConfig, n_items: int) -> float:
