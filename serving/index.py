@@ -255,6 +255,17 @@ class UserIndex:
         index = self._index
         return 0 if index is None else int(index.ntotal)
 
+    @property
+    def scan_size(self) -> int:
+        """About how many vectors one search compares the query with: all of them
+        (exact), or the lists' centroids and ``nprobe`` average lists (IVF)."""
+        index = self._index
+        if index is None:
+            return 0
+        if isinstance(index, faiss.IndexIVF):
+            return int(index.nlist + index.ntotal * min(index.nprobe, index.nlist) / index.nlist)
+        return int(index.ntotal)
+
     def __contains__(self, num: object) -> bool:
         return isinstance(num, (int, np.integer)) and self.reconstruct(int(num)) is not None
 

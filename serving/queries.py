@@ -106,6 +106,11 @@ def _no_embedding(ctx: ServingContext, user_id: str) -> NoEmbedding:
     return NoEmbedding(user_id, events, None if info is None else info.version)
 
 
+# The most vectors a search on the event loop may compare (~1 ms on one core);
+# a larger exact index is searched in the thread pool, where searches overlap.
+LOOP_SCAN_MAX = 40_000
+
+
 class _NeedsRedis(Exception):
     """Raised by :func:`_similar` where a local-only answer would need Redis."""
 
@@ -117,12 +122,15 @@ def similar_users(
 
     What this replica's index and user table hold answers without Redis; a user
     (or a neighbour) they do not know yet is looked up there. ``local_only``:
-    return None instead of making that round trip or of waiting while an
-    upsert holds the index (the route answers the in-memory case on the event
-    loop and only the rest in its thread pool).
+    return None instead of making that round trip, of waiting while an upsert
+    holds the index, or of a search longer than ``LOOP_SCAN_MAX`` vectors (the
+    route answers the in-memory case on the event loop and only the rest in
+    its thread pool).
     """
     if not ctx.follower.ready.is_set():
         raise IndexNotReady("the similar-user index is still loading; retry shortly")
+    if local_only and ctx.follower.index.scan_size > LOOP_SCAN_MAX:
+        return None
     try:
         return _similar(ctx, user_id, k, local_only)
     except (_NeedsRedis, IndexBusy):  # only ever raised when local_only

@@ -421,9 +421,14 @@ def test_an_embedder_killed_mid_batch_leaves_its_users_stale(tmp_path, keys, sto
     assert seq_store.claimed_count("embed") == 0
 
 
-def test_a_standing_backlog_of_changes_does_not_starve_the_refresh(tmp_path, keys, stores):
-    """Every batch finds the change queue full, yet the new version's refresh gets a
-    share of each batch and its model info is published."""
+def test_a_standing_backlog_of_changes_does_not_starve_the_refresh(tmp_path, keys, stores,
+                                                                   monkeypatch):  # fmt: skip
+    """Every batch finds the change queue full; while the oldest change is recent
+    the changed users keep the whole batch, and once it has waited past
+    BACKLOG_S the new version's refresh gets a share of each batch and its model
+    info is published."""
+    from model.live import embedder as embedder_module
+
     seq_store, emb_store = stores
     s = make_settings(tmp_path, keys, embed_claim_max=8)
     feed = Feed(seq_store, n_users=40)
@@ -436,6 +441,10 @@ def test_a_standing_backlog_of_changes_does_not_starve_the_refresh(tmp_path, key
     info = worker._model_info(tmp_path / "v1.pt")
     worker.embedder.publish(trainer.snapshot(), info, feed.users[:20])
     rounds = 0
+    feed.write(feed.users[20:], per_user=1)
+    worker.embedder.run_once()  # a full batch of recent changes: no backlog yet
+    assert len(worker.embedder._refresh) == 20
+    monkeypatch.setattr(embedder_module, "BACKLOG_S", 0.0)  # every change now "waited long"
     while emb_store.model_info() is None:
         feed.write(feed.users[20:], per_user=1)  # 20 changed users before every batch
         assert seq_store.dirty_count("embed") >= 8

@@ -123,6 +123,12 @@ def test_similar_from_memory_makes_no_redis_call(settings, redis_client, store, 
         assert r.status_code == 200, r.text
         assert [n["user_id"] for n in r.json()["neighbors"]] == ["n1", "n2", "n3"]
         monkeypatch.undo()
+        from serving import queries
+
+        monkeypatch.setattr(queries, "LOOP_SCAN_MAX", 10)  # a long exact search: the pool
+        assert queries.similar_users(ctx, "u0", 3, local_only=True) is None
+        assert c.get("/users/u0/similar", params={"k": 3}).status_code == 200
+        monkeypatch.undo()
 
         index = ctx.follower.index
         held, release, answers = threading.Event(), threading.Event(), []

@@ -299,6 +299,7 @@ def test_an_ivf_index_that_grew_4x_gets_new_lists():
         ix.upsert(ids[start : start + 1_000], vecs[start : start + 1_000])
         ix.wait_switch(60)
     assert ix._index.nlist >= 4 * first  # retrained twice or more on the way
+    assert ix.scan_size < n / 10  # a search compares a small share of the vectors
     assert len(ix) == n
     for i in rng.choice(n, 100, replace=False):  # nothing lost in the swaps
         np.testing.assert_array_equal(ix.reconstruct(int(ids[i])), vecs[i])

@@ -181,7 +181,10 @@ def test_the_embed_queue_is_claimed_on_its_own_oldest_first(store):
     assert store.take_dirty(2, queue="embed") == ["u1", "u3"]  # back in front
     store.release_claimed(["u1", "u3"], queue="embed")
     store.mark_dirty(["u9"], queue="embed")
+    age = store.oldest_change_age_s()
+    assert 0.0 <= age < 60.0  # u2 and u4 changed a moment ago
     assert store.take_dirty(10, queue="embed") == ["u2", "u4", "u9"]
+    assert store.oldest_change_age_s() == 0.0  # nothing waiting
     assert store.dirty_count("embed") == 0
     with pytest.raises(ValueError, match="change queue"):
         store.dirty_count("nope")

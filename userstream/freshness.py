@@ -86,6 +86,14 @@ class Prober(threading.Thread):
         self.sent = 0  # probe events the broker acknowledged
         self.rng = random.Random(seed + (kind == "new"))
 
+    @classmethod
+    def pair(cls, stack: StackRun, store: RedisSequenceStore, bootstrap: str, topic: str,
+             stop: threading.Event, timeout_s: float, pick: Callable[[random.Random], str],
+             seed: int = 0) -> list[Prober]:  # fmt: skip
+        """A prober for new users and one for existing ones (``pick``), in that order."""
+        return [cls(kind, stack, store, bootstrap, topic, stop, timeout_s=timeout_s, pick=pick,
+                    seed=seed) for kind in ("new", "existing")]  # fmt: skip
+
     def run(self) -> None:
         from kafka import KafkaProducer
 
@@ -179,20 +187,9 @@ def run_freshness(
                       seed=cfg.seed)  # fmt: skip
     producer = Producer(bootstrap, settings.events_topic, load, cfg.users, sent)
     stop = threading.Event()
-    probers = [
-        Prober(
-            kind,
-            stack,
-            store,
-            bootstrap,
-            settings.events_topic,
-            stop,
-            timeout_s=cfg.probe_timeout_s,
-            pick=lambda rng: f"s{rng.randrange(cfg.users)}",
-            seed=cfg.seed,
-        )  # fmt: skip
-        for kind in ("new", "existing")
-    ]
+    probers = Prober.pair(stack, store, bootstrap, settings.events_topic, stop,
+                          cfg.probe_timeout_s, lambda rng: f"s{rng.randrange(cfg.users)}",
+                          cfg.seed)  # fmt: skip
     try:
         stack.start()
         LOG.info("freshness: stack up in %.0fs", time.monotonic() - t_start)

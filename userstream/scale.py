@@ -146,20 +146,9 @@ def run_scale(settings: Settings, cfg: ScaleConfig, report_path: Path | None = N
     n_events = round(cfg.passes * cfg.users) * cfg.session
     stop = threading.Event()
     user_ids = gen.user_ids
-    probers = [
-        Prober(
-            kind,
-            stack,
-            store,
-            bootstrap,
-            settings.events_topic,
-            stop,
-            timeout_s=cfg.probe_timeout_s,
-            pick=lambda rng: user_ids[rng.randrange(len(user_ids))],
-            seed=cfg.seed,
-        )  # fmt: skip
-        for kind in ("new", "existing")
-    ]
+    probers = Prober.pair(stack, store, bootstrap, settings.events_topic, stop,
+                          cfg.probe_timeout_s, lambda rng: user_ids[rng.randrange(len(user_ids))],
+                          cfg.seed)  # fmt: skip
     sampler: _Sampler | None = None
     try:
         stack.start()

@@ -13,8 +13,10 @@ goes unembedded.
 The training worker hands over each new version with :meth:`publish`, together
 with the users to re-embed with it (the cycle's users and a round-robin
 refresh of the others). They fill what the changed users leave of each batch,
-and at least a quarter of it (``REFRESH_SHARE``: a standing backlog of changes,
-as in a bulk load, must not starve them), and the version's
+and at least a quarter of it (``REFRESH_SHARE``) once the longest-waiting change
+has waited more than ``BACKLOG_S`` (a standing backlog, as in a bulk load, must
+not starve them; while changes are embedded within that, they keep the whole
+batch), and the version's
 :class:`ModelInfo` is written once they all are: the ``model_version`` the API
 reports is a version whose refresh is done.
 
@@ -39,7 +41,8 @@ __all__ = ["Embedder"]
 LOG = logging.getLogger(__name__)
 
 ERROR_BACKOFF_S = 1.0
-REFRESH_SHARE = 0.25  # of a batch kept for the refresh while one is pending
+REFRESH_SHARE = 0.25  # of a batch kept for a pending refresh under a standing backlog
+BACKLOG_S = 30.0  # a change waiting longer than this: freshness is lost to a backlog anyway
 
 
 class Embedder:
@@ -77,8 +80,8 @@ class Embedder:
 
     # --- work ------------------------------------------------------------------
     def run_once(self) -> int:
-        """One batch: changed users first, the rest of the batch (at least
-        ``REFRESH_SHARE`` of ``embed_claim_max``) from the refresh.
+        """One batch: changed users first, the rest of the batch from the refresh
+        (under a standing backlog at least ``REFRESH_SHARE`` of ``embed_claim_max``).
         Returns the users embedded (0: nothing to do)."""
         model = self._model
         room = self.settings.embed_claim_max
@@ -93,14 +96,18 @@ class Embedder:
                 raise
             self.sequences.release_claimed(users, queue="embed")
             self.embedded_changed += n
+        # while changes are embedded within BACKLOG_S they keep the whole batch
+        backlog = bool(self._refresh) and self.sequences.oldest_change_age_s() > BACKLOG_S
         with self._lock:
             if model is self._model:  # just embedded with the newest weights
                 for u in users:
                     self._refresh.pop(u, None)
-            # what the changed users left of the batch, and never less than a share of
-            # it: under a standing backlog of changes a new version still gets its
-            # refresh done and published
-            take = max(room - len(users), math.ceil(REFRESH_SHARE * room))
+            # what the changed users left of the batch; under a standing backlog
+            # (a bulk load) never less than a share of it, so a new version still
+            # gets its refresh done and published
+            take = room - len(users)
+            if backlog:
+                take = max(take, math.ceil(REFRESH_SHARE * room))
             chunk = list(itertools.islice(self._refresh, take))
             for u in chunk:
                 del self._refresh[u]

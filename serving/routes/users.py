@@ -37,9 +37,9 @@ async def similar(
 ) -> Response:
     """The k most similar other users by inner product of L2-normalized embeddings."""
     try:
-        # what this replica holds in memory is answered on the event loop (a
-        # search is well under a millisecond); what needs Redis goes to the
-        # thread pool, so a slow Redis never stalls the loop
+        # what this replica holds in memory is answered on the event loop when
+        # the search is short (queries.LOOP_SCAN_MAX); what needs Redis, or a
+        # long exact search, goes to the thread pool, so neither stalls the loop
         answer = queries.similar_users(ctx, user_id, k, local_only=True)
         if answer is None:
             answer = await run_in_threadpool(queries.similar_users, ctx, user_id, k)

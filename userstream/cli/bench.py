@@ -167,6 +167,14 @@ def _cmd_freshness(args: Any) -> int:
     return 0 if ok else 1
 
 
+def _print_fields(report: dict, keys: tuple[str, ...], path: str | None) -> None:
+    width = max(len(k) for k in keys) + 2
+    for k in keys:
+        print(f"{k:<{width}}{report.get(k)}")
+    if path:
+        print(f"report {path}")
+
+
 def _cmd_query(args: Any) -> int:
     from userstream.query_bench import QueryConfig, run_query_bench
 
@@ -175,10 +183,7 @@ def _cmd_query(args: Any) -> int:
     keys = ("users", "clients", "index_kind", "p50_ms", "p99_ms", "rps", "p50_ms_1client",
             "p99_ms_1client", "rps_1client", "recall_at_10", "cold_start_s", "snapshot_start_s",
             "write_users_per_s", "rss_mb", "baselines", "ratios")  # fmt: skip
-    for k in keys:
-        print(f"{k:<20}{report.get(k)}")
-    if args.report:
-        print(f"report {args.report}")
+    _print_fields(report, keys, args.report)
     return 0 if report.get("errors", 0) == 0 else 1
 
 
@@ -191,10 +196,7 @@ def _cmd_scale(args: Any) -> int:
             "ingest_events_per_s", "embedded_users", "all_embedded_s", "embed_users_per_s",
             "train_pending", "cycles", "freshness", "rss_mb", "rss_total_max_mb",
             "redis_used_mb", "redis_bytes_per_user", "within_24gib", "plot")  # fmt: skip
-    for k in keys:
-        print(f"{k:<22}{report.get(k)}")
-    if args.report:
-        print(f"report {args.report}")
+    _print_fields(report, keys, args.report)
     done = report["all_embedded_s"] is not None and report["ingested_s"] is not None
     return 0 if done and report["within_24gib"] else 1
 
@@ -205,13 +207,11 @@ def _cmd_train(args: Any) -> int:
 
     report = run_train_bench(resolved_settings(), TrainBenchConfig(**given(args, "train")))
     write_report(report, Path(args.report) if args.report else None)
-    for k in ("bare_s", "live_next_s", "live_default_s", "sampled_s", "large_full_s",
-              "large_sampled_s", "live_vs_bare_ratio", "live_default_vs_bare_ratio",
-              "step_ratio_100k_vs_10k", "step_ratio_100k_vs_10k_full", "torch_threads",
-              "device"):  # fmt: skip
-        print(f"{k:<30}{report[k]}")
-    if args.report:
-        print(f"report {args.report}")
+    keys = ("bare_s", "live_next_s", "live_default_s", "sampled_s", "large_full_s",
+            "large_sampled_s", "live_vs_bare_ratio", "live_default_vs_bare_ratio",
+            "step_ratio_100k_vs_10k", "step_ratio_100k_vs_10k_full", "torch_threads",
+            "device")  # fmt: skip
+    _print_fields(report, keys, args.report)
     return 0
 
 

@@ -214,6 +214,11 @@ class SequenceStore(Protocol):
 
     def dirty_count(self, queue: ChangeQueue = "train") -> int: ...
 
+    def oldest_change_age_s(self) -> float:
+        """Seconds the longest-waiting user of the "embed" queue has waited since it
+        first changed (0.0 when the queue is empty)."""
+        ...
+
     def iter_users(self, batch: int = 1000) -> Iterator[str]:
         """Every user with a sequence (in no promised order)."""
         ...

@@ -40,7 +40,7 @@ class MemorySequenceStore:
         self.max_len = max_len
         self._seqs: dict[str, list[Behavior]] = {}  # insertion order = users set
         # per change queue: changed users (insertion-ordered) and claimed ones
-        self._changed: dict[str, dict[str, None]] = {q: {} for q in CHANGE_QUEUES}
+        self._changed: dict[str, dict[str, float]] = {q: {} for q in CHANGE_QUEUES}  # user: since
         self._claimed: dict[str, set[str]] = {q: set() for q in CHANGE_QUEUES}
         self._items: set[str] = set()
         self._behaviors: dict[str, int] = {}
@@ -71,8 +71,9 @@ class MemorySequenceStore:
             seq.extend(stored_behavior(e) for e in evs)
             if len(seq) > self.max_len:
                 del seq[: len(seq) - self.max_len]
+            now = time.time()
             for changed in self._changed.values():
-                changed[user] = None
+                changed.setdefault(user, now)  # when it first changed, as on Redis
         self._items |= plan.items
         for name, n in plan.behaviors.items():
             self._behaviors[name] = self._behaviors.get(name, 0) + n
@@ -125,7 +126,7 @@ class MemorySequenceStore:
     def requeue_claimed(self, queue: ChangeQueue = "train") -> int:
         changed, claimed = self._queue(queue)
         n = len(claimed)
-        back = dict.fromkeys(sorted(claimed))  # in front, as Redis gives them score 0
+        back = dict.fromkeys(sorted(claimed), 0.0)  # in front, as Redis gives them score 0
         back.update(changed)
         changed.clear()
         changed.update(back)
@@ -139,12 +140,16 @@ class MemorySequenceStore:
         return sorted(self._queue(queue)[0])
 
     def mark_dirty(self, user_ids: Iterable[str], queue: ChangeQueue = "train") -> None:
-        changed = self._queue(queue)[0]
+        changed, now = self._queue(queue)[0], time.time()
         for u in user_ids:
-            changed[u] = None
+            changed.setdefault(u, now)
 
     def dirty_count(self, queue: ChangeQueue = "train") -> int:
         return len(self._queue(queue)[0])
+
+    def oldest_change_age_s(self) -> float:
+        changed = self._changed["embed"]
+        return max(0.0, time.time() - min(changed.values())) if changed else 0.0
 
     def _queue(self, queue: str) -> tuple[dict[str, None], set[str]]:
         if queue not in self._changed:

@@ -255,6 +255,10 @@ class RedisSequenceStore:
         changed = self.keys.changed(queue)[0]
         return int(self.r.zcard(changed) if queue == "embed" else self.r.scard(changed))
 
+    def oldest_change_age_s(self) -> float:
+        oldest = self.r.zrange(self.keys.changed("embed")[0], 0, 0, withscores=True)
+        return max(0.0, time.time() - oldest[0][1]) if oldest else 0.0
+
     def iter_users(self, batch: int = 1000) -> Iterator[str]:
         yield from self.r.sscan_iter(self.keys.users, count=batch)
 
