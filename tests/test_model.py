@@ -407,6 +407,7 @@ def test_each_loss_decreases_on_a_planted_problem(task, factor):
     assert np.isfinite(initial) and final < initial * factor, (initial, final)
 
 
+@torch.no_grad()
 def test_sampled_softmax_estimates_the_full_one_and_falls_back_on_small_catalogues():
     torch.manual_seed(0)
     enc = tiny_encoder(n_items=4096)
