@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from stream.generator import ClickstreamGenerator
 from stream.replay import produce_events
-from userstream.bench_env import BenchRedis, child_env, exit_on_sigterm, rss_mb, write_report
+from userstream.bench_env import BenchRedis, child_env, exit_on_sigterm, write_report
 from userstream.freshness import Prober, cycle_times
 from userstream.settings import Settings
 from userstream.soak import StackRun
@@ -111,16 +111,7 @@ class _Sampler(threading.Thread):
         return self.sequences.dirty_count(queue) + self.sequences.claimed_count(queue)
 
     def rss(self) -> dict[str, float]:
-        out = {}
-        for name, child in self.stack.state().get("children", {}).items():
-            mb = rss_mb(child.get("pid"))
-            if mb is not None:
-                out[name] = mb
-        if self.redis.own is not None and (mb := rss_mb(self.redis.own.pid)) is not None:
-            out["redis"] = mb
-        if self.stack.proc is not None and (mb := rss_mb(self.stack.proc.pid)) is not None:
-            out["supervisor"] = mb
-        return out
+        return {k: v for k, v in self.stack.rss_mb(self.redis.own).items() if v is not None}
 
 
 def _events(gen: ClickstreamGenerator, cfg: ScaleConfig, start_ts: float) -> Iterator[dict]:

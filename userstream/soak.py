@@ -148,6 +148,16 @@ class StackRun:
         for n, c in self.state().get("children", {}).items():
             self.restarts[n] += int(c.get("restarts", 0))
 
+    def rss_mb(self, own_redis: subprocess.Popen | None = None) -> dict[str, float | None]:
+        """Resident MiB of every child of the stack, of ``own_redis`` (as "redis")
+        and of the supervisor; None for one not running."""
+        out = {name: rss_mb(child.get("pid"))
+               for name, child in self.state().get("children", {}).items()}  # fmt: skip
+        if own_redis is not None:
+            out["redis"] = rss_mb(own_redis.pid)
+        out["supervisor"] = rss_mb(self.proc.pid if self.proc else None)
+        return out
+
     def all_up(self) -> bool:
         children = self.state().get("children", {})
         return bool(children) and all(c.get("up") for c in children.values())
@@ -327,11 +337,8 @@ def _settle(stack: StackRun, store: RedisSequenceStore, timeout_s: float) -> flo
 
 
 def _sample_rss(stack, own_redis, rss, when: str) -> None:
-    for name, child in stack.state().get("children", {}).items():
-        rss[name][when] = rss_mb(child.get("pid"))
-    if own_redis is not None:
-        rss["redis"][when] = rss_mb(own_redis.pid)
-    rss["supervisor"][when] = rss_mb(stack.proc.pid if stack.proc else None)
+    for name, mb in stack.rss_mb(own_redis).items():
+        rss[name][when] = mb
 
 
 def _report(cfg, settings, store, sent, stack, faults, rss, waits, users, drained, settled,
