@@ -6,6 +6,12 @@ the newest one. Both are written to a temporary name, fsynced and
 ``os.replace``d (atomic on POSIX), so a reader never sees a half-written file.
 :func:`read_checkpoint` checks the format, and everything that loads one (the
 trainer, the API's ranking model, ``userstream export``) goes through it.
+
+Formats: 2 (written since item expiry) adds to the item vocabulary each slot's
+last-seen event time, free slots (None in ``items``), the stream clock and the
+expiry counters. A reader of format 1 would take a free slot for an item named
+"None", so format 1 code refuses these files; format 1 files are still read
+(their items get an unknown last-seen time, stamped at the first expiry).
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ __all__ = ["FORMAT", "Checkpoint", "latest_checkpoint", "read_checkpoint", "writ
 
 LOG = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
+READABLE = (1, 2)  # formats read_checkpoint accepts (see the module docstring)
 _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
 
 
@@ -116,9 +123,12 @@ def _prune(folder: Path, keep: int, keep_name: str) -> None:
 def read_checkpoint(path: Path | str) -> Checkpoint:
     """Load one checkpoint file (on the CPU); a file of another format is an error."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if not isinstance(payload, dict) or payload.get("format") not in READABLE:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(f"{path}: not a userstream checkpoint of format {FORMAT} ({found!r})")
+        raise ValueError(
+            f"{path}: not a userstream checkpoint of format {' or '.join(map(str, READABLE))} "
+            f"({found!r})"
+        )
     return Checkpoint(
         version=int(payload["version"]),
         config=EncoderConfig(**payload["config"]),

@@ -308,6 +308,26 @@ class SequenceEncoder(nn.Module):
         n_old = self.item_emb.num_embeddings
         if new_capacity <= n_old:
             raise ValueError(f"new_capacity={new_capacity} must exceed {n_old}")
+        pairs = self._replace_item_tables(new_capacity, torch.arange(n_old))
+        LOG.info("item table grown %d -> %d rows", n_old, new_capacity)
+        return pairs
+
+    @torch.no_grad()
+    def remap_items(
+        self, rows: torch.Tensor, new_capacity: int
+    ) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """New item table(s) of ``new_capacity`` rows whose row j is old row
+        ``rows[j]`` (``rows`` (n,) long, n <= new_capacity); the rest are
+        initialized like new rows. Compaction after expiry; pairs as :meth:`grow_items`."""
+        n_old = self.item_emb.num_embeddings
+        pairs = self._replace_item_tables(new_capacity, rows)
+        LOG.info("item table remapped: %d of %d rows kept, %d rows now", len(rows), n_old,
+                 new_capacity)  # fmt: skip
+        return pairs
+
+    def _replace_item_tables(
+        self, new_capacity: int, rows: torch.Tensor
+    ) -> list[tuple[nn.Parameter, nn.Parameter]]:
         pairs = []
         for name in ("item_emb", "profile_emb"):
             old = getattr(self, name)
@@ -321,12 +341,23 @@ class SequenceEncoder(nn.Module):
                 dtype=old.weight.dtype,
             )
             nn.init.normal_(new.weight, std=0.02)
-            new.weight[:n_old].copy_(old.weight)  # (n_old, H) learned rows
+            new.weight[: len(rows)].copy_(old.weight[rows.to(old.weight.device)])  # (n, H)
             setattr(self, name, new)
             pairs.append((old.weight, new.weight))
         self.config = dataclasses.replace(self.config, n_items=new_capacity)
-        LOG.info("item table grown %d -> %d rows", n_old, new_capacity)
         return pairs
+
+    @torch.no_grad()
+    def reset_item_rows(self, rows: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Initialize item rows ``rows`` (n,) again, as a new row is (N(0, 0.02)),
+        in every item table: a freed row given to a new item keeps nothing of
+        the old one. ``generator`` (CPU) makes it reproducible."""
+        for table in (self.item_emb, self.profile_emb):
+            if table is None:
+                continue
+            w = table.weight
+            fresh = torch.randn((len(rows), w.shape[1]), generator=generator) * 0.02  # (n, H)
+            w[rows.to(w.device)] = fresh.to(device=w.device, dtype=w.dtype)
 
 
 def _tied_logits(table: torch.Tensor, h: torch.Tensor, n_valid: int | None) -> torch.Tensor:

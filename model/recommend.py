@@ -3,7 +3,8 @@
 The query is the causal state of the LAST slot (the most recent behavior), the
 same state :func:`model.tasks.next_item_loss` trains to predict what comes next.
 Scores are inner products with the item table, restricted to the catalogue
-(admitted items; PAD, MASK and hash buckets are never recommended).
+(admitted items; PAD, MASK and hash buckets are never recommended, nor the free
+rows of expired items, which score -inf).
 """
 
 from __future__ import annotations
@@ -48,11 +49,16 @@ def catalogue_rows(items: ItemVocab) -> tuple[int, int]:
 
 @torch.inference_mode()
 def next_item_scores(encoder: SequenceEncoder, batch: Batch, items: ItemVocab) -> torch.Tensor:
-    """(B, T) left-padded batch -> (B, N) scores of the N catalogue items."""
+    """(B, T) left-padded batch -> (B, N) scores of the N catalogue rows; a free
+    row (an expired item's, not reused yet) scores -inf."""
     encoder.eval()
     h = encoder(batch.items, batch.behaviors, batch.gaps, causal=True)[:, -1]  # (B, H)
     first, stop = catalogue_rows(items)
-    return h @ encoder.item_emb.weight[first:stop].T  # (B, N)
+    scores = h @ encoder.item_emb.weight[first:stop].T  # (B, N)
+    free = items.free_rows()
+    if len(free):
+        scores[:, torch.from_numpy(free - first).to(scores.device)] = float("-inf")
+    return scores
 
 
 @torch.inference_mode()

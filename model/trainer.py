@@ -4,7 +4,10 @@
 vocabularies and a version counter, all configured by one
 :class:`~userstream.settings.ModelSettings` (live and offline alike).
 ``learn_many`` takes a few optimizer steps on minibatches of the sequences it
-is given (growing the item table first when new items were admitted); ``step``
+is given (growing the item table first when new items were admitted);
+``expire_items`` and ``compact_items`` free the rows of items unseen for
+``item_ttl_s`` and shrink the table when most of it is free (the live worker's
+cycle calls them; :mod:`model.vocab` says how rows are reused); ``step``
 is the one optimizer step every training loop takes; ``embed_many`` turns
 sequences into L2-normalized user embeddings; ``save`` / ``load`` write and
 restore everything a restarted worker needs (:mod:`model.checkpoint`).
@@ -41,6 +44,10 @@ INITIAL_ITEM_ROWS = 1024  # first allocation of the item table (grows on demand)
 N_BEHAVIORS = 64  # behavior-type table rows (PAD, unknown, 62 names)
 N_GAP_BUCKETS = 32  # log2 seconds: up to ~2**28 s between behaviors
 GRAD_CLIP = 1.0
+# compact_items runs when free rows exceed this many times the live items (and at
+# least COMPACT_MIN_FREE): under steady churn free rows are reused, not compacted
+COMPACT_FREE_RATIO = 2.0
+COMPACT_MIN_FREE = 1024
 # learning-rate multiplier of the profile table (EncoderConfig.profile_items): a
 # linear softmax model trained by the item-bag task alone is far from converged at
 # the encoder's rate within a profile run (docs/architecture.md, "Profiles")
@@ -79,21 +86,43 @@ def _param_groups(encoder: SequenceEncoder, lr: float) -> list[dict[str, Any]]:
     return groups
 
 
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
 def _swap_optimizer_param(
-    optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter
+    optimizer: torch.optim.Optimizer,
+    old: nn.Parameter,
+    new: nn.Parameter,
+    rows: torch.Tensor | None = None,
 ) -> None:
-    """Point the optimizer at ``new`` and zero-extend Adam moments to its shape."""
+    """Point the optimizer at ``new`` and zero-extend Adam moments to its shape;
+    with ``rows`` (n,), new row j takes the moments of old row ``rows[j]``."""
     for group in optimizer.param_groups:
         group["params"] = [new if p is old else p for p in group["params"]]
     state = optimizer.state.pop(old, None)
     if not state:
         return
-    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+    for key in _MOMENTS:
         if key in state:
-            grown = torch.zeros_like(new)  # (n_new, H)
-            grown[: state[key].shape[0]] = state[key]  # learned rows keep their moments
-            state[key] = grown
+            moved = torch.zeros_like(new)  # (n_new, H)
+            if rows is None:
+                moved[: state[key].shape[0]] = state[key]  # learned rows keep their moments
+            else:
+                moved[: len(rows)] = state[key][rows.to(moved.device)]
+            state[key] = moved
     optimizer.state[new] = state
+
+
+def _reset_optimizer_rows(
+    optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], rows: torch.Tensor
+) -> None:
+    """Zero the Adam moments of ``rows`` of ``params``: a reused row starts as a
+    new one does (the shared step count stays: it is per tensor, not per row)."""
+    for p in params:
+        state = optimizer.state.get(p)
+        for key in _MOMENTS:
+            if state and key in state:
+                state[key][rows.to(state[key].device)] = 0.0
 
 
 def encoder_config(settings: ModelSettings, n_items: int) -> EncoderConfig:
@@ -161,6 +190,7 @@ class Trainer:
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.items = ItemVocab(settings.item_min_count, settings.item_capacity_max)
+        self._set_expiry_policy()
         self.behaviors = BehaviorVocab(N_BEHAVIORS)
         if config is None:
             config = encoder_config(settings, min(INITIAL_ITEM_ROWS, self.items.max_rows))
@@ -182,21 +212,83 @@ class Trainer:
     def config(self) -> EncoderConfig:
         return self.encoder.config
 
+    def _set_expiry_policy(self) -> None:
+        """The vocabulary's TTL and live cap come from the settings of this run,
+        not from a checkpoint (a restart with a new ITEM_TTL_S applies it)."""
+        self.items.ttl_s = self.settings.item_ttl_s or None
+        self.items.live_max = self.settings.item_live_max or None
+
     # --- learning --------------------------------------------------------------
     def observe_many(self, sequences: Sequence[Sequence[Behavior]]) -> int:
         """Count the items and behaviors the encoder will read (the most recent
-        ``max_len`` of each sequence), admit items, and grow the item table with
-        headroom when admitted items outgrow it. Learned rows and their AdamW
-        moments are kept; new rows start with zero moments. Returns # admitted."""
+        ``max_len`` of each sequence) with their event times, admit items, and
+        grow the item table with headroom when admitted items outgrow it.
+        Learned rows and their AdamW moments are kept; new rows start with zero
+        moments, and so do free rows handed to new items, re-initialized first.
+        Returns # admitted."""
         T = self.config.max_len
-        admitted = self.items.observe_many(b.item_id for s in sequences for b in s[-T:])
-        self.behaviors.observe_many(b.behavior for s in sequences for b in s[-T:])
+        recent = [b for s in sequences for b in s[-T:]]
+        admitted = self.items.observe_many([b.item_id for b in recent], [b.ts for b in recent])
+        self.behaviors.observe_many(b.behavior for b in recent)
         needed, current = len(self.items), self.config.n_items
         if needed > current:
             new_capacity = _grown_capacity(needed, current, self.items.max_rows)
             for old, new in self.encoder.grow_items(new_capacity):
                 _swap_optimizer_param(self.optimizer, old, new)
+        reused = self.items.take_reused()
+        if reused:
+            rows = torch.tensor(reused, dtype=torch.long)
+            self.encoder.reset_item_rows(rows, self.generator)
+            tables = [t.weight for t in (self.encoder.item_emb, self.encoder.profile_emb)
+                      if t is not None]  # fmt: skip
+            _reset_optimizer_rows(self.optimizer, tables, rows)
         return admitted
+
+    def expire_items(self) -> int:
+        """Free the rows of items unseen for ``item_ttl_s`` (event time) and of the
+        least recently seen beyond ``item_live_max`` (:meth:`ItemVocab.expire`);
+        returns how many. Their ids map to hash buckets from now on; the rows are
+        re-initialized when a new item takes them (:meth:`observe_many`)."""
+        return len(self.items.expire())
+
+    def compact_items(self, force: bool = False) -> bool:
+        """When most of the item table is free (free rows > ``COMPACT_FREE_RATIO``
+        x live items, and at least ``COMPACT_MIN_FREE``), or with ``force``: move
+        the live rows down over the free ones (weights and AdamW moments with
+        them) and shrink the table to the rows in use plus growth headroom, so
+        memory and checkpoints follow the live items, not their peak. Returns
+        whether it ran. Rows move: the snapshot and checkpoint after it carry
+        the new map, and nothing else keeps rows across calls."""
+        v = self.items
+        free, live = v.num_free, v.num_admitted
+        many = free > COMPACT_FREE_RATIO * live and free >= COMPACT_MIN_FREE
+        if not free or not (force or many):
+            return False
+        t0 = time.perf_counter()
+        n_old = self.config.n_items
+        kept = torch.from_numpy(v.compact())  # (live,) old rows, in their new order
+        rows = torch.cat([torch.arange(v.first_item_row), kept])  # (first + live,)
+        # the next power of two over the rows in use, at least the first allocation
+        fitted = max(_grown_capacity(len(v), 0, v.max_rows), min(INITIAL_ITEM_ROWS, v.max_rows))
+        capacity = min(n_old, fitted)  # >= len(v): both are
+        for old, new in self.encoder.remap_items(rows, capacity):
+            _swap_optimizer_param(self.optimizer, old, new, rows)
+        LOG.info("item table compacted in %.3fs: %d free rows dropped, %d -> %d rows",
+                 time.perf_counter() - t0, free, n_old, capacity)  # fmt: skip
+        return True
+
+    def item_stats(self) -> dict[str, int]:
+        """What operators watch of the item table: items with a row now
+        ("items_live"), free rows, rows allocated, items expired and free rows
+        reused since the start of the run's checkpoints."""
+        v = self.items
+        return {
+            "items_live": v.num_admitted,
+            "item_rows_free": v.num_free,
+            "item_rows": self.config.n_items,
+            "items_expired_total": v.expired_total,
+            "item_rows_reused_total": v.reused_total,
+        }
 
     def learn_many(
         self,
@@ -324,6 +416,7 @@ class Trainer:
         for group in trainer.optimizer.param_groups:
             group["lr"] = settings.learning_rate * group.get("lr_scale", 1.0)
         trainer.items, trainer.behaviors = ckpt.vocabularies()
+        trainer._set_expiry_policy()
         if ckpt.generator is not None:
             trainer.generator.set_state(ckpt.generator)
         trainer.version = ckpt.version

@@ -87,6 +87,25 @@ class ModelSettings(BaseModel):
     item_capacity_max: int = Field(
         2_000_000, ge=16, description="hard cap on item rows; later items share hash buckets"
     )
+    # Expiry (model.vocab, Monolith-style), run by the live training worker's cycle
+    # only: offline training never expires. The default, 30 days of EVENT time
+    # (the stream's, not the wall clock), bounds the live table by the items seen in
+    # the last month, and keeps weekly and monthly regulars (weekend, pay-day items)
+    # whose rows a shorter TTL would throw away and relearn; a row unseen for a month
+    # got no input or target gradient for a month, so little of what it learned is
+    # current. Items that churn faster than that are freed well within it.
+    item_ttl_s: float = Field(
+        30 * 86_400.0,
+        ge=0,
+        description="seconds of event time an item may go unseen before its row is freed "
+        "and reused (0: never; live worker only)",
+    )
+    item_live_max: int = Field(
+        0,
+        ge=0,
+        description="most items with a row of their own; each cycle frees the least "
+        "recently seen beyond it (0: no cap but item_capacity_max; live worker only)",
+    )
 
     # --- tasks (a weight of 0 turns a task off) ---------------------------------
     mlm_weight: float = Field(1.0, ge=0, description="masked behavior modeling (cloze)")

@@ -106,8 +106,8 @@ def add_commands(sub: Any) -> None:
     tp.add_argument("--no-progress", action="store_true")
     derived = dict.fromkeys(DERIVABLE, "default: derived from the sequence lengths")
     add_fields(tp.add_argument_group("the learner (ModelSettings)"), ModelSettings, "model",
-               skip=("item_min_count",), defaults=OfflineConfig().model,
-               default_notes=derived)  # fmt: skip
+               skip=("item_min_count", "item_ttl_s", "item_live_max"),  # live worker only
+               defaults=OfflineConfig().model, default_notes=derived)  # fmt: skip
     add_fields(tp.add_argument_group("the run (OfflineConfig)"), OfflineConfig, "run")
     tp.set_defaults(func=_cmd_train)
 
