@@ -9,8 +9,13 @@ One cycle (:meth:`TrainingWorker.run_cycle`):
 3. feed the cycle's loss to the :class:`~model.live.drift.DriftMonitor` (ADWIN): a
    significant rise is a drift, counted and answered by a catch-up cycle
    (``catchup_factor`` x the usual steps) next time;
-4. write a versioned checkpoint (with the reservoir and the drift count);
-5. hand the new weights to the :class:`~model.live.embedder.Embedder` with the
+4. expire items unseen for ``item_ttl_s`` of event time (and the least recently
+   seen beyond ``item_live_max``): their rows are freed for the next new items
+   (:meth:`Trainer.expire_items`), and the table is compacted when most of it
+   is free (:meth:`Trainer.compact_items`), so an endless stream of new items
+   keeps memory and checkpoints bounded;
+5. write a versioned checkpoint (with the reservoir and the drift count);
+6. hand the new weights to the :class:`~model.live.embedder.Embedder` with the
    users to re-embed (the cycle's users plus up to ``refresh_budget`` others,
    round robin over all users), and trim the update feed to what live followers
    still need. The embedder publishes the model info once they are written.
@@ -56,7 +61,7 @@ from userstream.stores import (
     RedisEmbeddingStore,
     RedisSequenceStore,
     SequenceStore,
-    connect,
+    connect_settings,
 )
 from userstream.types import Keys
 
@@ -82,6 +87,13 @@ class CycleReport:
     embed_s: float
     total_s: float
     checkpoint: str = ""
+    # the item table after the cycle (Trainer.item_stats): items with a row of their
+    # own, free rows, rows allocated; items expired by this cycle and ever
+    items_live: int = 0
+    item_rows_free: int = 0
+    item_rows: int = 0
+    items_expired: int = 0
+    items_expired_total: int = 0
 
     @property
     def ran(self) -> bool:
@@ -178,6 +190,8 @@ class TrainingWorker:
             [q for _, q in kept] + replay_seqs, steps=steps, should_stop=self._stopping
         )
         self.drift.update("loss", stats["loss"])
+        expired = self.trainer.expire_items()
+        self.trainer.compact_items()
         path = self.trainer.save(
             s.checkpoint_dir,
             keep=s.keep_checkpoints,
@@ -208,12 +222,16 @@ class TrainingWorker:
             embed_s=embed_s,
             total_s=time.perf_counter() - t0,
             checkpoint=str(path),
+            items_expired=expired,
+            **self._item_counts(),
         )
         LOG.info(
             "cycle v%d: %d dirty + %d replay users, loss %.4f, train %.2fs, total %.2fs; "
-            "%d users to re-embed with it",
+            "%d users to re-embed with it; items: %d live, %d expired (%d ever), %d rows free "
+            "of %d",
             version, report.dirty_users, report.replay_users, report.loss, train_s,
-            report.total_s, n,
+            report.total_s, n, report.items_live, expired, report.items_expired_total,
+            report.item_rows_free, report.item_rows,
         )  # fmt: skip
         return report
 
@@ -229,8 +247,14 @@ class TrainingWorker:
             floor = max(floor, min(live))
         self.embeddings.trim_feed("{}-{}".format(*floor))
 
+    def _item_counts(self) -> dict[str, int]:
+        st = self.trainer.item_stats()
+        return {k: st[k] for k in ("items_live", "item_rows_free", "item_rows",
+                                   "items_expired_total")}  # fmt: skip
+
     def _idle_report(self) -> CycleReport:
-        return CycleReport(self.trainer.version, 0, 0, 0, self.trainer.last_loss, 0.0, 0.0, 0.0)
+        return CycleReport(self.trainer.version, 0, 0, 0, self.trainer.last_loss, 0.0, 0.0, 0.0,
+                           **self._item_counts())  # fmt: skip
 
     def _refresh_users(self, budget: int, exclude: set[str]) -> list[str]:
         """Up to ``budget`` users not in ``exclude``, continuing a round robin over
@@ -311,9 +335,9 @@ def main(settings: Settings | None = None) -> None:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     # a hung Redis must fail a cycle (its claims are put back), not hang it forever
-    client = connect(settings.effective_redis_url, socket_timeout=REDIS_TIMEOUT_S,
+    client = connect_settings(settings, socket_timeout=REDIS_TIMEOUT_S,
                      socket_connect_timeout=REDIS_TIMEOUT_S)  # fmt: skip
-    keys = Keys(settings.redis_prefix)
+    keys = Keys.of_settings(settings)
     sequences = RedisSequenceStore(client, keys, settings.sequence_length)
     embeddings = RedisEmbeddingStore(client, keys, settings.update_feed_maxlen)
     worker = TrainingWorker(settings, sequences, embeddings, load_trainer(settings))
