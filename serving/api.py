@@ -26,7 +26,8 @@ from serving.metrics import RequestMetricsMiddleware, ServingMetrics
 from serving.recommender import Recommender
 from serving.routes import api_router
 from userstream.settings import Settings
-from userstream.stores import RedisEmbeddingStore, RedisSequenceStore, connect
+from userstream.stores import RedisEmbeddingStore, RedisSequenceStore, connect_settings
+from userstream.stores.client import is_cluster
 from userstream.types import Keys
 
 __all__ = ["OPS_TIMEOUT_S", "create_app", "fail_fast_client", "serve"]
@@ -70,6 +71,16 @@ def fail_fast_client(client: redis.Redis, timeout_s: float = OPS_TIMEOUT_S) -> r
     A pool of its own: a connection stuck on the main client's timeout never
     delays it, and its timeouts never shorten the main client's.
     """
+    if is_cluster(client):
+        from redis.cluster import RedisCluster
+
+        enc = client.get_encoder()
+        return RedisCluster(  # type: ignore[return-value]
+            startup_nodes=list(client.nodes_manager.startup_nodes.values()),
+            decode_responses=enc.decode_responses, encoding=enc.encoding,
+            encoding_errors=enc.encoding_errors, socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0),
+        )  # fmt: skip
     pool = client.connection_pool
     kwargs = {k: v for k, v in pool.connection_kwargs.items() if k not in _POOL_OWNED}
     connect_timeout = kwargs.get("socket_connect_timeout") or timeout_s
@@ -98,14 +109,14 @@ def create_app(
     drive ``app.state.ctx.follower.sync_once()`` themselves.
     """
     own_client = redis_client is None
-    client = redis_client or connect(
-        settings.effective_redis_url,
+    client = redis_client or connect_settings(
+        settings,
         socket_connect_timeout=_REDIS_CONNECT_TIMEOUT_S,
         socket_timeout=_REDIS_SOCKET_TIMEOUT_S,
         health_check_interval=30,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), _REDIS_RETRIES),
     )
-    keys = Keys(settings.redis_prefix)
+    keys = Keys.of_settings(settings)
     embeddings = RedisEmbeddingStore(client, keys, feed_maxlen=settings.update_feed_maxlen)
     sequences = RedisSequenceStore(client, keys, max_len=settings.sequence_length)
     follower = IndexFollower(

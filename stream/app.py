@@ -30,7 +30,7 @@ from stream.agents import EXIT_LOG_CHANGED, attach_ingest_agent, die
 from stream.logs import LogChanged, LogGuard
 from stream.topics import LogIds, ensure_topics_async
 from userstream.settings import Settings
-from userstream.stores import RedisSequenceStore, connect
+from userstream.stores import RedisSequenceStore, connect_settings
 from userstream.types import Keys
 
 __all__ = ["create_app", "read_ready", "ready_field", "ready_key", "run_worker"]
@@ -77,8 +77,8 @@ def create_app(settings: Settings) -> faust.App:
         broker_session_timeout=10.0,
         stream_buffer_maxsize=max(4096, 2 * settings.stream_batch_max),
     )
-    client = connect(settings.effective_redis_url)
-    store = RedisSequenceStore(client, Keys(settings.redis_prefix), settings.sequence_length)
+    client = connect_settings(settings)
+    store = RedisSequenceStore(client, Keys.of_settings(settings), settings.sequence_length)
     guard = LogGuard(store, settings.events_topic, LogIds(settings.effective_kafka))
     attach_ingest_agent(app, settings, store, guard)
     key, field = ready_key(settings), ready_field()

@@ -22,21 +22,28 @@ from userstream.stores import (
     SequenceStore,
     plan_batch,
 )
-from userstream.types import Behavior, Event
+from userstream.types import Behavior, Event, Keys
 
 T = "behavior-events"
-KINDS = ["redis", "memory"]
+# "redis-sharded": the per-user state over 4 shards (as on a Redis Cluster, whose
+# own test is tests/test_redis_cluster.py)
+KINDS = ["redis", "redis-sharded", "memory"]
 
 
 def e(user: str, item: str, ts: float, behavior: str = "view") -> Event:
     return Event(user, item, behavior, ts)
 
 
+def kind_keys(kind: str, request) -> Keys:
+    keys = request.getfixturevalue("keys")
+    return Keys(keys.prefix, 4) if kind == "redis-sharded" else keys
+
+
 def make_sequences(kind: str, request, max_len: int) -> SequenceStore:
     if kind == "memory":
         return MemorySequenceStore(max_len)
     return RedisSequenceStore(
-        request.getfixturevalue("redis_client"), request.getfixturevalue("keys"), max_len
+        request.getfixturevalue("redis_client"), kind_keys(kind, request), max_len
     )
 
 
@@ -44,13 +51,13 @@ def make_embeddings(kind: str, request, feed_maxlen: int = 1000) -> EmbeddingSto
     if kind == "memory":
         return MemoryEmbeddingStore(feed_maxlen)
     return RedisEmbeddingStore(
-        request.getfixturevalue("redis_client"), request.getfixturevalue("keys"), feed_maxlen
+        request.getfixturevalue("redis_client"), kind_keys(kind, request), feed_maxlen
     )
 
 
 @pytest.fixture(params=KINDS)
 def kind(request):
-    if request.param == "redis":
+    if request.param != "memory":
         request.applymarker(pytest.mark.integration)
     return request.param
 
@@ -115,13 +122,75 @@ def test_redelivered_batch_has_exactly_once_effect(store):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("shards", [1, 4])
+def test_a_batch_cut_short_by_a_crash_is_applied_once_when_redelivered(
+    redis_client, keys, shards, monkeypatch
+):
+    """A large batch is several Lua calls (chunks cut at message boundaries); a
+    crash after some of them leaves each shard at "everything up to its offset",
+    so the redelivered batch applies exactly the rest."""
+    from userstream.stores import client as client_module
+    from userstream.stores import redis_sequences
+
+    monkeypatch.setattr(redis_sequences, "CHUNK_EVENTS", 40)
+    keys = Keys(keys.prefix, shards)
+    store, memory = RedisSequenceStore(redis_client, keys, 50), MemorySequenceStore(50)
+    # messages of 1-3 events (one offset each) over two partitions, 30 users
+    batch, rng = [], random.Random(3)
+    for offset in range(200):
+        for k in range(rng.randrange(1, 4)):
+            batch.append((offset % 2, offset, e(f"u{rng.randrange(30)}", f"i{offset}-{k}",
+                                                 offset + k / 10)))  # fmt: skip
+    real_run = client_module.Scripts.run
+
+    def crash_after_three(self, calls):
+        real_run(self, calls[:3])
+        raise ConnectionError("killed mid-batch")
+
+    monkeypatch.setattr(client_module.Scripts, "run", crash_after_three)
+    with pytest.raises(ConnectionError):
+        store.apply_many(T, batch)
+    assert 0 < store.counters()["events_ingested"] < len(batch)
+    monkeypatch.setattr(client_module.Scripts, "run", real_run)
+    again = store.apply_many(T, batch)
+    assert again.applied + again.skipped == len(batch)
+    memory.apply_many(T, batch)
+    users = sorted(memory.iter_users())
+    assert sorted(store.iter_users()) == users
+    assert store.read_many(users) == memory.read_many(users)
+    assert store.counters()["events_ingested"] == len(batch)
+    assert store.applied_offsets(T) == {0: 198, 1: 199}
+
+
+@pytest.mark.integration
+def test_offsets_moved_by_another_writer_are_re_read_not_overwritten(redis_client, keys):
+    """Each Lua call advances offsets only from the value this writer read
+    (compare-and-set): a writer that read stale offsets re-reads them and skips
+    what the other writer applied, instead of applying it a second time."""
+    store, other = (
+        RedisSequenceStore(redis_client, keys, 10),
+        RedisSequenceStore(redis_client, keys, 10),
+    )
+    first = [(0, i, e("u1", f"i{i}", float(i))) for i in range(5)]
+    stale = store._shard_offsets(T)  # read before the other writer applies the batch
+    other.apply_many(T, first)
+    reads = iter([stale])
+    real = store._shard_offsets
+    store._shard_offsets = lambda topic: next(reads, None) or real(topic)
+    result = store.apply_many(T, first + [(0, 5, e("u1", "i5", 5.0))])
+    assert (result.applied, result.skipped) == (1, 5)
+    assert [b.item_id for b in store.read_many(["u1"])[0]] == [f"i{i}" for i in range(6)]
+    assert store.counters()["events_ingested"] == 6
+
+
+@pytest.mark.integration
 def test_redis_behavior_counts_are_applied_once(redis_client, keys):
     """Redis also keeps a count per behavior name; a redelivery does not add to it."""
     store, r = RedisSequenceStore(redis_client, keys, 3), redis_client
     batch = [(0, i, e("u1", f"i{i}", float(i))) for i in range(4)]
     store.apply_many(T, batch)
     store.apply_many(T, batch)
-    assert r.hgetall(keys.behaviors) == {"view": "4"}
+    assert store.behavior_counts() == {"view": 4}
 
 
 def test_dead_letters_count_and_advance_offsets(store):
@@ -384,3 +453,28 @@ def test_followers_report_and_the_feed_trims_what_all_applied(emb):
     assert emb.trim_feed(feed[4].stream_id) == 0
     emb.forget_follower("api-b")
     assert set(emb.followers()) == {"api-a"}
+
+
+@pytest.mark.integration
+def test_behavior_names_past_the_record_limit_are_stored_as_other(redis_client, keys, monkeypatch):
+    """A record numbers behavior names in one byte: past the limit a new name is
+    stored as "other" (warned, counted), never an error that stops ingest; the
+    per-name counts keep the real name."""
+    from userstream.stores import redis_sequences
+
+    monkeypatch.setattr(redis_sequences, "BEHAVIOR_LIMIT", 2)
+    store = RedisSequenceStore(redis_client, keys, 10)
+    batch = [(0, i, e("u1", f"i{i}", float(i), behavior=b))
+             for i, b in enumerate(["view", "cart", "share", "view"])]  # fmt: skip
+    store.apply_many(T, batch)
+    assert [b.behavior for b in store.read_many(["u1"])[0]] == ["view", "cart", "other", "view"]
+    assert store.behavior_names.overflowed == 1
+    assert store.behavior_counts() == {"view": 2, "cart": 1, "share": 1}
+
+
+@pytest.mark.integration
+def test_a_full_sequence_is_11_bytes_per_behavior(redis_client, keys):
+    store = RedisSequenceStore(redis_client, keys, 200)
+    store.apply_many(T, [(0, i, e("u1", f"B{i:09d}", 1.7e9 + i)) for i in range(300)])
+    assert redis_client.strlen(keys.seq("u1")) == 200 * 11
+    assert int(redis_client.memory_usage(keys.seq("u1"))) < 2_700  # allocator size classes

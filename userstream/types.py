@@ -1,5 +1,5 @@
 """Shapes that more than one package agrees on: the normalized event, the
-encoding of one stored behavior, and the Redis key schema.
+Redis key schema.
 
 Data flows one way: ``stream`` writes sequences, ``model`` reads them and writes
 embeddings, ``serving`` reads embeddings. Each side imports this module rather
@@ -8,11 +8,11 @@ than the other packages' internals.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["Behavior", "Event", "Keys", "encode_behavior", "decode_behavior"]
-
-_SEP = "\t"
+__all__ = ["MAX_SHARDS", "Behavior", "Event", "Keys", "ShardKeys", "shard_of"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,66 +40,56 @@ class Event:
         return Behavior(self.item_id, self.behavior, self.ts)
 
 
-def encode_behavior(item_id: str, behavior: str, ts: float) -> str:
-    """Compact string form kept in Redis lists (validation forbids tabs in ids)."""
-    return f"{item_id}{_SEP}{behavior}{_SEP}{ts:.3f}"
+MAX_SHARDS = 1024
 
 
-def decode_behavior(raw: str) -> Behavior:
-    item_id, behavior, ts = raw.split(_SEP)
-    return Behavior(item_id, behavior, float(ts))
+def shard_of(user_id: str, shards: int) -> int:
+    """The shard holding ``user_id``'s state: CRC-32 of its UTF-8 bytes mod ``shards``.
+
+    >>> shard_of("alice", 1), shard_of("alice", 16)
+    (0, 7)
+    """
+    if shards == 1:
+        return 0
+    return zlib.crc32(user_id.encode("utf-8", "surrogateescape")) % shards
 
 
 @dataclass(frozen=True, slots=True)
-class Keys:
-    """Every Redis key the system uses, under one prefix (``Settings.redis_prefix``).
+class ShardKeys:
+    """The keys of one shard of the per-user state. They share one Redis Cluster
+    hash tag, so a transaction (one Lua call) over them stays inside one slot:
+    a user's sequence, its change queues, its embedding and the offsets the shard
+    applied always move together."""
 
-    stream/ writes: seq:*, users, items, dirty, stale, offsets, counters
-    model/  writes: emb, emb_version, emb_event_ts, user_num*, model, updates (a Redis
-            Stream)
-    serving/ reads all of them.
-    """
+    base: str  # "<prefix>{<shard>}:", e.g. "us:{3}:"
+    shard: int
 
-    prefix: str = "us:"
-
-    def seq(self, user_id: str) -> str:
-        return f"{self.prefix}seq:{user_id}"
+    def seq(self, user_id: str) -> str:  # string of packed behaviors (stores/packing.py)
+        return f"{self.base}seq:{user_id}"
 
     @property
-    def users(self) -> str:  # set of every user id with a sequence
-        return f"{self.prefix}users"
-
-    @property
-    def items(self) -> str:  # set of every item id seen
-        return f"{self.prefix}items"
+    def users(self) -> str:  # set of the shard's user ids with a sequence
+        return f"{self.base}users"
 
     @property
     def behaviors(self) -> str:  # hash behavior name -> count
-        return f"{self.prefix}behaviors"
+        return f"{self.base}behaviors"
 
     @property
     def dirty(self) -> str:  # set of users changed since the trainer last took them
-        return f"{self.prefix}dirty"
-
-    @property
-    def offsets(self) -> str:  # hash "topic:partition" -> last applied offset
-        return f"{self.prefix}offsets"
-
-    @property
-    def logs(self) -> str:  # hash "topic:partition" -> id of the log its offset came from
-        return f"{self.prefix}logs"
+        return f"{self.base}dirty"
 
     @property
     def claimed(self) -> str:  # set of dirty users a training cycle took, not yet done
-        return f"{self.prefix}claimed"
+        return f"{self.base}claimed"
 
     @property
-    def stale(self) -> str:  # set of users changed since the embedder last took them
-        return f"{self.prefix}stale"
+    def stale(self) -> str:  # sorted set: users changed since the embedder took them, by since
+        return f"{self.base}stale"
 
     @property
     def stale_claimed(self) -> str:  # set of stale users the embedder took, not yet written
-        return f"{self.prefix}stale-claimed"
+        return f"{self.base}stale-claimed"
 
     def changed(self, queue: str) -> tuple[str, str]:
         """(changed set, claimed set) of a change queue: "train" or "embed"."""
@@ -110,32 +100,103 @@ class Keys:
         raise ValueError(f"unknown change queue {queue!r}: expected 'train' or 'embed'")
 
     @property
+    def offsets(self) -> str:  # hash "topic:partition" -> last offset this shard applied
+        return f"{self.base}offsets"
+
+    @property
+    def logs(self) -> str:  # hash "topic:partition" -> id of the log its offset came from
+        return f"{self.base}logs"
+
+    @property
     def counters(self) -> str:  # hash: events_ingested, events_dead_lettered, ...
-        return f"{self.prefix}counters"
+        return f"{self.base}counters"
 
     @property
     def emb(self) -> str:  # hash user -> float32 bytes (L2-normalized)
-        return f"{self.prefix}emb"
+        return f"{self.base}emb"
 
     @property
     def emb_version(self) -> str:  # hash user -> model version that made the embedding
-        return f"{self.prefix}emb_version"
+        return f"{self.base}emb_version"
 
     @property
     def emb_event_ts(self) -> str:  # hash user -> ts of the newest behavior embedded
-        return f"{self.prefix}emb_event_ts"
+        return f"{self.base}emb_event_ts"
 
     @property
     def user_num(self) -> str:  # hash user -> int64 id used by FAISS
-        return f"{self.prefix}user_num"
+        return f"{self.base}user_num"
 
     @property
     def user_num_rev(self) -> str:  # hash int64 id -> user
-        return f"{self.prefix}user_num_rev"
+        return f"{self.base}user_num_rev"
 
     @property
-    def user_num_next(self) -> str:  # counter for new int64 ids
-        return f"{self.prefix}user_num_next"
+    def user_num_next(self) -> str:  # counter of the shard's ids (id = count * shards + shard)
+        return f"{self.base}user_num_next"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Every Redis key the system uses, under one prefix (``Settings.redis_prefix``).
+
+    Per-user state is split into ``shards`` (:class:`ShardKeys`, one Redis Cluster
+    hash tag each; ``Settings.redis_shards``); the rest are single keys:
+
+    stream/ writes: shard seq:*, users, behaviors, dirty, stale, offsets, logs,
+            counters; the dictionaries (item and behavior name <-> number)
+    model/  writes: shard emb*, user_num*; model, updates (a Redis Stream)
+    serving/ reads all of them.
+
+    >>> Keys("us:", shards=16).seq("alice")
+    'us:{7}:seq:alice'
+    """
+
+    prefix: str = "us:"
+    shards: int = 1
+
+    def __post_init__(self) -> None:
+        if "{" in self.prefix or "}" in self.prefix:
+            raise ValueError(
+                f"redis prefix {self.prefix!r} must not contain braces "
+                "(they mark Redis Cluster hash tags)"
+            )
+        if not 1 <= self.shards <= MAX_SHARDS:
+            raise ValueError(f"shards must be 1..{MAX_SHARDS}, got {self.shards}")
+
+    @classmethod
+    def of_settings(cls, settings: Any) -> Keys:
+        """The keys of a :class:`~userstream.settings.Settings`: its prefix and shards."""
+        return cls(settings.redis_prefix, settings.effective_redis_shards)
+
+    def shard(self, index: int) -> ShardKeys:
+        return ShardKeys(f"{self.prefix}{{{index}}}:", index)
+
+    def all_shards(self) -> list[ShardKeys]:
+        return [self.shard(i) for i in range(self.shards)]
+
+    def shard_of(self, user_id: str) -> int:
+        return shard_of(user_id, self.shards)
+
+    def of(self, user_id: str) -> ShardKeys:
+        """The shard keys of ``user_id``."""
+        return self.shard(shard_of(user_id, self.shards))
+
+    def seq(self, user_id: str) -> str:
+        return self.of(user_id).seq(user_id)
+
+    # --- dictionaries: one hash tag, so interning is one atomic Lua call ----------
+    def dictionary(self, kind: str) -> tuple[str, str, str]:
+        """(name -> number hash, number -> name hash, counter) of ``kind``: "item"
+        or "behavior"."""
+        if kind not in ("item", "behavior"):
+            raise ValueError(f"unknown dictionary {kind!r}: expected 'item' or 'behavior'")
+        base = f"{self.prefix}{{dict}}:{kind}"
+        return f"{base}:num", f"{base}:name", f"{base}:next"
+
+    @property
+    def layout(self) -> str:  # hash: format, shards (checked by every store)
+        return f"{self.prefix}layout"
 
     @property
     def model(self) -> str:  # hash: version, checkpoint, items, updated_at, loss...

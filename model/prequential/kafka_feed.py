@@ -56,7 +56,7 @@ from userstream.stores import (
     RedisEmbeddingStore,
     RedisSequenceStore,
     SequenceStore,
-    connect,
+    connect_settings,
     stored_behavior,
 )
 from userstream.types import Behavior, Event, Keys
@@ -147,8 +147,8 @@ class KafkaFeed:
             data_dir=work,
         )
         ensure_topics(kafka, s)
-        self.client = connect(redis_url)
-        keys = Keys(s.redis_prefix)
+        self.client = connect_settings(s)
+        keys = Keys.of_settings(s)
         self.store = RedisSequenceStore(self.client, keys, s.sequence_length)
         self.embeddings = RedisEmbeddingStore(self.client, keys, s.update_feed_maxlen)
         self._start_worker(work / "stream-worker.log")

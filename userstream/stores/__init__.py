@@ -11,7 +11,7 @@ Any stage may import this package; it imports nothing of ``stream``, ``model``
 or ``serving``.
 """
 
-from userstream.stores.client import connect
+from userstream.stores.client import connect, connect_settings
 from userstream.stores.contracts import (
     CHANGE_QUEUES,
     COUNTERS,
@@ -48,6 +48,7 @@ __all__ = [
     "RedisSequenceStore",
     "SequenceStore",
     "connect",
+    "connect_settings",
     "plan_batch",
     "stored_behavior",
 ]

@@ -109,7 +109,7 @@ class ModelInfo:
 
 def stored_behavior(ev: Event) -> Behavior:
     """The behavior a store gives back for ``ev``: ts kept to the millisecond."""
-    return Behavior(ev.item_id, ev.behavior, float(f"{ev.ts:.3f}"))
+    return Behavior(ev.item_id, ev.behavior, round(ev.ts * 1000) / 1000)
 
 
 def plan_batch(

@@ -1,5 +1,10 @@
 """User embeddings in Redis plus an append-only update feed (a Redis Stream).
 
+Embeddings and FAISS ids live in the user's shard (:class:`~userstream.types.ShardKeys`),
+beside its sequence; ids are ``count * shards + shard``, so every shard assigns
+its own without asking another. The model info, the feed and the followers are
+single keys.
+
 The training worker is the only writer. API replicas materialize their FAISS
 index from :meth:`RedisEmbeddingStore.read_all` once, then follow the feed with
 :meth:`RedisEmbeddingStore.read_updates` from the last stream id they applied.
@@ -13,25 +18,29 @@ from collections.abc import Sequence
 import numpy as np
 import redis
 
-from userstream.stores.client import require_text_client, to_bytes
+from userstream.stores.client import Scripts, require_text_client, to_bytes
 from userstream.stores.contracts import EmbeddingUpdate, FeedState, ModelInfo
+from userstream.stores.redis_sequences import check_layout
 from userstream.types import Keys
 
 __all__ = ["RedisEmbeddingStore"]
 
 
-# assign ids: KEYS = user_num, user_num_rev, user_num_next; ARGV = user ids.
-# Returns one id per user (an existing one, or the next free one).
+# assign ids: KEYS = user_num, user_num_rev, user_num_next; ARGV = shards, shard,
+# user ids. Returns one id per user (an existing one, or the shard's next free one).
 _ASSIGN_LUA = """
+local shards = tonumber(ARGV[1])
+local shard = tonumber(ARGV[2])
 local out = {}
-for i, u in ipairs(ARGV) do
+for i = 3, #ARGV do
+  local u = ARGV[i]
   local n = redis.call('HGET', KEYS[1], u)
   if not n then
-    n = redis.call('INCR', KEYS[3])
+    n = redis.call('INCR', KEYS[3]) * shards + shard
     redis.call('HSET', KEYS[1], u, n)
     redis.call('HSET', KEYS[2], n, u)
   end
-  out[i] = tonumber(n)
+  out[i - 2] = tonumber(n)
 end
 return out
 """
@@ -50,44 +59,95 @@ class RedisEmbeddingStore:
         self.r = require_text_client(client)
         self.keys = keys
         self.feed_maxlen = feed_maxlen
+        self.shards = keys.all_shards()
+        self._layout_checked = False
+        self._scripts = Scripts(client)
         self._assign = client.register_script(_ASSIGN_LUA)
+
+    def _check_layout(self) -> None:
+        """Once, at the first id assignment or full read (not in __init__: a store is
+        built while Redis may still be down)."""
+        if not self._layout_checked:
+            check_layout(self.r, self.keys)
+            self._layout_checked = True
+
+    def _group(self, user_ids: Sequence[str]) -> dict[int, list[int]]:
+        """shard -> positions in ``user_ids``."""
+        out: dict[int, list[int]] = {}
+        for i, u in enumerate(user_ids):
+            out.setdefault(self.keys.shard_of(u), []).append(i)
+        return out
+
+    def _hmget(self, user_ids: Sequence[str], key_of) -> list[str | None]:
+        """One field per user from its shard's hash ``key_of(shard keys)``."""
+        out: list[str | None] = [None] * len(user_ids)
+        groups = [(s, pos[i : i + 50_000]) for s, pos in self._group(user_ids).items()
+                  for i in range(0, len(pos), 50_000)]  # fmt: skip
+        pipe = self.r.pipeline(transaction=False)
+        for s, pos in groups:
+            pipe.hmget(key_of(self.shards[s]), [user_ids[i] for i in pos])
+        for (_, pos), got in zip(groups, pipe.execute(), strict=True):
+            for i, v in zip(pos, got, strict=True):
+                out[i] = v
+        return out
 
     # --- ids ---------------------------------------------------------------
     def nums_for(self, user_ids: Sequence[str]) -> list[int]:
-        """One HMGET for all; the unknown ones get ids in one script call per
-        10,000 (atomic, so concurrent writers agree on every id)."""
+        """One HMGET per shard for all; the unknown ones get ids in one script call
+        per shard and 10,000 users (atomic, so concurrent writers agree on every id)."""
         if not user_ids:
             return []
-        known = self.r.hmget(self.keys.user_num, list(user_ids))
+        self._check_layout()
+        known = self._hmget(user_ids, lambda sk: sk.user_num)
         missing = list(dict.fromkeys(u for u, n in zip(user_ids, known, strict=True) if n is None))
+        calls, chunks = [], []
+        for s, pos in self._group(missing).items():
+            sk = self.shards[s]
+            for start in range(0, len(pos), _ASSIGN_CHUNK):
+                chunk = [missing[i] for i in pos[start : start + _ASSIGN_CHUNK]]
+                keys = [sk.user_num, sk.user_num_rev, sk.user_num_next]
+                calls.append((self._assign, keys, [len(self.shards), s, *chunk]))
+                chunks.append(chunk)
         assigned: dict[str, int] = {}
-        k = self.keys
-        for start in range(0, len(missing), _ASSIGN_CHUNK):
-            chunk = missing[start : start + _ASSIGN_CHUNK]
-            nums = self._assign(keys=[k.user_num, k.user_num_rev, k.user_num_next], args=chunk)
+        for chunk, nums in zip(chunks, self._scripts.run(calls), strict=True):
             assigned.update(zip(chunk, (int(n) for n in nums), strict=True))
         return [
             int(n) if n is not None else assigned[u] for u, n in zip(user_ids, known, strict=True)
         ]
 
     def num_of(self, user_id: str) -> int | None:
-        raw = self.r.hget(self.keys.user_num, user_id)
+        raw = self.r.hget(self.keys.of(user_id).user_num, user_id)
         return None if raw is None else int(raw)
 
     def lookup(self, user_id: str) -> tuple[int | None, int | None]:
+        sk = self.keys.of(user_id)
         pipe = self.r.pipeline(transaction=False)
-        pipe.hget(self.keys.user_num, user_id)
-        pipe.hget(self.keys.emb_version, user_id)
+        pipe.hget(sk.user_num, user_id)
+        pipe.hget(sk.emb_version, user_id)
         num, version = pipe.execute()
         return (None if num is None else int(num)), (None if version is None else int(version))
 
     def count(self) -> int:
-        return int(self.r.hlen(self.keys.emb))
+        pipe = self.r.pipeline(transaction=False)
+        for sk in self.shards:
+            pipe.hlen(sk.emb)
+        return sum(int(n) for n in pipe.execute())
 
     def users_for(self, nums: Sequence[int]) -> list[str | None]:
         if not nums:
             return []
-        return self.r.hmget(self.keys.user_num_rev, [int(n) for n in nums])
+        n_shards = len(self.shards)
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(nums):
+            groups.setdefault(int(n) % n_shards, []).append(i)
+        out: list[str | None] = [None] * len(nums)
+        pipe = self.r.pipeline(transaction=False)
+        for s, pos in groups.items():
+            pipe.hmget(self.shards[s].user_num_rev, [int(nums[i]) for i in pos])
+        for pos, got in zip(groups.values(), pipe.execute(), strict=True):
+            for i, u in zip(pos, got, strict=True):
+                out[i] = u
+        return out
 
     # --- writes (training worker) ------------------------------------------
     def upsert(
@@ -101,19 +161,20 @@ class RedisEmbeddingStore:
             return
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         nums = self.nums_for(user_ids)
-        k = self.keys
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hset(k.emb, mapping={u: v.tobytes() for u, v in zip(user_ids, vectors, strict=True)})
-        pipe.hset(k.emb_version, mapping=dict.fromkeys(user_ids, version))
         ts = list(event_ts) if event_ts is not None else [None] * len(user_ids)
-        stamped = {u: repr(float(t)) for u, t in zip(user_ids, ts, strict=True) if t is not None}
-        if stamped:
-            pipe.hset(k.emb_event_ts, mapping=stamped)
+        pipe = self.r.pipeline(transaction=False)
+        for s, pos in self._group(user_ids).items():
+            sk = self.shards[s]
+            pipe.hset(sk.emb, mapping={user_ids[i]: vectors[i].tobytes() for i in pos})
+            pipe.hset(sk.emb_version, mapping={user_ids[i]: version for i in pos})
+            stamped = {user_ids[i]: repr(float(ts[i])) for i in pos if ts[i] is not None}
+            if stamped:
+                pipe.hset(sk.emb_event_ts, mapping=stamped)
         for u, n, v, t in zip(user_ids, nums, vectors, ts, strict=True):
             entry = {"u": u, "i": n, "v": v.tobytes(), "m": version}
             if t is not None:
                 entry["t"] = repr(float(t))
-            pipe.xadd(k.updates, entry, maxlen=self.feed_maxlen, approximate=True)
+            pipe.xadd(self.keys.updates, entry, maxlen=self.feed_maxlen, approximate=True)
         pipe.execute()
 
     def set_model_info(self, info: ModelInfo) -> None:
@@ -144,22 +205,19 @@ class RedisEmbeddingStore:
         )
 
     def get(self, user_id: str) -> np.ndarray | None:
-        raw = self.r.hget(self.keys.emb, user_id)
+        raw = self.r.hget(self.keys.of(user_id).emb, user_id)
         return None if raw is None else _vector(raw).copy()
 
     def version_of(self, user_id: str) -> int | None:
-        raw = self.r.hget(self.keys.emb_version, user_id)
+        raw = self.r.hget(self.keys.of(user_id).emb_version, user_id)
         return None if raw is None else int(raw)
 
     def versions_of(self, user_ids: Sequence[str]) -> list[int | None]:
-        out: list[int | None] = []
-        for start in range(0, len(user_ids), 50_000):
-            raw = self.r.hmget(self.keys.emb_version, list(user_ids[start : start + 50_000]))
-            out.extend(None if v is None else int(v) for v in raw)
-        return out
+        raw = self._hmget(list(user_ids), lambda sk: sk.emb_version)
+        return [None if v is None else int(v) for v in raw]
 
     def event_ts_of(self, user_id: str) -> float | None:
-        raw = self.r.hget(self.keys.emb_event_ts, user_id)
+        raw = self.r.hget(self.keys.of(user_id).emb_event_ts, user_id)
         return None if raw is None else float(raw)
 
     def feed_head(self) -> str:
@@ -167,11 +225,13 @@ class RedisEmbeddingStore:
         return last[0][0] if last else "0-0"
 
     def read_all(self) -> tuple[list[str], np.ndarray, list[int]]:
+        self._check_layout()
         users: list[str] = []
         vecs: list[np.ndarray] = []
-        for u, raw in self.r.hscan_iter(self.keys.emb, count=2000):
-            users.append(u)
-            vecs.append(_vector(raw))
+        for sk in self.shards:
+            for u, raw in self.r.hscan_iter(sk.emb, count=2000):
+                users.append(u)
+                vecs.append(_vector(raw))
         nums = self.nums_for(users)
         mat = np.stack(vecs) if vecs else np.zeros((0, 0), dtype=np.float32)
         return users, mat, nums
