@@ -6,8 +6,8 @@ the same run.
     python benchmarks/redis_memory.py [--users 5000] [--length 200] [--hidden 64] [--shards 1]
 
 A bundled redis-server of its own (nothing else in it) so ``used_memory`` moves
-only with what this script writes; items are drawn from a 50,000-item catalogue,
-ids like Amazon's (10 characters). Reports bytes per user for the sequence store
+only with what this script writes; items are drawn Zipf-like from a catalogue
+of ``--items`` ids like Amazon's (10 characters). Reports bytes per user for the sequence store
 alone, with the embedding and ids added, and for the text baseline; the item
 dictionary (per item, shared by all users) separately.
 """
@@ -33,7 +33,11 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=5000)
     ap.add_argument("--length", type=int, default=200)
     ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--items", type=int, default=5000, help="catalogue size")
     ap.add_argument("--shards", type=int, default=1)
+    ap.add_argument("--server", default=None,
+                    help="a redis-server binary to run (default: the bundled one, libc malloc; "
+                    "e.g. /usr/bin/redis-server for Debian's, jemalloc)")  # fmt: skip
     args = ap.parse_args()
 
     from userstream.embedded import free_port, start_redis
@@ -42,12 +46,22 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="redis-memory-"))
     port = free_port()
-    proc = start_redis(port, work, work / "redis.log")
+    if args.server:
+        import subprocess
+
+        from userstream.embedded import wait_for_port
+
+        proc = subprocess.Popen([args.server, "--port", str(port), "--bind", "127.0.0.1",
+                                 "--save", "", "--appendonly", "no", "--dir", str(work)],
+                                stdout=subprocess.DEVNULL)  # fmt: skip
+        wait_for_port("127.0.0.1", port, proc=proc)
+    else:
+        proc = start_redis(port, work, work / "redis.log")
     try:
         client = connect(f"redis://127.0.0.1:{port}/0")
         client.config_set("appendonly", "no")
         rng = np.random.default_rng(0)
-        items = [f"B{n:09d}" for n in range(50_000)]
+        items = [f"B{n:09d}" for n in range(args.items)]
         behaviors = ["view", "click", "cart", "fav", "purchase"]
         users = [f"user-{n:07d}" for n in range(args.users)]
         keys = Keys("mem:", args.shards)
@@ -69,7 +83,7 @@ def main() -> None:
         store.release_claimed(users)
         store.take_dirty(len(users), "embed")
         store.release_claimed(users, "embed")
-        dictionaries = sum(int(client.memory_usage(k) or 0) for kind in ("item", "behavior")
+        dictionaries = sum(int(client.memory_usage(k, samples=0) or 0) for kind in ("item", "behavior")
                            for k in keys.dictionary(kind))  # fmt: skip
         n_items = store.num_items()
         seq_bytes = used(client) - base - dictionaries
@@ -80,6 +94,10 @@ def main() -> None:
             emb.upsert(part, vecs[start : start + 1000], version=1, event_ts=[1.7e9] * len(part))
         client.delete(keys.updates)  # the feed is trimmed to what followers applied
         with_emb = used(client) - base - dictionaries
+        per_kind: dict[str, int] = {}
+        for key in client.scan_iter(count=1000):
+            kind = key.rsplit("}:", 1)[-1].split(":", 1)[0]
+            per_kind[kind] = per_kind.get(kind, 0) + int(client.memory_usage(key, samples=0) or 0)
         wrote_s = time.perf_counter() - t0
 
         # the baseline: the same behaviors as "item\tbehavior\tts" strings in a list
@@ -99,6 +117,8 @@ def main() -> None:
             "behaviors_per_user": args.length,
             "hidden_size": args.hidden,
             "shards": args.shards,
+            "allocator": client.info("memory").get("mem_allocator"),
+            "redis_version": client.info("server").get("redis_version"),
             "packed_sequence_bytes_per_user": round(seq_bytes / args.users),
             "packed_with_embedding_bytes_per_user": round(with_emb / args.users),
             "text_list_bytes_per_user": round(text_bytes / args.users),
@@ -106,6 +126,9 @@ def main() -> None:
             "dictionary_items": n_items,
             "dictionary_bytes_per_item": round(dictionaries / max(1, n_items)),
             "write_s": round(wrote_s, 1),
+            "memory_usage_bytes_per_user_by_key": {
+                k: round(v / args.users) for k, v in sorted(per_kind.items())
+            },
         }
         for k, v in report.items():
             print(f"{k}: {v}")

@@ -365,12 +365,12 @@ class IndexFollower:
     def _rebuild(self) -> None:
         t0 = time.perf_counter()
         head = self.store.feed_head()  # before read_all: nothing written after is missed
-        users, vectors, nums = self.store.read_all()
+        users, vectors, nums, versions = self.store.read_all()
         index = UserIndex.build(nums, vectors, **self.index_options) if nums else (
             UserIndex(**self.index_options))  # fmt: skip
         table = UserTable()
         if nums:
-            table.set(list(nums), list(users), self.store.versions_of(users))
+            table.set(list(nums), list(users), versions)
         self._index, self.users = index, table
         self.stats.rebuilds += 1
         with self._applied:

@@ -79,7 +79,8 @@ def test_batches_redeliveries_and_embeddings_on_the_cluster(cluster, redis_prefi
     emb = RedisEmbeddingStore(client, keys)
     vecs = np.random.default_rng(0).normal(size=(37, 8)).astype(np.float32)
     emb.upsert(users, vecs, version=2, event_ts=[1.0] * 37)
-    got_users, mat, nums = emb.read_all()
+    got_users, mat, nums, versions = emb.read_all()
+    assert versions == [2] * 37
     assert sorted(got_users) == users and len(set(nums)) == 37
     assert emb.users_for(nums) == got_users
     order = [got_users.index(u) for u in users]
@@ -98,7 +99,6 @@ def test_the_stack_on_a_cluster_ingests_exactly_once_through_a_kill(tmp_path, re
     with running_stack(tmp_path / "stack", redis_url, REDIS_CLUSTER_NODES=cluster,
                        STREAM_BATCH_MAX="50") as stack:  # fmt: skip
         client, env = stack["client"], stack["env"]
-        logs = stack["data_dir"] / "logs"
         replay = subprocess.Popen(
             [
                 sys.executable,

@@ -21,7 +21,7 @@ def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def _assert_index_matches_store(follower: IndexFollower, store: EmbeddingStore) -> None:
-    users, vecs, nums = store.read_all()
+    users, vecs, nums, _ = store.read_all()
     assert len(follower.index) == len(users)
     for num, vec in zip(nums, vecs, strict=True):
         np.testing.assert_array_equal(follower.index.reconstruct(num), vec)

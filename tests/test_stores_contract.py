@@ -186,7 +186,7 @@ def test_offsets_moved_by_another_writer_are_re_read_not_overwritten(redis_clien
 @pytest.mark.integration
 def test_redis_behavior_counts_are_applied_once(redis_client, keys):
     """Redis also keeps a count per behavior name; a redelivery does not add to it."""
-    store, r = RedisSequenceStore(redis_client, keys, 3), redis_client
+    store = RedisSequenceStore(redis_client, keys, 3)
     batch = [(0, i, e("u1", f"i{i}", float(i))) for i in range(4)]
     store.apply_many(T, batch)
     store.apply_many(T, batch)
@@ -387,8 +387,8 @@ def test_upsert_stores_vectors_versions_and_feeds_them(emb):
     assert emb.count() == 3 and emb.version_of("b") == 2 and emb.version_of("z") is None
     np.testing.assert_array_equal(emb.get("ü-c"), v[2])  # exact float32 bytes, any user id
     assert emb.get("nobody") is None
-    users, mat, nums = emb.read_all()
-    assert sorted(users) == ["a", "b", "ü-c"] and mat.shape == (3, 8)
+    users, mat, nums, versions = emb.read_all()
+    assert sorted(users) == ["a", "b", "ü-c"] and mat.shape == (3, 8) and versions == [2, 2, 2]
     assert nums == emb.nums_for(users)
     for u, row in zip(users, mat, strict=True):
         np.testing.assert_array_equal(row, emb.get(u))
@@ -473,8 +473,18 @@ def test_behavior_names_past_the_record_limit_are_stored_as_other(redis_client, 
 
 
 @pytest.mark.integration
-def test_a_full_sequence_is_11_bytes_per_behavior(redis_client, keys):
+def test_a_full_sequence_is_10_bytes_per_behavior(redis_client, keys):
     store = RedisSequenceStore(redis_client, keys, 200)
     store.apply_many(T, [(0, i, e("u1", f"B{i:09d}", 1.7e9 + i)) for i in range(300)])
-    assert redis_client.strlen(keys.seq("u1")) == 200 * 11
-    assert int(redis_client.memory_usage(keys.seq("u1"))) < 2_700  # allocator size classes
+    assert redis_client.strlen(keys.seq("u1")) == 200 * 10
+    assert int(redis_client.memory_usage(keys.seq("u1"))) < 2_200
+
+
+@pytest.mark.integration
+def test_another_shard_count_or_stored_form_is_refused_with_what_to_do(redis_client, keys):
+    RedisSequenceStore(redis_client, keys, 10).apply_many(T, [(0, 0, e("u1", "i1", 1.0))])
+    with pytest.raises(ValueError, match="set REDIS_SHARDS=1"):
+        RedisSequenceStore(redis_client, Keys(keys.prefix, 4), 10).read_many(["u1"])
+    redis_client.hset(keys.layout, "format", "packed-0")
+    with pytest.raises(ValueError, match="stored form 'packed-0'"):
+        RedisEmbeddingStore(redis_client, keys).read_all()

@@ -112,16 +112,10 @@ class ShardKeys:
         return f"{self.base}counters"
 
     @property
-    def emb(self) -> str:  # hash user -> float32 bytes (L2-normalized)
+    def emb(
+        self,
+    ) -> str:  # hash user -> version, event ts, float32 vector (stores/redis_embeddings.py)
         return f"{self.base}emb"
-
-    @property
-    def emb_version(self) -> str:  # hash user -> model version that made the embedding
-        return f"{self.base}emb_version"
-
-    @property
-    def emb_event_ts(self) -> str:  # hash user -> ts of the newest behavior embedded
-        return f"{self.base}emb_event_ts"
 
     @property
     def user_num(self) -> str:  # hash user -> int64 id used by FAISS
@@ -145,7 +139,7 @@ class Keys:
 
     stream/ writes: shard seq:*, users, behaviors, dirty, stale, offsets, logs,
             counters; the dictionaries (item and behavior name <-> number)
-    model/  writes: shard emb*, user_num*; model, updates (a Redis Stream)
+    model/  writes: shard emb, user_num*; model, updates (a Redis Stream)
     serving/ reads all of them.
 
     >>> Keys("us:", shards=16).seq("alice")

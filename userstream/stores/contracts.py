@@ -285,8 +285,8 @@ class EmbeddingStore(Protocol):
         """Users with a stored embedding."""
         ...
 
-    def read_all(self) -> tuple[list[str], np.ndarray, list[int]]:
-        """Every stored embedding: (user ids, (N, D) float32, ids)."""
+    def read_all(self) -> tuple[list[str], np.ndarray, list[int], list[int]]:
+        """Every stored embedding: (user ids, (N, D) float32, ids, model versions)."""
         ...
 
     def feed_head(self) -> str:

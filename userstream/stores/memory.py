@@ -264,14 +264,14 @@ class MemoryEmbeddingStore:
     def count(self) -> int:
         return len(self.vectors)
 
-    def read_all(self) -> tuple[list[str], np.ndarray, list[int]]:
+    def read_all(self) -> tuple[list[str], np.ndarray, list[int], list[int]]:
         users = list(self.vectors)
         mat = (
             np.stack([self.vectors[u] for u in users])
             if users
             else np.zeros((0, 0), dtype=np.float32)
         )
-        return users, mat, self.nums_for(users)
+        return users, mat, self.nums_for(users), [self.version_of(u) for u in users]
 
     def feed_head(self) -> str:
         return self._feed[-1].stream_id if self._feed else "0-0"

@@ -1,19 +1,20 @@
-"""The stored form of a rolling sequence: fixed 11-byte records in one Redis string.
+"""The stored form of a rolling sequence: fixed 10-byte records in one Redis string.
 
-One record per behavior, little-endian: the item's number (uint32), the
-behavior name's number (uint8) and the time in milliseconds (uint48: low
-uint32, high uint16). Numbers come from two :class:`Dictionary` objects kept in
-Redis (item and behavior name <-> number). 200 behaviors are 2,200 bytes, against
-about 37 bytes each as tab-separated text; appending is one ``APPEND`` and
-trimming one ``GETRANGE``, so the Lua script never parses a record, and reading
-is one ``numpy.frombuffer``.
+One record per behavior, little-endian: the item's number (uint32), then one
+48-bit word (uint32 low, uint16 high) holding the behavior name's number in its
+top 6 bits and the time in milliseconds in the other 42 (up to the year 2109).
+Numbers come from two :class:`Dictionary` objects kept in Redis (item and
+behavior name <-> number). 200 behaviors are 2,000 bytes (one 2 KiB allocation
+with the string header), against about 37 bytes each as tab-separated text;
+appending is one ``APPEND`` and trimming one ``GETRANGE``, so the Lua script never
+parses a record, and reading is one ``numpy.frombuffer``.
 
->>> raw = pack(np.array([7, 8]), np.array([1, 2]), np.array([1.5, 1700000000.123]))
+>>> raw = pack(np.array([7, 8]), np.array([1, 63]), np.array([1.5, 1700000000.123]))
 >>> len(raw)
-22
+20
 >>> items, behaviors, ts = unpack(raw)
 >>> items.tolist(), behaviors.tolist(), ts.tolist()
-([7, 8], [1, 2], [1.5, 1700000000.123])
+([7, 8], [1, 63], [1.5, 1700000000.123])
 """
 
 from __future__ import annotations
@@ -24,13 +25,24 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import redis
 
-__all__ = ["MAX_TS_MS", "RECORD", "RECORD_BYTES", "Dictionary", "pack", "unpack", "to_ms"]
+__all__ = [
+    "BEHAVIOR_NUMBERS",
+    "MAX_TS_MS",
+    "RECORD",
+    "RECORD_BYTES",
+    "Dictionary",
+    "pack",
+    "to_ms",
+    "unpack",
+]
 
 LOG = logging.getLogger(__name__)
 
-RECORD = np.dtype([("item", "<u4"), ("behavior", "u1"), ("ts_lo", "<u4"), ("ts_hi", "<u2")])
-RECORD_BYTES = RECORD.itemsize  # 11
-MAX_TS_MS = 2**48 - 1  # about year 10889
+RECORD = np.dtype([("item", "<u4"), ("word_lo", "<u4"), ("word_hi", "<u2")])
+RECORD_BYTES = RECORD.itemsize  # 10
+_TS_BITS = 42
+MAX_TS_MS = 2**_TS_BITS - 1  # 2109-05-15
+BEHAVIOR_NUMBERS = 2 ** (48 - _TS_BITS) - 1  # 63: numbers 1..63, 0 = past the limit
 
 
 def to_ms(ts: np.ndarray | Sequence[float]) -> np.ndarray:
@@ -39,15 +51,16 @@ def to_ms(ts: np.ndarray | Sequence[float]) -> np.ndarray:
 
 
 def pack(items: np.ndarray, behaviors: np.ndarray, ts: np.ndarray | Sequence[float]) -> bytes:
-    """Records for aligned arrays of item numbers, behavior numbers and ts (seconds)."""
+    """Records for aligned arrays of item numbers, behavior numbers (0..63) and ts
+    (seconds)."""
     ms = to_ms(ts)
     if len(ms) and (ms.min() < 0 or ms.max() > MAX_TS_MS):
         raise ValueError(f"ts must be 0..{MAX_TS_MS / 1000:.0f} seconds to be stored")
+    word = ms | (np.asarray(behaviors, dtype=np.int64) << _TS_BITS)
     out = np.empty(len(ms), dtype=RECORD)
     out["item"] = items
-    out["behavior"] = behaviors
-    out["ts_lo"] = ms & 0xFFFFFFFF
-    out["ts_hi"] = ms >> 32
+    out["word_lo"] = word & 0xFFFFFFFF
+    out["word_hi"] = word >> 32
     return out.tobytes()
 
 
@@ -59,8 +72,8 @@ def unpack(raw: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             "it was written by another layout (see Keys.layout)"
         )
     rec = np.frombuffer(raw, dtype=RECORD)
-    ms = rec["ts_lo"].astype(np.int64) | (rec["ts_hi"].astype(np.int64) << 32)
-    return rec["item"], rec["behavior"], ms / 1000.0
+    word = rec["word_lo"].astype(np.int64) | (rec["word_hi"].astype(np.int64) << 32)
+    return rec["item"], word >> _TS_BITS, (word & MAX_TS_MS) / 1000.0
 
 
 # intern: KEYS = name->num hash, num->name hash, counter; ARGV = limit, names...

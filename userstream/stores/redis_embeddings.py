@@ -13,6 +13,8 @@ index from :meth:`RedisEmbeddingStore.read_all` once, then follow the feed with
 from __future__ import annotations
 
 import json
+import math
+import struct
 from collections.abc import Sequence
 
 import numpy as np
@@ -49,6 +51,25 @@ _ASSIGN_CHUNK = 10_000
 
 def _vector(raw: str) -> np.ndarray:
     return np.frombuffer(to_bytes(raw), dtype=np.float32)
+
+
+# A stored embedding: version (uint32) and event ts (float64, NaN for none), then
+# the float32 vector; one hash field per user instead of three.
+_HEADER = struct.Struct("<Id")
+
+
+def _stored(version: int, event_ts: float | None, vector: np.ndarray) -> bytes:
+    ts = math.nan if event_ts is None else float(event_ts)
+    return _HEADER.pack(version, ts) + vector.tobytes()
+
+
+def _header(raw: str) -> tuple[int, float | None]:
+    version, ts = _HEADER.unpack_from(to_bytes(raw))  # whole: a char may be several bytes
+    return version, (None if math.isnan(ts) else ts)
+
+
+def _stored_vector(raw: str) -> np.ndarray:
+    return np.frombuffer(to_bytes(raw), dtype=np.float32, offset=_HEADER.size)
 
 
 class RedisEmbeddingStore:
@@ -123,9 +144,9 @@ class RedisEmbeddingStore:
         sk = self.keys.of(user_id)
         pipe = self.r.pipeline(transaction=False)
         pipe.hget(sk.user_num, user_id)
-        pipe.hget(sk.emb_version, user_id)
-        num, version = pipe.execute()
-        return (None if num is None else int(num)), (None if version is None else int(version))
+        pipe.hget(sk.emb, user_id)
+        num, raw = pipe.execute()
+        return (None if num is None else int(num)), (None if raw is None else _header(raw)[0])
 
     def count(self) -> int:
         pipe = self.r.pipeline(transaction=False)
@@ -165,11 +186,8 @@ class RedisEmbeddingStore:
         pipe = self.r.pipeline(transaction=False)
         for s, pos in self._group(user_ids).items():
             sk = self.shards[s]
-            pipe.hset(sk.emb, mapping={user_ids[i]: vectors[i].tobytes() for i in pos})
-            pipe.hset(sk.emb_version, mapping={user_ids[i]: version for i in pos})
-            stamped = {user_ids[i]: repr(float(ts[i])) for i in pos if ts[i] is not None}
-            if stamped:
-                pipe.hset(sk.emb_event_ts, mapping=stamped)
+            pipe.hset(sk.emb, mapping={user_ids[i]: _stored(version, ts[i], vectors[i])
+                                       for i in pos})  # fmt: skip
         for u, n, v, t in zip(user_ids, nums, vectors, ts, strict=True):
             entry = {"u": u, "i": n, "v": v.tobytes(), "m": version}
             if t is not None:
@@ -206,35 +224,37 @@ class RedisEmbeddingStore:
 
     def get(self, user_id: str) -> np.ndarray | None:
         raw = self.r.hget(self.keys.of(user_id).emb, user_id)
-        return None if raw is None else _vector(raw).copy()
+        return None if raw is None else _stored_vector(raw).copy()
 
     def version_of(self, user_id: str) -> int | None:
-        raw = self.r.hget(self.keys.of(user_id).emb_version, user_id)
-        return None if raw is None else int(raw)
+        raw = self.r.hget(self.keys.of(user_id).emb, user_id)
+        return None if raw is None else _header(raw)[0]
 
     def versions_of(self, user_ids: Sequence[str]) -> list[int | None]:
-        raw = self._hmget(list(user_ids), lambda sk: sk.emb_version)
-        return [None if v is None else int(v) for v in raw]
+        raw = self._hmget(list(user_ids), lambda sk: sk.emb)
+        return [None if v is None else _header(v)[0] for v in raw]
 
     def event_ts_of(self, user_id: str) -> float | None:
-        raw = self.r.hget(self.keys.of(user_id).emb_event_ts, user_id)
-        return None if raw is None else float(raw)
+        raw = self.r.hget(self.keys.of(user_id).emb, user_id)
+        return None if raw is None else _header(raw)[1]
 
     def feed_head(self) -> str:
         last = self.r.xrevrange(self.keys.updates, count=1)
         return last[0][0] if last else "0-0"
 
-    def read_all(self) -> tuple[list[str], np.ndarray, list[int]]:
+    def read_all(self) -> tuple[list[str], np.ndarray, list[int], list[int]]:
         self._check_layout()
         users: list[str] = []
         vecs: list[np.ndarray] = []
+        versions: list[int] = []
         for sk in self.shards:
             for u, raw in self.r.hscan_iter(sk.emb, count=2000):
                 users.append(u)
-                vecs.append(_vector(raw))
+                vecs.append(_stored_vector(raw))
+                versions.append(_header(raw)[0])
         nums = self.nums_for(users)
         mat = np.stack(vecs) if vecs else np.zeros((0, 0), dtype=np.float32)
-        return users, mat, nums
+        return users, mat, nums, versions
 
     def register_follower(self, name: str, applied_id: str, at: float) -> None:
         self.r.hset(self.keys.followers, name, json.dumps({"id": applied_id, "at": at}))

@@ -36,19 +36,19 @@ from userstream.stores.contracts import (
     OffsetEvent,
     plan_batch,
 )
-from userstream.stores.packing import RECORD_BYTES, Dictionary, pack, unpack
+from userstream.stores.packing import BEHAVIOR_NUMBERS, RECORD_BYTES, Dictionary, pack, unpack
 from userstream.types import Behavior, Keys, ShardKeys
 
 __all__ = ["CHUNK_EVENTS", "CHUNK_USERS", "LAYOUT", "OffsetsMoved", "RedisSequenceStore"]
 
 LOG = logging.getLogger(__name__)
 
-LAYOUT = "packed-11"  # the stored form; Keys.layout records it with the shard count
+LAYOUT = "packed-2"  # 10-byte behaviors, embeddings with a header; Keys.layout records it
 CHUNK_EVENTS = 2_000  # events per Lua call at most (benchmarks/README.md)
 CHUNK_USERS = 500  # users per Lua call at most
 ITEM_LIMIT = 2**32 - 1  # item numbers are uint32 in a record
-BEHAVIOR_LIMIT = 255  # behavior numbers are uint8 (the model itself tells 62 names apart)
-OTHER_BEHAVIOR = "other"  # what a behavior name past the first 255 is stored as
+BEHAVIOR_LIMIT = BEHAVIOR_NUMBERS  # 63 (the model itself tells 62 names apart)
+OTHER_BEHAVIOR = "other"  # what a behavior name past the first 63 is stored as
 _RETRIES = 3
 
 # apply: KEYS = users, dirty, stale, behaviors, counters, offsets, seq keys...
@@ -161,11 +161,17 @@ def check_layout(client: redis.Redis, keys: Keys) -> None:
     for field, value in want.items():
         client.hsetnx(keys.layout, field, value)
     got = client.hgetall(keys.layout)
-    if {f: got.get(f) for f in want} != want:
+    if got.get("format") != LAYOUT:
         raise ValueError(
-            f"Redis under prefix {keys.prefix!r} holds data laid out as {got}, this process "
-            f"expects {want}: set REDIS_SHARDS={got.get('shards')} (it cannot change once "
-            "data exists), or use a new REDIS_PREFIX / an empty Redis"
+            f"Redis under prefix {keys.prefix!r} holds data in the stored form "
+            f"{got.get('format')!r}, this code reads and writes {LAYOUT!r}: use a new "
+            "REDIS_PREFIX or an empty Redis (the state rebuilds from a replay)"
+        )
+    if got.get("shards") != want["shards"]:
+        raise ValueError(
+            f"Redis under prefix {keys.prefix!r} holds data in {got.get('shards')} shards, "
+            f"this process expects {keys.shards}: set REDIS_SHARDS={got.get('shards')} (it "
+            "cannot change once data exists), or use a new REDIS_PREFIX / an empty Redis"
         )
 
 
@@ -350,7 +356,7 @@ class RedisSequenceStore:
                 kept = ks[-self.max_len :]  # older ones would be trimmed anyway
                 blobs.append(pack(
                     np.fromiter((nums[k][0] for k in kept), np.uint32, len(kept)),
-                    np.fromiter((nums[k][1] for k in kept), np.uint8, len(kept)),
+                    np.fromiter((nums[k][1] for k in kept), np.int64, len(kept)),
                     np.fromiter((recs[k][2].ts for k in kept), np.float64, len(kept)),
                 ))  # fmt: skip
             args: list = [self.max_len * RECORD_BYTES, now, len(per_user), *per_user, *blobs]
