@@ -488,3 +488,51 @@ def test_another_shard_count_or_stored_form_is_refused_with_what_to_do(redis_cli
     redis_client.hset(keys.layout, "format", "packed-0")
     with pytest.raises(ValueError, match="stored form 'packed-0'"):
         RedisEmbeddingStore(redis_client, keys).read_all()
+
+
+# --- forget (userstream.stores.forget) ------------------------------------------------
+def test_forget_erases_the_sequence_and_queues_and_marks_the_user(store):
+    store.apply_many(T, [(0, 0, e("u1", "a", 1.0)), (0, 1, e("u1", "b", 2.0)),
+                         (0, 2, e("u2", "c", 3.0))])  # fmt: skip
+    assert store.take_dirty(10) == ["u1", "u2"]  # both claimed by a training cycle
+    report = store.forget("u1")
+    assert report == {"behaviors": 2, "users": 1, "train_changed": 0, "train_claimed": 1,
+                      "embed_changed": 1, "embed_claimed": 0}  # fmt: skip
+    assert store.read_many(["u1"]) == [[]] and store.read_tail("u1", 5) == []
+    assert list(store.iter_users()) == ["u2"] and store.num_users() == 1
+    assert store.dirty_users("embed") == ["u2"] and store.claimed_count() == 1
+    assert store.requeue_claimed() == 1 and store.dirty_users() == ["u2"]
+    marks = store.forgotten()
+    assert list(marks) == ["u1"]
+    assert store.clear_forgotten(["u1"], before=marks["u1"] - 1) == 0  # forgotten again later
+    assert store.clear_forgotten(["u1", "u2"], before=marks["u1"]) == 1
+    assert store.forgotten() == {}
+    # new events are a new history; an unknown user reports nothing but is marked
+    store.apply_many(T, [(0, 3, e("u1", "z", 4.0))])
+    assert [b.item_id for b in store.read_many(["u1"])[0]] == ["z"]
+    assert store.forget("nobody") == dict.fromkeys(report, 0)
+    assert list(store.forgotten()) == ["nobody"]
+
+
+def test_forget_erases_the_embedding_its_id_and_feed_entries_and_leaves_a_tombstone(emb):
+    vec = np.eye(2, 4, dtype=np.float32)
+    emb.upsert(["u1", "u2"], vec, version=1, event_ts=[1.0, 2.0])
+    emb.upsert(["u1"], vec[:1], version=2)
+    num1, num2 = emb.num_of("u1"), emb.num_of("u2")
+    report = emb.forget("u1")
+    assert report["embedding"] == 1 and report["nums"] == [num1]
+    assert report["feed_entries_deleted"] == 2 and len(report["tombstones"]) == 1
+    assert emb.get("u1") is None and emb.lookup("u1") == (None, None)
+    assert emb.users_for([num1, num2]) == [None, "u2"] and emb.count() == 1
+    users, vectors, nums, _ = emb.read_all()
+    assert users == ["u2"] and nums == [num2] and vectors.shape == (1, 4)
+    feed = emb.read_updates("0-0")
+    assert [(u.user_id, u.num) for u in feed if not u.deleted] == [("u2", num2)]
+    assert [(u.stream_id, u.user_id, u.num, u.vector.size) for u in feed if u.deleted] == [
+        (report["tombstones"][0], "", num1, 0)
+    ]
+    assert feed[-1].deleted and emb.feed_head() == report["tombstones"][0]
+    emb.upsert(["u1"], vec[:1], version=3)  # back: a new id, never the forgotten one
+    assert emb.num_of("u1") not in (num1, num2, None)
+    assert emb.forget("nobody") == {"embedding": 0, "nums": [], "feed_entries_deleted": 0,
+                                    "tombstones": []}  # fmt: skip

@@ -100,6 +100,10 @@ class ShardKeys:
         raise ValueError(f"unknown change queue {queue!r}: expected 'train' or 'embed'")
 
     @property
+    def forgotten(self) -> str:  # sorted set: users erased (forget), by when; see stores/forget.py
+        return f"{self.base}forgotten"
+
+    @property
     def offsets(self) -> str:  # hash "topic:partition" -> last offset this shard applied
         return f"{self.base}offsets"
 
@@ -203,3 +207,7 @@ class Keys:
     @property
     def followers(self) -> str:  # hash replica -> JSON {"id": applied feed id, "at": unix time}
         return f"{self.prefix}followers"
+
+    @property
+    def stream_ready(self) -> str:  # hash worker -> JSON readiness + heartbeat (stream/app.py)
+        return f"{self.prefix}stream_ready"

@@ -27,6 +27,7 @@ from userstream.stores.contracts import (
     plan_batch,
     stored_behavior,
 )
+from userstream.stores.forget import forget_user
 from userstream.stores.memory import MemoryEmbeddingStore, MemorySequenceStore
 from userstream.stores.redis_embeddings import RedisEmbeddingStore
 from userstream.stores.redis_sequences import RedisSequenceStore
@@ -49,6 +50,7 @@ __all__ = [
     "SequenceStore",
     "connect",
     "connect_settings",
+    "forget_user",
     "plan_batch",
     "stored_behavior",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -84,6 +84,9 @@ class EmbeddingUpdate:
     vector: np.ndarray  # (D,) float32, L2-normalized
     event_ts: float | None = None  # ts of the newest behavior the embedding saw
     version: int | None = None  # model version that made it
+    # a tombstone (EmbeddingStore.forget): drop ``num`` from the index; it carries no
+    # user id (""), no vector (empty), and the id is never assigned again
+    deleted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +234,26 @@ class SequenceStore(Protocol):
         """At least every name in :data:`COUNTERS`."""
         ...
 
+    # --- erasure (userstream.stores.forget) ---------------------------------------
+    def forget(self, user_id: str) -> dict[str, int]:
+        """Erase the user's sequence and its membership of the users set and of both
+        change queues (changed and claimed), and mark it forgotten
+        (:meth:`forgotten`), in one atomic step (one Lua call in the user's slot).
+        Returns what was there: ``behaviors`` (stored), and 0/1 for ``users``,
+        ``train_changed``, ``train_claimed``, ``embed_changed``, ``embed_claimed``."""
+        ...
+
+    def forgotten(self) -> dict[str, float]:
+        """Users erased by :meth:`forget` whose markers were not cleared yet -> unix
+        time of the erase (the training worker drops them from its reservoir and
+        checkpoints, then clears them)."""
+        ...
+
+    def clear_forgotten(self, user_ids: Iterable[str], before: float) -> int:
+        """Remove the markers of ``user_ids`` set at or before ``before`` (a user
+        forgotten again later keeps its newer marker); returns how many went."""
+        ...
+
 
 @runtime_checkable
 class EmbeddingStore(Protocol):
@@ -315,4 +338,14 @@ class EmbeddingStore(Protocol):
     ) -> list[EmbeddingUpdate]:
         """Feed entries strictly after id ``after``, oldest first (waiting up to
         ``block_ms`` for one when there is none)."""
+        ...
+
+    # --- erasure (userstream.stores.forget) ---------------------------------------
+    def forget(self, user_id: str) -> dict[str, Any]:
+        """Erase the user's embedding and FAISS id, delete the feed entries that
+        name it, and append one tombstone per id it had (an :class:`EmbeddingUpdate`
+        with ``deleted=True`` and no user id), so every follower drops it. Returns
+        ``embedding`` (0/1), ``nums`` (its ids), ``feed_entries_deleted`` and
+        ``tombstones`` (their feed ids; the last is what a follower must reach).
+        Scans the feed: O(feed length), which trimming keeps short."""
         ...

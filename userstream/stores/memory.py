@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -47,6 +48,7 @@ class MemorySequenceStore:
         self._offsets: dict[str, int] = {}  # "topic:partition" -> offset
         self._logs: dict[str, str] = {}  # "topic:partition" -> log id
         self._counters = dict.fromkeys(COUNTERS, 0)
+        self._forgotten: dict[str, float] = {}  # user -> unix time of its erase
 
     # --- writes ----------------------------------------------------------------
     def applied_offsets(self, topic: str) -> dict[int, int]:
@@ -168,6 +170,27 @@ class MemorySequenceStore:
     def counters(self) -> dict[str, int]:
         return dict(self._counters)
 
+    # --- erasure -------------------------------------------------------------------
+    def forget(self, user_id: str) -> dict[str, int]:
+        seq = self._seqs.pop(user_id, None)
+        out = {"behaviors": len(seq or ()), "users": int(seq is not None)}
+        for q in CHANGE_QUEUES:
+            out[f"{q}_changed"] = int(self._changed[q].pop(user_id, None) is not None)
+            claimed = self._claimed[q]
+            out[f"{q}_claimed"] = int(user_id in claimed)
+            claimed.discard(user_id)
+        self._forgotten[user_id] = time.time()
+        return out
+
+    def forgotten(self) -> dict[str, float]:
+        return dict(self._forgotten)
+
+    def clear_forgotten(self, user_ids: Iterable[str], before: float) -> int:
+        gone = [u for u in user_ids if self._forgotten.get(u, before + 1) <= before]
+        for u in gone:
+            del self._forgotten[u]
+        return len(gone)
+
 
 class MemoryEmbeddingStore:
     """Dict-backed :class:`~userstream.stores.EmbeddingStore`, feed included.
@@ -185,6 +208,7 @@ class MemoryEmbeddingStore:
         self.info: ModelInfo | None = None
         self._num: dict[str, int] = {}
         self._user: dict[int, str] = {}
+        self._num_next = 0
         self._feed: list[EmbeddingUpdate] = []
         self._feed_ids: list[tuple[int, int]] = []  # parsed ids of _feed, increasing
         self._last_id = (0, 0)
@@ -197,7 +221,8 @@ class MemoryEmbeddingStore:
         for u in user_ids:
             num = self._num.get(u)
             if num is None:
-                num = self._num[u] = len(self._num) + 1  # Redis INCR starts at 1 too
+                self._num_next += 1  # a counter, as on Redis: a forgotten id never returns
+                num = self._num[u] = self._num_next  # Redis INCR starts at 1 too
                 self._user[num] = u
             out.append(num)
         return out
@@ -303,3 +328,28 @@ class MemoryEmbeddingStore:
         ms, _, seq = after.partition("-")
         start = bisect.bisect_right(self._feed_ids, (int(ms), int(seq or 0)))
         return self._feed[start : start + count]
+
+    def forget(self, user_id: str) -> dict[str, Any]:
+        named = [i for i, up in enumerate(self._feed) if up.user_id == user_id and not up.deleted]
+        nums = dict.fromkeys(self._feed[i].num for i in named)
+        num = self._num.pop(user_id, None)
+        if num is not None:
+            nums = {num: None, **nums}
+        for n in nums:
+            if self._user.get(n) == user_id:
+                del self._user[n]
+        had = self.vectors.pop(user_id, None) is not None
+        self.versions.pop(user_id, None)
+        self.event_ts.pop(user_id, None)
+        for i in reversed(named):
+            del self._feed[i], self._feed_ids[i]
+        tombstones = []
+        for n in nums:
+            if self.feed_maxlen:
+                self._feed.append(EmbeddingUpdate(self._next_id(), "", n,
+                                                  np.zeros(0, np.float32), deleted=True))  # fmt: skip
+                self._feed_ids.append(self._last_id)
+                self._added += 1
+                tombstones.append(self._feed[-1].stream_id)
+        return {"embedding": int(had), "nums": list(nums), "feed_entries_deleted": len(named),
+                "tombstones": tombstones}  # fmt: skip

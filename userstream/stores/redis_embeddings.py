@@ -16,6 +16,7 @@ import json
 import math
 import struct
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import redis
@@ -47,6 +48,21 @@ end
 return out
 """
 _ASSIGN_CHUNK = 10_000
+
+# forget: KEYS = emb, user_num, user_num_rev (one shard: one slot); ARGV = user,
+# ids the feed named it by. Erases its embedding and ids; returns {had an
+# embedding (0/1), its id or -1}.
+_FORGET_LUA = """
+local had = redis.call('HDEL', KEYS[1], ARGV[1])
+local n = redis.call('HGET', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+if n then redis.call('HDEL', KEYS[3], n) end
+for i = 2, #ARGV do
+  if redis.call('HGET', KEYS[3], ARGV[i]) == ARGV[1] then redis.call('HDEL', KEYS[3], ARGV[i]) end
+end
+return {had, tonumber(n or -1)}
+"""
+_FEED_SCAN = 10_000  # feed entries per XRANGE of a forget
 
 
 def _vector(raw: str) -> np.ndarray:
@@ -84,6 +100,7 @@ class RedisEmbeddingStore:
         self._layout_checked = False
         self._scripts = Scripts(client)
         self._assign = client.register_script(_ASSIGN_LUA)
+        self._forget = client.register_script(_FORGET_LUA)
 
     def _check_layout(self) -> None:
         """Once, at the first id assignment or full read (not in __init__: a store is
@@ -277,7 +294,9 @@ class RedisEmbeddingStore:
     ) -> list[EmbeddingUpdate]:
         got = self.r.xread({self.keys.updates: after}, count=count, block=block_ms)
         return [
-            EmbeddingUpdate(
+            EmbeddingUpdate(sid, "", int(f["i"]), np.zeros(0, np.float32), deleted=True)
+            if "d" in f  # a tombstone (forget)
+            else EmbeddingUpdate(
                 sid,
                 f["u"],
                 int(f["i"]),
@@ -288,6 +307,35 @@ class RedisEmbeddingStore:
             for _key, entries in got or []
             for sid, f in entries
         ]
+
+    def forget(self, user_id: str) -> dict[str, Any]:
+        named: list[str] = []  # feed entries that name the user
+        nums: dict[int, None] = {}
+        start = "-"
+        while True:
+            rows = self.r.xrange(self.keys.updates, min=start, count=_FEED_SCAN)
+            for sid, f in rows:
+                if f.get("u") == user_id:
+                    named.append(sid)
+                    nums[int(f["i"])] = None
+            if len(rows) < _FEED_SCAN:
+                break
+            start = "(" + rows[-1][0]
+        sk = self.keys.of(user_id)
+        had, num = self._forget(keys=[sk.emb, sk.user_num, sk.user_num_rev],
+                                args=[user_id, *nums])  # fmt: skip
+        if int(num) >= 0:
+            nums = {int(num): None, **nums}
+        deleted = 0
+        for i in range(0, len(named), 1000):
+            deleted += int(self.r.xdel(self.keys.updates, *named[i : i + 1000]))
+        pipe = self.r.pipeline(transaction=False)
+        for n in nums:  # no user id in a tombstone: the feed forgets the name now
+            pipe.xadd(self.keys.updates, {"i": n, "d": 1}, maxlen=self.feed_maxlen,
+                      approximate=True)  # fmt: skip
+        tombstones = pipe.execute() if nums else []
+        return {"embedding": int(had), "nums": list(nums), "feed_entries_deleted": deleted,
+                "tombstones": list(tombstones)}  # fmt: skip
 
     def feed_state(self) -> FeedState:
         first = self.r.xrange(self.keys.updates, count=1)

@@ -150,6 +150,34 @@ return #got
 """
 
 
+# forget: KEYS = seq, users, dirty, claimed, stale, stale-claimed, forgotten (one
+# shard: one slot); ARGV = user, now. Erases the user's own state and marks it
+# forgotten; returns {bytes of its sequence, then 0/1 per set it was in}.
+_FORGET_LUA = """
+local n = redis.call('STRLEN', KEYS[1])
+redis.call('DEL', KEYS[1])
+local out = {n}
+for k = 2, 4 do table.insert(out, redis.call('SREM', KEYS[k], ARGV[1])) end
+table.insert(out, redis.call('ZREM', KEYS[5], ARGV[1]))
+table.insert(out, redis.call('SREM', KEYS[6], ARGV[1]))
+redis.call('ZADD', KEYS[7], ARGV[2], ARGV[1])
+return out
+"""
+
+# clear_forgotten: KEYS = forgotten; ARGV = before, users. Drops markers set at or
+# before ``before``; returns how many went.
+_CLEAR_FORGOTTEN_LUA = """
+local n = 0
+for i = 2, #ARGV do
+  local at = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if at and tonumber(at) <= tonumber(ARGV[1]) then
+    n = n + redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return n
+"""
+
+
 class OffsetsMoved(RuntimeError):
     """Another writer kept moving this topic's applied offsets during a batch."""
 
@@ -196,6 +224,8 @@ class RedisSequenceStore:
         self._take_dirty = client.register_script(_TAKE_DIRTY_LUA)
         self._claim = client.register_script(_CLAIM_LUA)
         self._requeue = client.register_script(_REQUEUE_LUA)
+        self._forget = client.register_script(_FORGET_LUA)
+        self._clear_forgotten = client.register_script(_CLEAR_FORGOTTEN_LUA)
 
     def _check_layout(self) -> None:
         """Once, at the first write or full read (not in __init__: a store is built
@@ -548,3 +578,23 @@ class RedisSequenceStore:
             for k, v in raw.items():
                 out[k] = out.get(k, 0) + int(v)
         return out
+
+    # --- erasure -------------------------------------------------------------
+    def forget(self, user_id: str) -> dict[str, int]:
+        sk = self.keys.of(user_id)
+        keys = [sk.seq(user_id), sk.users, sk.dirty, sk.claimed, sk.stale, sk.stale_claimed,
+                sk.forgotten]  # fmt: skip
+        got = [int(x) for x in self._forget(keys=keys, args=[user_id, repr(time.time())])]
+        names = ("users", "train_changed", "train_claimed", "embed_changed", "embed_claimed")
+        return {"behaviors": got[0] // RECORD_BYTES, **dict(zip(names, got[1:], strict=True))}
+
+    def forgotten(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for rows in self._per_shard("zrange", lambda sk: sk.forgotten, 0, -1, False, True):
+            out.update((u, float(t)) for u, t in rows)
+        return out
+
+    def clear_forgotten(self, user_ids: Iterable[str], before: float) -> int:
+        calls = [(self._clear_forgotten, [self.shards[s].forgotten], [repr(before), *ids])
+                 for s, ids in self._group(user_ids).items()]  # fmt: skip
+        return sum(int(n) for n in self._scripts.run(calls)) if calls else 0
