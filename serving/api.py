@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
+from serving.auth import TokenAuth
 from serving.context import OpsStores, ServingContext
 from serving.follower import IndexFollower
 from serving.metrics import RequestMetricsMiddleware, ServingMetrics
@@ -150,6 +151,7 @@ def create_app(
         follower_started=start_follower,
         recommender=Recommender(settings.checkpoint_dir, embeddings),
         ops=ops,
+        auth=_auth(settings),
     )
 
     @asynccontextmanager
@@ -176,6 +178,20 @@ def create_app(
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.include_router(api_router)
     return app
+
+
+def _auth(settings: Settings) -> TokenAuth:
+    """The tokens of ``settings``; logs which parts of the API are open."""
+    auth = TokenAuth.of_settings(settings)
+    if auth.open:
+        LOG.warning("API_TOKENS is not set: the API is open (every endpoint, DELETE "
+                    "/users/{id} included, answers without a token)")  # fmt: skip
+    else:
+        scopes = sorted({s for _, s in auth.hashes})
+        LOG.info("API tokens: %d (%s); reads %s, /metrics %s", len(auth.hashes), ", ".join(scopes),
+                 "open" if auth.open_reads else "need a token",
+                 "open" if auth.open_metrics else "needs a token")  # fmt: skip
+    return auth
 
 
 def serve(settings: Settings) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import redis
 
+from serving.auth import TokenAuth
 from serving.follower import IndexFollower
 from serving.metrics import ServingMetrics
 from serving.recommender import Recommender
@@ -45,3 +46,4 @@ class ServingContext:
     follower_started: bool
     recommender: Recommender
     ops: OpsStores
+    auth: TokenAuth | None = None  # bearer tokens (serving/auth.py); None = open

@@ -97,6 +97,16 @@ class UserTable:
         if ts is not None:
             self._ts[nums] = [np.nan if t is None else t for t in ts]
 
+    def remove(self, nums: list[int]) -> None:
+        """Forget these ids (tombstones of forgotten users): name, version and ts."""
+        for n in nums:
+            if 0 <= n < len(self._names) and (name := self._names[n]) is not None:
+                self._names[n] = None
+                if self._num.get(name) == n:
+                    del self._num[name]
+            if 0 <= n < len(self._ts):
+                self._version[n], self._ts[n] = -1, np.nan
+
     def num_of(self, user_id: str) -> int | None:
         return self._num.get(user_id)
 
@@ -147,6 +157,7 @@ class FollowerStats:
     snapshots_written: int = 0
     skipped_updates: int = 0  # entries that could not be applied (e.g. wrong dimension)
     errors: int = 0  # failed loop iterations (Redis down, ...)
+    forgotten: int = 0  # ids removed by tombstones (forgotten users)
     last_error: str | None = None
 
 
@@ -393,6 +404,13 @@ class IndexFollower:
     def _apply(self, updates: list[EmbeddingUpdate]) -> None:
         if not updates:
             return
+        last_id = updates[-1].stream_id
+        # tombstones (forgotten users) win over upserts of the same id in the batch:
+        # an id is never assigned again, so a later upsert of it is a stale write
+        gone = list(dict.fromkeys(u.num for u in updates if u.deleted))
+        if gone:
+            drop = set(gone)
+            updates = [u for u in updates if u.num not in drop]
         dim = self._index.dim
         good = [u for u in updates if dim is None or u.vector.shape[0] == dim]
         if good and dim is None:  # first vectors ever: they fix the dimension
@@ -410,6 +428,12 @@ class IndexFollower:
             self.users.set([u.num for u in good], [u.user_id for u in good],
                            [u.version for u in good], [u.event_ts for u in good])  # fmt: skip
         self.stats.applied_updates += len(good)
+        if gone:
+            self._index.delete(gone)
+            self.users.remove(gone)
+            self.stats.forgotten += len(gone)
         with self._applied:
-            self._applied_id = updates[-1].stream_id
+            self._applied_id = last_id
             self._applied.notify_all()
+        if gone and self._thread is not None:  # the last snapshot still holds them
+            self.snapshot()

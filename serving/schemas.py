@@ -5,7 +5,9 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 __all__ = [
+    "Check",
     "Health",
+    "Readiness",
     "Neighbor",
     "RecommendedItem",
     "Recommendations",
@@ -114,3 +116,16 @@ class Health(BaseModel):
     index_size: int
     index_applied_id: str
     reasons: list[str] = Field(default_factory=list, description="why it is unavailable")
+
+
+class Check(BaseModel):
+    ok: bool
+    detail: str = Field(description="what was found, or why it fails")
+
+
+class Readiness(BaseModel):
+    status: str = Field(description='"ready" or "not ready"')
+    checks: dict[str, Check] = Field(
+        description="redis, index, feed_lag, model, stream_worker: each with its reason"
+    )
+    reasons: list[str] = Field(default_factory=list, description="the failing checks' details")

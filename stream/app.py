@@ -7,7 +7,8 @@ worker until SIGTERM/SIGINT (exit code 0 after a clean stop).
 Readiness: each time the consumer group assigns this worker its partitions,
 the worker writes a field ``{host}:{pid}`` into the Redis hash
 ``{redis_prefix}stream_ready`` (value: JSON with app id, topic partitions and
-time) and logs ``stream worker ready``; it deletes the field when the
+time; ``beat``, refreshed every :data:`HEARTBEAT_S` while it holds partitions, is
+what the API's ``/readyz`` checks) and logs ``stream worker ready``; it deletes the field when the
 partitions are revoked and on shutdown. A supervisor or test waits for its
 child's field (see :func:`ready_field`, :func:`read_ready`) instead of sleeping
 through the 10-30 s group join.
@@ -38,6 +39,7 @@ __all__ = ["create_app", "read_ready", "ready_field", "ready_key", "run_worker"]
 LOG = logging.getLogger(__name__)
 
 LOG_CHECK_S = 5.0  # how often the topic's log identity is checked between batches
+HEARTBEAT_S = 5.0  # how often a worker with partitions refreshes "beat" in its record
 
 
 def ready_key(settings: Settings) -> str:
@@ -82,6 +84,7 @@ def create_app(settings: Settings) -> faust.App:
     guard = LogGuard(store, settings.events_topic, LogIds(settings.effective_kafka))
     attach_ingest_agent(app, settings, store, guard)
     key, field = ready_key(settings), ready_field()
+    assigned_record: dict[str, Any] = {}  # this worker's record while it holds partitions
 
     def _write(fn, *args) -> None:
         try:
@@ -107,6 +110,9 @@ def create_app(settings: Settings) -> faust.App:
         parts = sorted(f"{tp.topic}:{tp.partition}" for tp in assigned)
         record = {"app_id": settings.stream_app_id, "partitions": parts, "ts": time.time(),
                   "log": log_id}  # fmt: skip
+        assigned_record.clear()
+        assigned_record.update(record)
+        record["beat"] = record["ts"]
         await asyncio.to_thread(_write, client.hset, key, field, json.dumps(record))
         LOG.info("stream worker ready: %d partitions assigned %s", len(parts), parts)
 
@@ -122,12 +128,21 @@ def create_app(settings: Settings) -> faust.App:
         except Exception as exc:  # the broker does not answer: the batches wait too
             LOG.warning("could not check the topic's log id: %r", exc)
 
+    @app.timer(HEARTBEAT_S)
+    async def _heartbeat() -> None:
+        # the API's /readyz wants a fresh "beat": this event loop still runs
+        if assigned_record:
+            record = {**assigned_record, "beat": time.time()}
+            await asyncio.to_thread(_write, client.hset, key, field, json.dumps(record))
+
     @app.on_partitions_revoked.connect
     async def _revoked(sender: faust.App, revoked: set, **_: Any) -> None:
+        assigned_record.clear()
         await asyncio.to_thread(_write, client.hdel, key, field)
 
     @app.on_before_shutdown.connect
     async def _shutdown(sender: faust.App, **_: Any) -> None:
+        assigned_record.clear()
         await asyncio.to_thread(_write, client.hdel, key, field)
 
     return app

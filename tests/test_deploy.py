@@ -73,7 +73,7 @@ def test_ports_and_topics_agree(compose):
     for name, svc in _userstream_services(compose).items():
         env = svc["environment"]
         assert env["KAFKA_BOOTSTRAP_SERVERS"] == advertised, name
-        assert env["REDIS_URL"].startswith("redis://redis:6379"), name
+        assert "REDIS_URL" not in env and svc["env_file"] == ["deploy/userstream.env"], name
         assert env.get("EVENTS_TOPIC", defaults.events_topic) == defaults.events_topic
         assert env.get("DLQ_TOPIC", defaults.dlq_topic) == defaults.dlq_topic
         assert int(env["TOPIC_PARTITIONS"]) == int(kafka_env["KAFKA_NUM_PARTITIONS"])
@@ -92,3 +92,26 @@ def test_gpu_reservation_is_switchable(compose):
     assert services["train-worker"]["profiles"] == ["cpu"]
     assert "deploy" not in services["train-worker"]
     assert gpu["environment"]["DEVICE"] == "cuda"
+
+
+def _example_env() -> dict[str, str]:
+    lines = (ROOT / "deploy" / "userstream.env.example").read_text().splitlines()
+    return dict(ln.split("=", 1) for ln in lines if ln.strip() and not ln.startswith("#"))
+
+
+def test_secrets_come_from_a_git_ignored_env_file_and_only_the_api_is_published(compose):
+    example = _example_env()
+    password = example["REDIS_PASSWORD"]
+    assert example["REDIS_URL"] == f"redis://:{password}@redis:6379/0"
+    settings = Settings(**{k.lower(): v for k, v in example.items() if k != "REDIS_PASSWORD"})
+    assert settings.api_tokens and "sha256:" in settings.api_tokens  # hashes, not tokens
+    assert "deploy/userstream.env" in (ROOT / ".gitignore").read_text().splitlines()
+    services = compose["services"]
+    redis = services["redis"]
+    assert redis["command"][-2:] == ["--requirepass", redis["command"][-1]]
+    assert "REDIS_PASSWORD" in redis["command"][-1] and "REDIS_PASSWORD" in str(
+        redis["healthcheck"]
+    )
+    for name in ("kafka", "redis"):
+        assert "ports" not in services[name], f"{name} must not be published outside the network"
+    assert "/readyz" in " ".join(services["api"]["healthcheck"]["test"])

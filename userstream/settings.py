@@ -239,6 +239,25 @@ class Settings(BaseSettings, ModelSettings):
     # --- serving -----------------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # access control (serving/auth.py): hashes of bearer tokens, never the tokens
+    api_tokens: str | None = Field(
+        None,
+        pattern=r"^\s*sha256:[0-9a-f]{64}:(read|admin)\s*(,\s*sha256:[0-9a-f]{64}:(read|admin)\s*)*$",
+        description="sha256:<hex of the token's SHA-256>:<read|admin>,... (`userstream token` "
+        "makes one); unset = the API is open (logged at start)",
+    )
+    api_open_reads: bool = Field(
+        False, description="with API_TOKENS set, reads (users, stats) still need no token"
+    )
+    api_open_metrics: bool = Field(
+        False, description="with API_TOKENS set, /metrics still needs no token"
+    )
+    ready_max_feed_lag_s: float = Field(
+        30.0, gt=0, description="/readyz: most the index may lag behind the update feed"
+    )
+    ready_heartbeat_max_s: float = Field(
+        30.0, gt=0, description="/readyz: oldest stream worker heartbeat that counts as alive"
+    )
     index_snapshot_interval_s: float = Field(30.0, gt=0)
     index_ivf_min: int = Field(
         200_000, ge=1, description="users from which the index is IVF (exact below)"

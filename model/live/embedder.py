@@ -78,6 +78,12 @@ class Embedder:
             self._refresh.update(dict.fromkeys(refresh))
             self._pending = info
 
+    def forget_many(self, user_ids: Iterable[str]) -> None:
+        """Forgotten users leave the pending refresh."""
+        with self._lock:
+            for u in user_ids:
+                self._refresh.pop(u, None)
+
     # --- work ------------------------------------------------------------------
     def run_once(self) -> int:
         """One batch: changed users first, the rest of the batch from the refresh

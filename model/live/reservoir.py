@@ -46,6 +46,15 @@ class Reservoir:
                 self.users[j] = u
                 self._members.add(u)
 
+    def remove_many(self, user_ids: Sequence[str]) -> int:
+        """Take forgotten users out of the sample (their slots free up; ``seen`` is
+        kept, so later users enter with the same odds); returns how many were in."""
+        gone = self._members.intersection(user_ids)
+        if gone:
+            self.users = [u for u in self.users if u not in gone]
+            self._members -= gone
+        return len(gone)
+
     def sample(self, k: int, exclude: set[str]) -> list[str]:
         pool = [u for u in self.users if u not in exclude]
         return self._rng.sample(pool, min(k, len(pool)))

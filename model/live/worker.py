@@ -129,8 +129,10 @@ class TrainingWorker:
     # --- one cycle -----------------------------------------------------------
     def run_cycle(self) -> CycleReport:
         t0 = time.perf_counter()
+        forgotten = self._drop_forgotten()
         dirty = self.sequences.take_dirty(self.max_dirty)
         if not dirty:
+            self._checkpoint_forgotten(forgotten)
             return self._idle_report()
         try:
             report = self._cycle(dirty, t0)
@@ -145,7 +147,40 @@ class TrainingWorker:
             self.sequences.release_claimed(dirty)
             raise
         self.sequences.release_claimed(dirty)
+        self._checkpoint_forgotten(forgotten)
         return report
+
+    def _drop_forgotten(self) -> dict[str, float]:
+        """Users forgotten since the last cycle (``SequenceStore.forgotten``, see
+        userstream/stores/forget.py) leave the reservoir and the embedder's refresh;
+        an embedding that an in-flight embedder batch wrote back after the erase is
+        erased again (unless the user has a new history since). Returns the markers."""
+        marks = self.sequences.forgotten()
+        if not marks:
+            return marks
+        users = sorted(marks)
+        dropped = self.reservoir.remove_many(users)
+        self.embedder.forget_many(users)
+        for u, seq in zip(users, self.sequences.read_many(users), strict=True):
+            if not seq and self.embeddings.lookup(u) != (None, None):
+                LOG.warning("a forgotten user's embedding was written back; erasing it again")
+                self.embeddings.forget(u)
+        LOG.info("%d forgotten users: %d were in the reservoir", len(users), dropped)
+        return marks
+
+    def _checkpoint_forgotten(self, marks: dict[str, float]) -> None:
+        """After forgetting: the current version's checkpoint written again without
+        them and the older files deleted (they hold the old reservoir); then their
+        markers are cleared."""
+        if not marks:
+            return
+        folder = self.settings.checkpoint_dir
+        if self.trainer.version > 0 and latest_checkpoint(folder) is not None:
+            self.trainer.save(folder, keep=1, extra=self._extra())
+        self.sequences.clear_forgotten(marks, before=max(marks.values()))
+
+    def _extra(self) -> dict:
+        return {"reservoir": self.reservoir.state_dict(), "drifts": self.drift.count}
 
     def _announce_loaded(self) -> None:
         """A checkpoint newer than the published model info (the last run stopped
@@ -195,7 +230,7 @@ class TrainingWorker:
         path = self.trainer.save(
             s.checkpoint_dir,
             keep=s.keep_checkpoints,
-            extra={"reservoir": self.reservoir.state_dict(), "drifts": self.drift.count},
+            extra=self._extra(),
         )
         train_s = time.perf_counter() - t_train
 

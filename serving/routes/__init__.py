@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
-from serving.routes import health, metrics, recommendations, stats, users
+from serving.auth import require_metrics, require_read
+from serving.routes import forget, health, metrics, recommendations, stats, users
 
 __all__ = ["api_router"]
 
 api_router = APIRouter()
-api_router.include_router(users.router)
-api_router.include_router(recommendations.router)
-api_router.include_router(stats.router)
+# access (serving/auth.py): reads need the read scope, DELETE the admin scope
+# (forget.py), the probes none
+_READ = [Depends(require_read)]
+api_router.include_router(users.router, dependencies=_READ)
+api_router.include_router(recommendations.router, dependencies=_READ)
+api_router.include_router(forget.router)
+api_router.include_router(stats.router, dependencies=_READ)
 api_router.include_router(health.router)
-api_router.include_router(metrics.router)
+api_router.include_router(metrics.router, dependencies=[Depends(require_metrics)])

@@ -1,4 +1,5 @@
-"""``/healthz``: 200 when Redis answers and the index follower is running and loaded.
+"""``/healthz``: 200 when Redis answers and the index follower is running and loaded;
+``/readyz``: 200 when this replica can serve (:mod:`serving.readiness`).
 
 It answers within :data:`DEADLINE_S` whatever Redis does: the PING goes through
 the fail-fast client in a worker thread, and a check still running at the
@@ -16,7 +17,8 @@ from fastapi.responses import JSONResponse
 
 from serving import queries
 from serving.deps import ContextDep
-from serving.schemas import Health
+from serving.readiness import readiness
+from serving.schemas import Health, Readiness
 
 __all__ = ["DEADLINE_S", "router"]
 
@@ -47,3 +49,26 @@ async def healthz(ctx: ContextDep) -> JSONResponse:
         status_code=200 if report.status == "ok" else 503,
         headers={"Server-Timing": f"redis;dur={took_ms:.1f}"},
     )
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "not ready; see each check"}},
+)
+async def readyz(ctx: ContextDep) -> JSONResponse:
+    """Ready to serve: Redis answers, the index is loaded and caught up, a model
+    exists and a stream worker's heartbeat is fresh; each check says why not."""
+    start = time.perf_counter()
+    check = asyncio.to_thread(queries.redis_problem, ctx)
+    try:
+        reason = await asyncio.wait_for(check, DEADLINE_S)
+    except TimeoutError:
+        reason = f"redis does not answer: no reply within the {DEADLINE_S:g}s deadline"
+    report = await asyncio.to_thread(readiness, ctx, reason)
+    took_ms = (time.perf_counter() - start) * 1000
+    ready = report.status == "ready"
+    headers = {"Server-Timing": f"redis;dur={took_ms:.1f}"}
+    if not ready:
+        headers["Retry-After"] = "5"
+    return JSONResponse(report.model_dump(), status_code=200 if ready else 503, headers=headers)

@@ -12,6 +12,8 @@ userstream finetune --checkpoint DIR --data PATH --format F --labels FILE --out 
 userstream export --checkpoint DIR --out HF_DIR   a checkpoint as a Hugging Face model folder
 userstream bench prequential --data PATH --format F   test-then-train benchmark (PROTOCOL 2)
 userstream settings             print the resolved settings
+userstream token [--scope S]    a new API token and the hash line for API_TOKENS
+userstream forget ID            erase a user everywhere; prints what was erased (JSON)
 
 Each group of sub-commands lives in its own module: :mod:`~userstream.cli.service`
 (the processes), :mod:`~userstream.cli.data` (producers),
@@ -41,7 +43,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from userstream.cli import bench, data, offline, service
+    from userstream.cli import admin, bench, data, offline, service
 
     p = argparse.ArgumentParser(prog="userstream", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="TOML settings file (same as USERSTREAM_CONFIG)")
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_commands(sub)
     offline.add_commands(sub)
     bench.add_commands(sub)
+    admin.add_commands(sub)
     service.add_settings_command(sub)
     return p
 
