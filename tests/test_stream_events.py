@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stream.events import (
     Invalid,
@@ -16,6 +19,8 @@ from stream.events import (
     split_batch,
     to_seconds,
 )
+from stream.limits import MIN_TS
+from stream.validation import Reject, accept_event, check_event, ts_bounds
 from userstream.types import Event
 
 TS = 1_700_000_000
@@ -202,3 +207,60 @@ def test_encoding_round_trip():
     assert parse_message(encode_events([e, e]))[0] == [e, e]
     with pytest.raises(ValueError, match="not a number"):
         to_seconds("yesterday")
+
+
+# --- the fast path (stream.validation.accept_event) agrees with the full checks ---------
+
+_NEAR_IDS = st.one_of(
+    st.text(min_size=0, max_size=4),
+    st.sampled_from(["u1", " ", "\t", "a\x00b", "x" * 256, "x" * 257, "\u2028", "é"]),
+    st.integers(-5, 10**5),
+    st.booleans(),
+    st.none(),
+)
+_NEAR_TS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-(10**18), 10**18),
+    st.sampled_from([0, -0.0, 1e11, 1e11 + 1, MIN_TS, MIN_TS - 1e-3, True, "1700000000", None]),
+    st.floats(TS - 10, TS + 10),
+)
+_NEAR_BEHAVIORS = st.sampled_from(["view", "View", " click ", "", "x" * 33, 5, None, ["view"]])
+NEAR_EVENTS = st.dictionaries(
+    st.sampled_from(["user_id", "item_id", "behavior", "ts", "event_id", "extra"]),
+    st.one_of(_NEAR_IDS, _NEAR_TS, _NEAR_BEHAVIORS),
+    max_size=5,
+) | st.fixed_dictionaries(
+    {"user_id": _NEAR_IDS, "item_id": _NEAR_IDS, "behavior": _NEAR_BEHAVIORS, "ts": _NEAR_TS}
+)
+
+
+@given(
+    obj=NEAR_EVENTS,
+    now=st.sampled_from([TS + 100.0, math.inf]),
+    floor=st.sampled_from([0.0, MIN_TS]),
+)
+@settings(max_examples=600, deadline=None)
+def test_fast_path_accepts_only_what_the_full_checks_accept(obj, now, floor):
+    for name in ("View", " click "):  # a behavior seen before is the fast path's case
+        check_event({**ev(), "behavior": name}, TS + 100.0)
+    fast = accept_event(obj, *ts_bounds(now, floor))
+    try:
+        full = check_event(obj, now, floor)
+    except Reject:
+        full = None
+    assert fast is None or fast == full, (obj, fast, full)
+    if fast is not None:
+        assert type(fast.ts) is float and fast.event_id is None and fast.props is None
+
+
+def test_fast_path_takes_the_usual_event_and_split_batch_agrees():
+    obj = ev(behavior="view", ts=TS * 1000)
+    assert accept_event(obj, *ts_bounds(TS + 100.0, MIN_TS)) == check_event(obj, TS + 100.0)
+    raw = json.dumps([ev(item_id=f"i{k}", ts=TS + k) for k in range(50)]).encode()
+    fast, dead = split_batch([(0, 7, b"u1", raw)], now=TS + 100.0)
+    assert dead == [] and [e.item_id for _, _, e in fast] == [f"i{k}" for k in range(50)]
+    # one bad element sends the message down the full path: the others still apply
+    mixed = json.dumps([ev(item_id="a"), ev(ts="soon"), ev(item_id="c")]).encode()
+    events, dead = split_batch([(0, 8, b"u1", mixed)], now=TS + 100.0)
+    assert [e.item_id for _, _, e in events] == ["a", "c"] and len(dead) == 1
+    assert dead[0][3].reason == "ts 'soon' is not a number or ISO-8601 time"
