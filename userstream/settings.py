@@ -282,6 +282,17 @@ class Settings(BaseSettings, ModelSettings):
         "than this; a follower further behind rebuilds from the embeddings",
     )
 
+    # --- metrics (the API serves /metrics on api_port) ---------------------------
+    metrics_host: str = Field(
+        "127.0.0.1", description="bind address of the stream and training workers' metrics"
+    )
+    stream_metrics_port: int = Field(
+        9101, ge=0, le=65535, description="stream worker's Prometheus port (0: off)"
+    )
+    train_metrics_port: int = Field(
+        9102, ge=0, le=65535, description="training worker's Prometheus port (0: off)"
+    )
+
     @model_validator(mode="after")
     def _check_lengths(self) -> Settings:
         if self.max_len > self.sequence_length:
