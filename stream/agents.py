@@ -45,6 +45,7 @@ from aiokafka.errors import (
 
 from stream.events import DeadLetter, dead_letter_value, split_batch
 from stream.logs import LogChanged, LogGuard
+from stream.metrics import StreamMetrics
 from userstream.settings import Settings
 from userstream.stores import AppliedBatch, SequenceStore
 
@@ -82,8 +83,10 @@ class BatchWriter:
         stopping: Callable[[], bool] = lambda: False,
         stop_grace_s: float = 10.0,
         guard: LogGuard | None = None,
+        metrics: StreamMetrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics
         self.dlq = dlq
         self.guard = guard
         self.stopping = stopping
@@ -114,6 +117,9 @@ class BatchWriter:
             result.users,
             (time.perf_counter() - t0) * 1000,
         )
+        if self.metrics is not None:
+            self.metrics.observe_batch(len(records), result.applied, result.skipped,
+                                       [d[3].reason for d in dead], time.perf_counter() - t0)  # fmt: skip
         return result
 
     async def _check_log(self) -> None:
@@ -214,10 +220,15 @@ class BatchWriter:
 
 
 def attach_ingest_agent(
-    app: faust.App, settings: Settings, store: SequenceStore, guard: LogGuard | None = None
+    app: faust.App,
+    settings: Settings,
+    store: SequenceStore,
+    guard: LogGuard | None = None,
+    metrics: StreamMetrics | None = None,
 ) -> BatchWriter:
     """Register the ingest agent on ``app``; returns its writer (for shutdown).
-    ``guard`` checks before every batch that the topic is still the bound log."""
+    ``guard`` checks before every batch that the topic is still the bound log;
+    ``metrics`` records every applied batch (:mod:`stream.metrics`)."""
     source = app.topic(
         settings.events_topic,
         partitions=settings.topic_partitions,
@@ -230,7 +241,8 @@ def attach_ingest_agent(
         key_serializer="raw",
         value_serializer="raw",
     )
-    writer = BatchWriter(store, dlq, stopping=lambda: bool(app.should_stop), guard=guard)
+    writer = BatchWriter(store, dlq, stopping=lambda: bool(app.should_stop), guard=guard,
+                         metrics=metrics)  # fmt: skip
 
     @app.agent(source, name="ingest")
     async def ingest(stream: faust.StreamT) -> None:

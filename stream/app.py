@@ -29,7 +29,9 @@ import redis
 
 from stream.agents import EXIT_LOG_CHANGED, attach_ingest_agent, die
 from stream.logs import LogChanged, LogGuard
+from stream.metrics import StreamMetrics, attach_metrics
 from stream.topics import LogIds, ensure_topics_async
+from userstream.metrics import serve_registry
 from userstream.settings import Settings
 from userstream.stores import RedisSequenceStore, connect_settings
 from userstream.types import Keys
@@ -57,8 +59,9 @@ def read_ready(client: redis.Redis, settings: Settings, pid: int) -> dict[str, A
     return None if raw is None else json.loads(raw)
 
 
-def create_app(settings: Settings) -> faust.App:
-    """A Faust app with the ingest agent; Redis (not Faust tables) holds the state."""
+def create_app(settings: Settings, metrics: StreamMetrics | None = None) -> faust.App:
+    """A Faust app with the ingest agent; Redis (not Faust tables) holds the state.
+    ``metrics``: record batches, assignments, lag and a heartbeat there."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)  # Faust creates only the leaf
     app = faust.App(
         settings.stream_app_id,
@@ -82,7 +85,9 @@ def create_app(settings: Settings) -> faust.App:
     client = connect_settings(settings)
     store = RedisSequenceStore(client, Keys.of_settings(settings), settings.sequence_length)
     guard = LogGuard(store, settings.events_topic, LogIds(settings.effective_kafka))
-    attach_ingest_agent(app, settings, store, guard)
+    attach_ingest_agent(app, settings, store, guard, metrics)
+    if metrics is not None:
+        attach_metrics(app, settings, store, metrics)
     key, field = ready_key(settings), ready_field()
     assigned_record: dict[str, Any] = {}  # this worker's record while it holds partitions
 
@@ -161,7 +166,10 @@ def run_worker(settings: Settings | None = None, loglevel: str = "info") -> None
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     loop.run_until_complete(ensure_topics_async(settings.effective_kafka, settings))
-    app = create_app(settings)
+    metrics = StreamMetrics()
+    serve_registry(metrics.registry, settings.metrics_host, settings.stream_metrics_port,
+                   "stream worker")  # fmt: skip
+    app = create_app(settings, metrics)
     LOG.info(
         "stream worker %s: %s (%d partitions) -> Redis prefix %r, dead letters -> %s",
         settings.stream_app_id,
