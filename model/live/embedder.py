@@ -32,6 +32,7 @@ import math
 import threading
 from collections.abc import Iterable, Sequence
 
+from model.live.metrics import TrainMetrics
 from model.trainer import EmbeddingModel
 from userstream.settings import Settings
 from userstream.stores import EmbeddingStore, ModelInfo, SequenceStore
@@ -54,8 +55,10 @@ class Embedder:
         sequences: SequenceStore,
         embeddings: EmbeddingStore,
         model: EmbeddingModel,
+        metrics: TrainMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or TrainMetrics()  # the worker passes its own
         self.sequences = sequences
         self.embeddings = embeddings
         self._model = model
@@ -95,7 +98,7 @@ class Embedder:
         n = 0
         if users:
             try:
-                n = self._embed(users, model)
+                n = self._embed(users, model, "changed")
             except BaseException:
                 self.sequences.mark_dirty(users, queue="embed")
                 self.sequences.release_claimed(users, queue="embed")
@@ -119,7 +122,7 @@ class Embedder:
                 del self._refresh[u]
         if chunk:
             try:
-                m = self._embed(chunk, model)
+                m = self._embed(chunk, model, "refresh")
             except BaseException:
                 with self._lock:  # best effort, but not lost to a Redis hiccup
                     self._refresh.update(dict.fromkeys(chunk))
@@ -143,7 +146,7 @@ class Embedder:
             self._pending = None
         self.embeddings.set_model_info(info)
 
-    def _embed(self, users: Sequence[str], model: EmbeddingModel) -> int:
+    def _embed(self, users: Sequence[str], model: EmbeddingModel, reason: str) -> int:
         seqs = self.sequences.read_many(users)
         pairs = [(u, q) for u, q in zip(users, seqs, strict=True) if q]
         if not pairs:
@@ -151,6 +154,7 @@ class Embedder:
         vectors = model.embed_many([q for _, q in pairs])
         newest = [max(b.ts for b in q) for _, q in pairs]
         self.embeddings.upsert([u for u, _ in pairs], vectors, model.version, newest)
+        self.metrics.observe_embedded(reason, newest)  # freshness: of changed users only
         return len(pairs)
 
     def drain(self) -> int:
@@ -182,6 +186,7 @@ class Embedder:
         left by a crash go back first, and again after a failed batch."""
         requeue = True
         while not stop.is_set():
+            self.metrics.beat("embedder")
             try:
                 if requeue:
                     n = self.sequences.requeue_claimed(queue="embed")
@@ -195,6 +200,7 @@ class Embedder:
             except Exception:
                 LOG.exception("embedding batch failed; retrying in %.0fs", ERROR_BACKOFF_S)
                 self.failures += 1
+                self.metrics.embed_failures.inc()
                 requeue = True
                 stop.wait(ERROR_BACKOFF_S)
                 continue

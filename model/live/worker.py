@@ -52,8 +52,10 @@ import torch
 from model.checkpoint import latest_checkpoint
 from model.live.drift import DriftMonitor
 from model.live.embedder import Embedder
+from model.live.metrics import TrainMetrics
 from model.live.reservoir import Reservoir
 from model.trainer import Interrupted, Trainer
+from userstream.metrics import serve_registry
 from userstream.settings import Settings
 from userstream.stores import (
     EmbeddingStore,
@@ -94,6 +96,10 @@ class CycleReport:
     item_rows: int = 0
     items_expired: int = 0
     items_expired_total: int = 0
+    # parts of the cycle (train_s includes checkpoint_s) and the optimizer steps taken
+    claim_s: float = 0.0
+    checkpoint_s: float = 0.0
+    steps: int = 0
 
     @property
     def ran(self) -> bool:
@@ -109,6 +115,7 @@ class TrainingWorker:
         trainer: Trainer | None = None,
         max_dirty: int = MAX_DIRTY_PER_CYCLE,
         drift: DriftMonitor | None = None,
+        metrics: TrainMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.sequences = sequences
@@ -121,10 +128,13 @@ class TrainingWorker:
         self.drift = drift if drift is not None else DriftMonitor()
         self.drift.count = max(self.drift.count, int(self.trainer.extra.get("drifts", 0)))
         self._refresh_iter: Iterator[str] | None = None
-        self.embedder = Embedder(settings, sequences, embeddings, self.trainer.snapshot())
+        self.metrics = metrics or TrainMetrics()  # model.live.metrics
+        self.embedder = Embedder(settings, sequences, embeddings, self.trainer.snapshot(),
+                                 metrics=self.metrics)  # fmt: skip
         self.polls = 0  # checks of the cadence by run_forever (tests wait on it)
         self.failed_cycles = 0  # cycles (or cadence checks) that raised in run_forever
         self._stop: threading.Event | None = None  # set by run_forever
+        self._observe_state()
 
     # --- one cycle -----------------------------------------------------------
     def run_cycle(self) -> CycleReport:
@@ -221,18 +231,21 @@ class TrainingWorker:
             return self._idle_report()
 
         t_train = time.perf_counter()
+        claim_s = t_train - t0
         stats = self.trainer.learn_many(
             [q for _, q in kept] + replay_seqs, steps=steps, should_stop=self._stopping
         )
         self.drift.update("loss", stats["loss"])
         expired = self.trainer.expire_items()
         self.trainer.compact_items()
+        t_checkpoint = time.perf_counter()
         path = self.trainer.save(
             s.checkpoint_dir,
             keep=s.keep_checkpoints,
             extra=self._extra(),
         )
         train_s = time.perf_counter() - t_train
+        checkpoint_s = time.perf_counter() - t_checkpoint
 
         t_embed = time.perf_counter()
         version = self.trainer.version
@@ -258,8 +271,13 @@ class TrainingWorker:
             total_s=time.perf_counter() - t0,
             checkpoint=str(path),
             items_expired=expired,
+            claim_s=claim_s,
+            checkpoint_s=checkpoint_s,
+            steps=steps,
             **self._item_counts(),
         )
+        self.metrics.observe_cycle(report, stats)
+        self._observe_state()
         LOG.info(
             "cycle v%d: %d dirty + %d replay users, loss %.4f, train %.2fs, total %.2fs; "
             "%d users to re-embed with it; items: %d live, %d expired (%d ever), %d rows free "
@@ -286,6 +304,13 @@ class TrainingWorker:
         st = self.trainer.item_stats()
         return {k: st[k] for k in ("items_live", "item_rows_free", "item_rows",
                                    "items_expired_total")}  # fmt: skip
+
+    def _observe_state(self) -> None:
+        """What the metrics export between cycles: version, drifts, lr, item table."""
+        t = self.trainer
+        self.metrics.observe_state(version=t.version, drifts=self.drift.count,
+                                   learning_rate=t.optimizer.param_groups[0]["lr"],
+                                   **self._item_counts())  # fmt: skip
 
     def _idle_report(self) -> CycleReport:
         return CycleReport(self.trainer.version, 0, 0, 0, self.trainer.last_loss, 0.0, 0.0, 0.0,
@@ -342,10 +367,12 @@ class TrainingWorker:
             except Exception:
                 LOG.exception("training cycle failed; retrying in %.0fs", ERROR_BACKOFF_S)
                 self.failed_cycles += 1
+                self.metrics.failed_cycles.inc()
                 requeue = True  # putting them back may itself have failed (Redis down)
                 stop.wait(ERROR_BACKOFF_S)
                 continue
             self.polls += 1
+            self.metrics.beat("trainer")
             stop.wait(POLL_S)
         self.embedder.join(EMBEDDER_JOIN_S)
         LOG.info("training worker stopped (v%d)", self.trainer.version)
@@ -376,6 +403,8 @@ def main(settings: Settings | None = None) -> None:
     sequences = RedisSequenceStore(client, keys, settings.sequence_length)
     embeddings = RedisEmbeddingStore(client, keys, settings.update_feed_maxlen)
     worker = TrainingWorker(settings, sequences, embeddings, load_trainer(settings))
+    serve_registry(worker.metrics.registry, settings.metrics_host, settings.train_metrics_port,
+                   "training worker")  # fmt: skip
     stop = threading.Event()
 
     def _stop(signum: int, _frame: object) -> None:
