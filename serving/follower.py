@@ -110,6 +110,10 @@ class UserTable:
     def num_of(self, user_id: str) -> int | None:
         return self._num.get(user_id)
 
+    def newest_version(self) -> int:
+        """The newest model version among the vectors held (-1: none known)."""
+        return int(self._version.max()) if len(self._version) else -1
+
     def names_for(self, nums) -> list[str | None]:
         names = self._names
         return [names[n] if 0 <= n < len(names) else None for n in nums]

@@ -19,7 +19,13 @@ import time
 from collections.abc import Iterator
 
 import redis
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
@@ -102,6 +108,11 @@ class _StateCollector(Collector):
             "1 once the index finished its initial load",
             value=float(follower.ready.is_set()),
         )
+        yield GaugeMetricFamily(
+            "userstream_index_model_version",
+            "Newest model version among the vectors this replica serves (-1: none)",
+            value=follower.users.newest_version(),
+        )
         st = follower.stats
         for name, value, doc in (
             ("applied_updates", st.applied_updates, "Update-feed entries applied to the index"),
@@ -158,6 +169,7 @@ class ServingMetrics:
         self, sequences: SequenceStore, embeddings: EmbeddingStore, follower: IndexFollower
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)  # CPU, memory, file descriptors
         self.requests = Counter(
             "userstream_http_requests",
             "HTTP requests by method, route template and status",
