@@ -118,6 +118,8 @@ def running_stack(data_dir: Path, redis_url: str, **settings: str) -> Iterator[d
         "REDIS_PREFIX": f"stack-{uuid.uuid4().hex[:8]}:",
         "EMBEDDED_KAFKA_PORT": str(free_port()),
         "API_PORT": str(port),
+        "STREAM_METRICS_PORT": str(free_port()),
+        "TRAIN_METRICS_PORT": str(free_port()),
         "TOPIC_PARTITIONS": "2",
         "STREAM_APP_ID": f"stack-{uuid.uuid4().hex[:8]}",
         "TRAIN_INTERVAL_S": "2",

@@ -101,6 +101,10 @@ class Stack:
             "REDIS_URL": redis_url,
             "DATA_DIR": str(s.data_dir.resolve()),
             "PYTHONUNBUFFERED": "1",
+            # each child its own metrics port, whatever config file the children read
+            "METRICS_HOST": s.metrics_host,
+            "STREAM_METRICS_PORT": str(s.stream_metrics_port),
+            "TRAIN_METRICS_PORT": str(s.train_metrics_port),
         }
         if not embedded:
             self._ensure_topics()
@@ -152,6 +156,7 @@ class Stack:
         if not port_free(s.api_port):
             # else the wait below would take whatever listens there for the API
             raise SystemExit(f"port {s.api_port} is taken: stop what uses it or set API_PORT")
+        _check_metrics_ports(s)
         self._start_infra()
         broker = None if s.kafka_bootstrap_servers else "broker"
         self._spawn(
@@ -162,6 +167,7 @@ class Stack:
         if not self._wait_for_api(api):
             return  # a stop was asked for
         LOG.info("API on http://%s:%d (try /stats, /users/<id>/similar)", s.api_host, s.api_port)
+        LOG.info("metrics: %s", metrics_endpoints(s))
         if self.demo_rate > 0:
             self._spawn(
                 "demo-producer",
@@ -243,6 +249,34 @@ class Stack:
                         f"{n['user_id']} ({n['score']:.2f})" for n in sim.get("neighbors", [])
                     )
                     LOG.info("similar to %s: %s", user, near)
+
+
+def metrics_endpoints(s: Settings) -> str:
+    """Where each process serves its Prometheus metrics, for the start-up log.
+
+    >>> s = Settings(api_host="h", api_port=80, metrics_host="h", stream_metrics_port=0,
+    ...              train_metrics_port=9102)
+    >>> metrics_endpoints(s)
+    'api http://h:80/metrics, stream-worker off, train-worker http://h:9102/metrics'
+    """
+
+    def url(host: str, port: int) -> str:
+        return f"http://{host}:{port}/metrics" if port else "off"
+
+    return ", ".join((f"api {url(s.api_host, s.api_port)}",
+                      f"stream-worker {url(s.metrics_host, s.stream_metrics_port)}",
+                      f"train-worker {url(s.metrics_host, s.train_metrics_port)}"))  # fmt: skip
+
+
+def _check_metrics_ports(s: Settings) -> None:
+    """The API and the two workers' metrics ports must differ (0 is off)."""
+    ports = {"API_PORT": s.api_port, "STREAM_METRICS_PORT": s.stream_metrics_port,
+             "TRAIN_METRICS_PORT": s.train_metrics_port}  # fmt: skip
+    seen: dict[int, str] = {}
+    for name, port in ports.items():
+        if port and port in seen:
+            raise SystemExit(f"{seen[port]} and {name} are both {port}: give each its own port")
+        seen[port] = name
 
 
 def run_stack(settings: Settings, demo_rate: float = 0.0, demo_users: int = 500) -> int:
