@@ -20,12 +20,15 @@ from fastapi import FastAPI
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
+from serving.access_log import AccessLogMiddleware
 from serving.auth import TokenAuth
 from serving.context import OpsStores, ServingContext
 from serving.follower import IndexFollower
+from serving.kafka_view import KafkaView
 from serving.metrics import RequestMetricsMiddleware, ServingMetrics
 from serving.recommender import Recommender
 from serving.routes import api_router
+from userstream.logs import configure_logging
 from userstream.settings import Settings
 from userstream.stores import RedisEmbeddingStore, RedisSequenceStore, connect_settings
 from userstream.stores.client import is_cluster
@@ -151,6 +154,7 @@ def create_app(
         follower_started=start_follower,
         recommender=Recommender(settings.checkpoint_dir, embeddings),
         ops=ops,
+        kafka=KafkaView(settings.effective_kafka, settings.events_topic, settings.dlq_topic),
         auth=_auth(settings),
     )
 
@@ -165,6 +169,8 @@ def create_app(
             if start_follower:
                 await asyncio.to_thread(follower.stop)
             ops_client.close()
+            if ctx.kafka is not None:
+                await ctx.kafka.close()
             if own_client:
                 client.close()
 
@@ -175,6 +181,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.ctx = ctx
+    if settings.access_log_sample > 0:
+        app.add_middleware(AccessLogMiddleware, sample=settings.access_log_sample)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.include_router(api_router)
     return app
@@ -197,9 +205,7 @@ def _auth(settings: Settings) -> TokenAuth:
 def serve(settings: Settings) -> None:
     """Run the API with uvicorn on ``settings.api_host:settings.api_port`` (blocks)."""
     if not logging.getLogger().handlers:  # the CLI may have configured logging already
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        configure_logging(settings.log_format)
     app = create_app(settings)
     LOG.info("serving on http://%s:%d", settings.api_host, settings.api_port)
     # no access log: a line per request costs more than a search; /metrics counts them

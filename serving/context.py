@@ -8,6 +8,7 @@ import redis
 
 from serving.auth import TokenAuth
 from serving.follower import IndexFollower
+from serving.kafka_view import KafkaView
 from serving.metrics import ServingMetrics
 from serving.recommender import Recommender
 from userstream.settings import Settings
@@ -46,4 +47,5 @@ class ServingContext:
     follower_started: bool
     recommender: Recommender
     ops: OpsStores
+    kafka: KafkaView | None = None  # lag and dead letters for the status page
     auth: TokenAuth | None = None  # bearer tokens (serving/auth.py); None = open

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import redis
 
+from serving.freshness_window import FreshnessWindow
 from serving.index import UserIndex
 from userstream.stores import EmbeddingStore, EmbeddingUpdate
 
@@ -197,6 +198,7 @@ class IndexFollower:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.report_interval_s = report_interval_s
         self.stats = FollowerStats()
+        self.freshness = FreshnessWindow()  # event ts -> embedding written, last entries
         self.users = UserTable()  # who each id in the index is, and how fresh
         self.ready = threading.Event()  # set once the initial load is done
         self.index_options = dict(index_options or {})  # UserIndex(**): ivf_min, nlist, nprobe
@@ -432,6 +434,7 @@ class IndexFollower:
             self.users.set([u.num for u in good], [u.user_id for u in good],
                            [u.version for u in good], [u.event_ts for u in good])  # fmt: skip
         self.stats.applied_updates += len(good)
+        self.freshness.observe((u.stream_id, u.event_ts) for u in good)
         if gone:
             self._index.delete(gone)
             self.users.remove(gone)

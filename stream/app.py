@@ -31,6 +31,7 @@ from stream.agents import EXIT_LOG_CHANGED, attach_ingest_agent, die
 from stream.logs import LogChanged, LogGuard
 from stream.metrics import StreamMetrics, attach_metrics
 from stream.topics import LogIds, ensure_topics_async
+from userstream.logs import dict_config
 from userstream.metrics import serve_registry
 from userstream.settings import Settings
 from userstream.stores import RedisSequenceStore, connect_settings
@@ -178,5 +179,6 @@ def run_worker(settings: Settings | None = None, loglevel: str = "info") -> None
         settings.redis_prefix,
         settings.dlq_topic,
     )
-    worker = faust.Worker(app, loop=loop, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker = faust.Worker(app, loop=loop, loglevel=loglevel, quiet=True, redirect_stdouts=False,
+                          logging_config=dict_config(settings.log_format, loglevel))  # fmt: skip
     worker.execute_from_commandline()  # raises SystemExit

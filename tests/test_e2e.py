@@ -243,3 +243,80 @@ def test_stack_stops_cleanly_on_sigterm(tmp_path, redis_url):
     with running_stack(tmp_path, redis_url) as own:
         own["proc"].send_signal(signal.SIGTERM)
         assert own["proc"].wait(90) == 0
+
+
+def _browser():
+    """Headless Debian chromium through its chromedriver (.ci/run installs both)."""
+    import shutil
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("no chromium/chromedriver: apt-get install chromium chromium-driver "
+                    "(.ci/run does)")  # fmt: skip
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1280,1100"):  # fmt: skip
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+
+
+def test_status_page_shows_the_live_figures_and_looks_users_up(stack, tmp_path):
+    """The page at / in a real browser: no console errors, the figures of /stats,
+    a loss curve, the newest dead letter's reason, and a lookup that lists the
+    user's neighbours. Its screenshot is kept (TEST_ARTIFACTS, default
+    test-artifacts/status-page.png)."""
+    import os
+
+    from selenium.webdriver.common.by import By
+
+    client, env = stack["client"], stack["env"]
+    before = client.get("/stats").json()
+    users = [f"page-{k}" for k in range(12)]
+    for k in range(8):
+        for u in users:
+            event = {"user_id": u, "item_id": f"pi{(hash(u) + k) % 9}", "behavior": "view",
+                     "ts": time.time()}  # fmt: skip
+            produce_raw(env, u.encode(), json.dumps(event).encode())
+    produce_raw(env, b"page-bad", b'{"user_id": "page-bad", "item_id": "i1"}')  # no behavior
+    _wait(lambda: (s := client.get("/stats").json())["events_ingested"] - before["events_ingested"]
+          == 96 and s["events_dead_lettered"] == before["events_dead_lettered"] + 1,
+          120, "the page's events", stack["proc"])  # fmt: skip
+    embeddings_cover_everything_ingested(stack)
+    _wait(lambda: len(client.get("/stats/live").json()["cycles"]) > 0, 120, "a training cycle")
+
+    driver = _browser()
+    try:
+        driver.get(str(client.base_url) + "/")
+        text = lambda i: driver.find_element(By.ID, i).text  # noqa: E731
+        stats = client.get("/stats").json()
+        _wait(lambda: text("updated-at") != "never" and text("ingest_rate") != "-", 30,
+              "the page's second poll")  # fmt: skip
+        for key in ("events_ingested", "events_dead_lettered", "users", "items"):
+            assert text(key).replace(",", "") == str(stats[key]), key
+        assert text("model_version") != "-"
+        assert text("index_size").replace(",", "") != "-"
+        assert "behavior" in text("dlq-list")  # the newest reason names the missing field
+        assert driver.find_elements(By.CSS_SELECTOR, "#loss-legend span")  # a curve per task
+
+        driver.find_element(By.ID, "lookup-user").send_keys(users[0])
+        driver.find_element(By.CSS_SELECTOR, "#lookup-form button").click()
+        _wait(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#similar-list tr")) == 10, 30,
+              "the neighbours on the page")  # fmt: skip
+        shown = [r.find_element(By.TAG_NAME, "td").text
+                 for r in driver.find_elements(By.CSS_SELECTOR, "#similar-list tr")]  # fmt: skip
+        served = client.get(f"/users/{users[0]}/similar", params={"k": 10}).json()["neighbors"]
+        assert shown == [n["user_id"] for n in served]
+        assert driver.find_elements(By.CSS_SELECTOR, "#recs-list li")
+        assert text("lookup-error") == "" and text("page-error") == ""
+
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+        out = Path(os.environ.get("TEST_ARTIFACTS", "test-artifacts"))
+        out.mkdir(parents=True, exist_ok=True)
+        assert driver.save_screenshot(str(out / "status-page.png"))
+    finally:
+        driver.quit()

@@ -63,7 +63,7 @@ def test_kafka_run_matches_the_in_process_run(
         agree = agreement(local, memory.store, kafka, feed.store)
         prefix = feed.settings.redis_prefix
         info = feed.info()
-        assert list(redis_client.scan_iter(match=f"{prefix}seq:*"))
+        assert list(redis_client.scan_iter(match=f"{prefix}{{0}}:seq:*"))
     assert feed.worker_exit == 0  # stopped cleanly
     assert not list(redis_client.scan_iter(match=f"{prefix}*"))  # the run's keys are gone
     # a chunk per B=60 events, one more cut where `frozen` trains on the warm-up state

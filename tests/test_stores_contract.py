@@ -490,6 +490,16 @@ def test_another_shard_count_or_stored_form_is_refused_with_what_to_do(redis_cli
         RedisEmbeddingStore(redis_client, keys).read_all()
 
 
+def test_the_training_history_keeps_the_newest_cycles_oldest_first(kind, request):
+    emb = make_embeddings(kind, request)
+    for v in range(5):
+        emb.append_cycle({"version": v, "loss": 1.0 / (v + 1), "loss_next": 2.5})
+    got = emb.recent_cycles(3)
+    assert [c["version"] for c in got] == [2.0, 3.0, 4.0]
+    assert got[-1] == {"version": 4.0, "loss": 0.2, "loss_next": 2.5}
+    assert emb.recent_cycles(0) == [] and len(emb.recent_cycles()) == 5
+
+
 # --- forget (userstream.stores.forget) ------------------------------------------------
 def test_forget_erases_the_sequence_and_queues_and_marks_the_user(store):
     store.apply_many(T, [(0, 0, e("u1", "a", 1.0)), (0, 1, e("u1", "b", 2.0)),

@@ -166,7 +166,8 @@ class Stack:
         api = self._spawn("api", ["api"])
         if not self._wait_for_api(api):
             return  # a stop was asked for
-        LOG.info("API on http://%s:%d (try /stats, /users/<id>/similar)", s.api_host, s.api_port)
+        LOG.info("status page on http://%s:%d/ (and /stats, /users/<id>/similar)", s.api_host,
+                 s.api_port)  # fmt: skip
         LOG.info("metrics: %s", metrics_endpoints(s))
         if self.demo_rate > 0:
             self._spawn(

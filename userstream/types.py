@@ -205,6 +205,10 @@ class Keys:
         return f"{self.prefix}updates"
 
     @property
+    def cycles(self) -> str:  # Redis Stream: one entry per training cycle (the history)
+        return f"{self.prefix}cycles"
+
+    @property
     def followers(self) -> str:  # hash replica -> JSON {"id": applied feed id, "at": unix time}
         return f"{self.prefix}followers"
 

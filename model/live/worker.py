@@ -55,6 +55,7 @@ from model.live.embedder import Embedder
 from model.live.metrics import TrainMetrics
 from model.live.reservoir import Reservoir
 from model.trainer import Interrupted, Trainer
+from userstream.logs import configure_logging
 from userstream.metrics import serve_registry
 from userstream.settings import Settings
 from userstream.stores import (
@@ -276,6 +277,7 @@ class TrainingWorker:
             steps=steps,
             **self._item_counts(),
         )
+        self._record(report, stats)
         self.metrics.observe_cycle(report, stats)
         self._observe_state()
         LOG.info(
@@ -287,6 +289,19 @@ class TrainingWorker:
             report.item_rows_free, report.item_rows,
         )  # fmt: skip
         return report
+
+    def _record(self, report: CycleReport, losses: dict[str, float]) -> None:
+        """The cycle into the training history (the status page's loss curves);
+        a Redis error here costs the history one point, never the cycle."""
+        record = {"version": report.version, "at": time.time(), "train_s": report.train_s,
+                  "total_s": report.total_s, "dirty_users": report.dirty_users,
+                  "replay_users": report.replay_users, "items_live": report.items_live}  # fmt: skip
+        record.update({("loss" if k == "loss" else f"loss_{k}"): v for k, v in losses.items()
+                       if k != "seconds"})  # fmt: skip
+        try:
+            self.embeddings.append_cycle(record)
+        except Exception as exc:  # noqa: BLE001 - history only
+            LOG.warning("could not record cycle v%d in the history: %r", report.version, exc)
 
     def _trim_feed(self) -> None:
         """Keep the feed entries some live follower has not applied yet, and
@@ -393,7 +408,8 @@ def main(settings: Settings | None = None) -> None:
     """Run the training worker against ``settings.effective_redis_url`` until
     SIGTERM/SIGINT. Continues from the latest checkpoint when there is one."""
     settings = settings or Settings()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if not logging.getLogger().handlers:  # the CLI may have configured logging already
+        configure_logging(settings.log_format)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     # a hung Redis must fail a cycle (its claims are put back), not hang it forever

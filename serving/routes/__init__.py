@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from serving.auth import require_metrics, require_read
-from serving.routes import forget, health, metrics, recommendations, stats, users
+from serving.routes import forget, health, metrics, recommendations, stats, status, users
 
 __all__ = ["api_router"]
 
@@ -19,3 +19,4 @@ api_router.include_router(forget.router)
 api_router.include_router(stats.router, dependencies=_READ)
 api_router.include_router(health.router)
 api_router.include_router(metrics.router, dependencies=[Depends(require_metrics)])
+api_router.include_router(status.router)

@@ -33,13 +33,15 @@ __all__ = ["build_parser", "main"]
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    # kafka-python (topic administration) logs every connection at INFO
-    logging.getLogger("kafka").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    from userstream.logs import configure_logging
+
+    try:
+        from userstream.settings import Settings
+
+        fmt = Settings().log_format
+    except Exception:  # noqa: BLE001 - invalid settings: the command reports them itself
+        fmt = "text"
+    configure_logging(fmt, logging.DEBUG if verbose else logging.INFO)
 
 
 def build_parser() -> argparse.ArgumentParser:

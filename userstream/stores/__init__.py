@@ -15,6 +15,7 @@ from userstream.stores.client import connect, connect_settings
 from userstream.stores.contracts import (
     CHANGE_QUEUES,
     COUNTERS,
+    CYCLE_HISTORY,
     AppliedBatch,
     BatchPlan,
     ChangeQueue,
@@ -34,6 +35,7 @@ from userstream.stores.redis_sequences import RedisSequenceStore
 
 __all__ = [
     "CHANGE_QUEUES",
+    "CYCLE_HISTORY",
     "COUNTERS",
     "AppliedBatch",
     "BatchPlan",

@@ -24,6 +24,7 @@ from userstream.types import Behavior, Event
 
 __all__ = [
     "CHANGE_QUEUES",
+    "CYCLE_HISTORY",
     "COUNTERS",
     "ChangeQueue",
     "AppliedBatch",
@@ -43,6 +44,8 @@ OffsetEvent = tuple[int, int, Event]  # (partition, offset, event)
 # the two queues of changed users: the training cycle's and the embedder's
 ChangeQueue = Literal["train", "embed"]
 CHANGE_QUEUES: tuple[ChangeQueue, ...] = ("train", "embed")
+
+CYCLE_HISTORY = 1000  # training cycles a store keeps for the history (status page)
 
 # counters every store reports, zero until something happened; offset_log_resets
 # counts the times a topic's stored offsets were dropped because they belonged to
@@ -288,6 +291,15 @@ class EmbeddingStore(Protocol):
         ...
 
     def set_model_info(self, info: ModelInfo) -> None: ...
+
+    def append_cycle(self, record: dict[str, float]) -> None:
+        """One training cycle's figures (version, at, loss per task, timings, ...)
+        for the training history; the oldest beyond :data:`CYCLE_HISTORY` go."""
+        ...
+
+    def recent_cycles(self, n: int = CYCLE_HISTORY) -> list[dict[str, float]]:
+        """The last ``n`` cycle records, oldest first."""
+        ...
 
     # --- reads (API) -------------------------------------------------------------------
     def model_info(self) -> ModelInfo | None: ...

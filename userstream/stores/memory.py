@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 from userstream.stores.contracts import (
     CHANGE_QUEUES,
     COUNTERS,
+    CYCLE_HISTORY,
     AppliedBatch,
     ChangeQueue,
     EmbeddingUpdate,
@@ -206,6 +208,7 @@ class MemoryEmbeddingStore:
         self.versions: dict[str, int] = {}
         self.event_ts: dict[str, float] = {}
         self.info: ModelInfo | None = None
+        self._cycles: deque[dict[str, float]] = deque(maxlen=CYCLE_HISTORY)
         self._num: dict[str, int] = {}
         self._user: dict[int, str] = {}
         self._num_next = 0
@@ -268,6 +271,12 @@ class MemoryEmbeddingStore:
 
     def set_model_info(self, info: ModelInfo) -> None:
         self.info = info
+
+    def append_cycle(self, record: dict[str, float]) -> None:
+        self._cycles.append({k: float(v) for k, v in record.items()})
+
+    def recent_cycles(self, n: int = CYCLE_HISTORY) -> list[dict[str, float]]:
+        return list(self._cycles)[-n:] if n > 0 else []
 
     # --- reads -----------------------------------------------------------------------
     def model_info(self) -> ModelInfo | None:

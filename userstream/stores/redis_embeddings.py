@@ -22,7 +22,7 @@ import numpy as np
 import redis
 
 from userstream.stores.client import Scripts, require_text_client, to_bytes
-from userstream.stores.contracts import EmbeddingUpdate, FeedState, ModelInfo
+from userstream.stores.contracts import CYCLE_HISTORY, EmbeddingUpdate, FeedState, ModelInfo
 from userstream.stores.redis_sequences import check_layout
 from userstream.types import Keys
 
@@ -224,6 +224,16 @@ class RedisEmbeddingStore:
                 "drifts": info.drifts,
             },
         )
+
+    def append_cycle(self, record: dict[str, float]) -> None:
+        self.r.xadd(self.keys.cycles, {k: repr(float(v)) for k, v in record.items()},
+                    maxlen=CYCLE_HISTORY, approximate=False)  # fmt: skip
+
+    def recent_cycles(self, n: int = CYCLE_HISTORY) -> list[dict[str, float]]:
+        if n <= 0:
+            return []
+        got = self.r.xrevrange(self.keys.cycles, count=n)
+        return [{k: float(v) for k, v in fields.items()} for _, fields in reversed(got)]
 
     # --- reads (API) -------------------------------------------------------
     def model_info(self) -> ModelInfo | None:
