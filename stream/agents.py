@@ -49,7 +49,15 @@ from stream.metrics import StreamMetrics
 from userstream.settings import Settings
 from userstream.stores import AppliedBatch, SequenceStore
 
-__all__ = ["BatchWriter", "EXIT_LOG_CHANGED", "EXIT_UNAPPLIED", "attach_ingest_agent", "die"]
+__all__ = [
+    "BatchWriter",
+    "EXIT_LOG_CHANGED",
+    "EXIT_UNAPPLIED",
+    "RawSchema",
+    "attach_ingest_agent",
+    "die",
+    "events_topic",
+]
 
 LOG = logging.getLogger(__name__)
 
@@ -71,6 +79,15 @@ def die(reason: str, code: int = EXIT_UNAPPLIED) -> None:
     LOG.critical("%s; exiting without committing Kafka offsets", reason)
     logging.shutdown()
     os._exit(code)
+
+
+def _once(records: Sequence[tuple[int, int, Any, Any]]) -> Sequence[tuple[int, int, Any, Any]]:
+    """One (partition, offset) is one record of the log: a record delivered twice in
+    one batch (a seek while messages were buffered) counts once."""
+    if len({(r[0], r[1]) for r in records}) == len(records):
+        return records
+    seen: set[tuple[int, int]] = set()
+    return [r for r in records if (r[0], r[1]) not in seen and not seen.add((r[0], r[1]))]
 
 
 class BatchWriter:
@@ -97,10 +114,7 @@ class BatchWriter:
         t0 = time.perf_counter()
         if self.guard is not None:
             await self._check_log()
-        # one (partition, offset) is one record of the log: a record delivered twice in
-        # one batch (a seek while messages were buffered) counts once
-        seen: set[tuple[int, int]] = set()
-        records = [r for r in records if (r[0], r[1]) not in seen and not seen.add((r[0], r[1]))]
+        records = _once(records)
         events, dead = split_batch(records)
         if dead:
             dead = await self._not_yet_applied(topic, dead)
@@ -219,6 +233,31 @@ class BatchWriter:
         self._pool.shutdown(wait=True)
 
 
+class RawSchema(faust.Schema):
+    """Keys and values exactly as Kafka holds them, with no codec call per message.
+
+    The agent decodes a whole batch itself (:func:`stream.events.split_batch`),
+    so malformed JSON reaches the dead-letter topic instead of crashing Faust's
+    decoding; skipping Faust's serializer lookup per message saves ~4% of its
+    per-message path (issue 17).
+    """
+
+    def loads_key(self, app: Any, message: Any, *, loads: Any = None, serializer: Any = None):
+        return message.key
+
+    def loads_value(self, app: Any, message: Any, *, loads: Any = None, serializer: Any = None):
+        return message.value
+
+
+def events_topic(app: faust.App, settings: Settings) -> faust.TopicT:
+    """The events topic as the ingest agent reads it: raw bytes (:class:`RawSchema`)."""
+    return app.topic(
+        settings.events_topic,
+        partitions=settings.topic_partitions,
+        schema=RawSchema(key_serializer="raw", value_serializer="raw"),
+    )
+
+
 def attach_ingest_agent(
     app: faust.App,
     settings: Settings,
@@ -229,12 +268,7 @@ def attach_ingest_agent(
     """Register the ingest agent on ``app``; returns its writer (for shutdown).
     ``guard`` checks before every batch that the topic is still the bound log;
     ``metrics`` records every applied batch (:mod:`stream.metrics`)."""
-    source = app.topic(
-        settings.events_topic,
-        partitions=settings.topic_partitions,
-        key_serializer="raw",
-        value_serializer="raw",  # bytes: malformed JSON must reach the DLQ, not crash decoding
-    )
+    source = events_topic(app, settings)
     dlq = app.topic(
         settings.dlq_topic,
         partitions=settings.topic_partitions,
@@ -249,11 +283,9 @@ def attach_ingest_agent(
         async for batch in stream.take_events(
             settings.stream_batch_max, within=settings.stream_batch_within_s
         ):
-            records = [
-                (e.message.partition, e.message.offset, e.message.key, e.message.value)
-                for e in batch
-            ]
-            task = asyncio.ensure_future(writer.write(batch[0].message.topic, records))
+            messages = [e.message for e in batch]
+            records = [(m.partition, m.offset, m.key, m.value) for m in messages]
+            task = asyncio.ensure_future(writer.write(messages[0].topic, records))
             try:
                 await asyncio.shield(task)
             except asyncio.CancelledError:

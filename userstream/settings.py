@@ -213,6 +213,12 @@ class Settings(BaseSettings, ModelSettings):
     sequence_length: int = Field(200, ge=2, description="N: behaviors kept per user")
     stream_batch_max: int = Field(2000, ge=1, description="events per stream.take batch")
     stream_batch_within_s: float = Field(0.2, gt=0)
+    stream_max_poll_records: int | None = Field(
+        None, ge=1, description="most records one fetch hands Faust (unset: all it fetched)"
+    )
+    stream_fetch_max_bytes: int = Field(
+        1 << 20, ge=1024, description="bytes the stream worker fetches per partition and request"
+    )
 
     # --- training worker ---------------------------------------------------
     train_interval_s: float = Field(10.0, gt=0, description="T: train at least this often")
