@@ -24,7 +24,7 @@ LAYERS = (  # (name, module prefixes), lowest first
     ("serving", ("serving",)),
     ("cli", ("userstream.cli", "userstream.stack", "userstream.supervisor", "userstream.soak",
              "userstream.soak_load", "userstream.freshness", "userstream.query_bench",
-             "userstream.bench_env", "userstream.scale",
+             "userstream.bench_env", "userstream.scale", "userstream.ingest_bench",
              "userstream.__main__")),
 )  # fmt: skip
 

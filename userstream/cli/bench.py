@@ -6,7 +6,8 @@ runs :mod:`userstream.freshness` (produce -> served embedding under load);
 ``bench query`` runs :mod:`userstream.query_bench` (similar-user queries at N
 users); ``bench scale`` runs :mod:`userstream.scale` (a million users through
 the stack); ``bench train`` runs :mod:`model.step_bench` (a live training step
-beside a bare-torch SASRec). Settings come from the
+beside a bare-torch SASRec); ``bench ingest`` runs :mod:`userstream.ingest_bench`
+(the stream worker against bare aiokafka, Faust and Redis loops). Settings come from the
 usual sources (env vars, ``USERSTREAM_CONFIG``), then the cadence options and
 ``--set KEY=VALUE`` override them; the resolved settings go into the report.
 """
@@ -215,6 +216,21 @@ def _cmd_train(args: Any) -> int:
     return 0
 
 
+def _cmd_ingest(args: Any) -> int:
+    from userstream.ingest_bench import IngestConfig, run_ingest_bench
+
+    report = run_ingest_bench(resolved_settings(), IngestConfig(**given(args, "ingest")),
+                              Path(args.report) if args.report else None)  # fmt: skip
+    keys = ("single_ratio", "array_ratio", "scale_out_ratio", "single_ratio_per_cpu",
+            "array_ratio_per_cpu", "bare_kafka_single_events_per_s",
+            "bare_kafka_array_events_per_s", "bare_faust_single_events_per_s",
+            "bare_faust_single_ratio", "bare_redis_events_per_s", "worker_single_events_per_s",
+            "worker_array_events_per_s", "two_workers_events_per_s", "kill", "cpu", "messages",
+            "array_messages", "host_cores", "ok")  # fmt: skip
+    _print_fields(report, keys, args.report)
+    return 0 if report.get("ok") else 1
+
+
 def _add_run(bsub: Any, name: str, help: str, config: type, func: Any) -> None:
     """A benchmark of the running service: its config's fields as options, and --report."""
     sp = bsub.add_parser(name, help=help)
@@ -230,6 +246,7 @@ def add_commands(sub: Any) -> None:
     bsub = bench.add_subparsers(dest="bench", required=True)
     from model.step_bench import TrainBenchConfig
     from userstream.freshness import FreshnessConfig
+    from userstream.ingest_bench import IngestConfig
     from userstream.query_bench import QueryConfig
     from userstream.scale import ScaleConfig
     from userstream.soak import SoakConfig
@@ -244,6 +261,8 @@ def add_commands(sub: Any) -> None:
              "cycles, freshness, RSS, Redis memory", ScaleConfig, _cmd_scale)  # fmt: skip
     _add_run(bsub, "train", "a live training step beside a bare-torch SASRec step, and at 10k "
              "vs 100k items (full and sampled softmax)", TrainBenchConfig, _cmd_train)  # fmt: skip
+    _add_run(bsub, "ingest", "the stream worker's events/s against bare aiokafka, Faust and Redis "
+             "loops; two workers; one killed mid-run", IngestConfig, _cmd_ingest)  # fmt: skip
     pq = bsub.add_parser(
         "prequential", help="test-then-train over a data set: ours vs frozen and online baselines"
     )
