@@ -364,31 +364,23 @@ class RedisSequenceStore:
         for c, idx in enumerate(chunks):
             last = c == len(chunks) - 1
             per_user: dict[str, list[int]] = {}
-            for k in idx:
-                per_user.setdefault(recs[k][2].user_id, []).append(k)
             moves: dict[int, int] = {}
+            behaviors: dict[str, int] = {}
             for k in idx:
-                moves[recs[k][0]] = max(recs[k][1], moves.get(recs[k][0], -1))
+                p, o, ev = recs[k]
+                per_user.setdefault(ev.user_id, []).append(k)
+                if o > moves.get(p, -1):
+                    moves[p] = o
+                behaviors[ev.behavior] = behaviors.get(ev.behavior, 0) + 1
             if last:
                 for p, o in batch_last.items():
                     if o > max(current.get(p, -1), moves.get(p, -1)):
                         moves[p] = o
-            behaviors: dict[str, int] = {}
-            for k in idx:
-                name = recs[k][2].behavior
-                behaviors[name] = behaviors.get(name, 0) + 1
             counters = {"events_ingested": len(idx)}
             if last:
                 counters.update(events_duplicate_skipped=skipped, events_dead_lettered=dead)
             counters = {k: v for k, v in counters.items() if v}
-            blobs = []
-            for ks in per_user.values():
-                kept = ks[-self.max_len :]  # older ones would be trimmed anyway
-                blobs.append(pack(
-                    np.fromiter((nums[k][0] for k in kept), np.uint32, len(kept)),
-                    np.fromiter((nums[k][1] for k in kept), np.int64, len(kept)),
-                    np.fromiter((recs[k][2].ts for k in kept), np.float64, len(kept)),
-                ))  # fmt: skip
+            blobs = self._pack_users(per_user.values(), recs, nums)
             args: list = [self.max_len * RECORD_BYTES, now, len(per_user), *per_user, *blobs]
             args.append(len(behaviors))
             for name, n in behaviors.items():
@@ -405,6 +397,32 @@ class RedisSequenceStore:
             keys += [sk.seq(u) for u in per_user]
             calls.append((self._apply, keys, args))
         return calls
+
+    def _pack_users(
+        self,
+        per_user: Iterable[list[int]],
+        recs: list[OffsetEvent],
+        nums: list[tuple[int, int]],
+    ) -> list[bytes]:
+        """Each user's new records (the last ``max_len``: older ones would be trimmed
+        anyway), packed in one numpy call for the whole chunk, then cut per user."""
+        order: list[int] = []
+        sizes: list[int] = []
+        for ks in per_user:
+            kept = ks[-self.max_len :]
+            order.extend(kept)
+            sizes.append(len(kept) * RECORD_BYTES)
+        n = len(order)
+        blob = pack(
+            np.fromiter((nums[k][0] for k in order), np.uint32, n),
+            np.fromiter((nums[k][1] for k in order), np.int64, n),
+            np.fromiter((recs[k][2].ts for k in order), np.float64, n),
+        )
+        out, pos = [], 0
+        for size in sizes:
+            out.append(blob[pos : pos + size])
+            pos += size
+        return out
 
     def count(self, name: str, n: int = 1) -> None:
         self.r.hincrby(self.shards[0].counters, name, n)
