@@ -246,11 +246,14 @@ class Settings(BaseSettings, ModelSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     log_format: Literal["text", "json"] = Field(
-        "text", description="every process's log lines: text for people, json (one object "
-        "per line) for log shippers"
+        "text",
+        description="every process's log lines: text for people, json (one object "
+        "per line) for log shippers",
     )
     access_log_sample: float = Field(
-        0.0, ge=0.0, le=1.0,
+        0.0,
+        ge=0.0,
+        le=1.0,
         description="share of API requests logged (method, route, status, ms); 0 = no access "
         "log (a line per request costs more than a search)",
     )
