@@ -32,27 +32,16 @@ import time
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from model.trainer import Trainer, resolve_device
+from userstream.bench_configs import TrainBenchConfig
 from userstream.settings import ModelSettings
 from userstream.types import Behavior
 
 __all__ = ["TrainBenchConfig", "run_train_bench"]
 
 LOG = logging.getLogger(__name__)
-
-
-class TrainBenchConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    items: int = Field(10_000, ge=100, description="catalogue of the base runs")
-    large_items: int = Field(100_000, ge=100, description="catalogue of the large runs")
-    users: int = Field(2_000, ge=10, description="synthetic users (full windows)")
-    steps: int = Field(20, ge=1, description="timed steps per figure")
-    warmup: int = Field(3, ge=0, description="untimed steps first")
-    seed: int = Field(0)
 
 
 class BareSASRec(nn.Module):

@@ -118,3 +118,15 @@ def test_every_configuration_rejects_typos_and_wrong_types():
     # a derivable field set by hand is no longer derived
     c = OfflineConfig().with_model(dropout=0.3)
     assert c.model.dropout == 0.3 and "dropout" not in c.derive and "train_batch_size" in c.derive
+
+
+def test_building_the_command_line_imports_no_torch():
+    """Every `userstream ...` command builds the whole parser first; a stream
+    worker restarted by the supervisor must not pay for importing torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from userstream.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'faiss') if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -203,7 +203,8 @@ def _cmd_scale(args: Any) -> int:
 
 
 def _cmd_train(args: Any) -> int:
-    from model.step_bench import TrainBenchConfig, run_train_bench
+    from model.step_bench import run_train_bench
+    from userstream.bench_configs import TrainBenchConfig
     from userstream.bench_env import write_report
 
     report = run_train_bench(resolved_settings(), TrainBenchConfig(**given(args, "train")))
@@ -244,7 +245,7 @@ def add_commands(sub: Any) -> None:
 
     bench = sub.add_parser("bench", help="benchmarks (PROTOCOL.md)")
     bsub = bench.add_subparsers(dest="bench", required=True)
-    from model.step_bench import TrainBenchConfig
+    from userstream.bench_configs import TrainBenchConfig
     from userstream.freshness import FreshnessConfig
     from userstream.ingest_bench import IngestConfig
     from userstream.query_bench import QueryConfig
