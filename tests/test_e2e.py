@@ -303,13 +303,20 @@ def test_status_page_shows_the_live_figures_and_looks_users_up(stack, tmp_path):
         assert driver.find_elements(By.CSS_SELECTOR, "#loss-legend span")  # a curve per task
 
         driver.find_element(By.ID, "lookup-user").send_keys(users[0])
-        driver.find_element(By.CSS_SELECTOR, "#lookup-form button").click()
-        _wait(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#similar-list tr")) == 10, 30,
-              "the neighbours on the page")  # fmt: skip
-        shown = [r.find_element(By.TAG_NAME, "td").text
-                 for r in driver.find_elements(By.CSS_SELECTOR, "#similar-list tr")]  # fmt: skip
-        served = client.get(f"/users/{users[0]}/similar", params={"k": 10}).json()["neighbors"]
-        assert shown == [n["user_id"] for n in served]
+        rows = "#similar-list tr"
+
+        def page_matches_api() -> bool:
+            # the model may refresh embeddings between the page's lookup and ours:
+            # look up again until both saw the same index
+            driver.find_element(By.CSS_SELECTOR, "#lookup-form button").click()
+            _wait(lambda: len(driver.find_elements(By.CSS_SELECTOR, rows)) == 10, 30,
+                  "the neighbours on the page")  # fmt: skip
+            shown = [r.find_element(By.TAG_NAME, "td").text
+                     for r in driver.find_elements(By.CSS_SELECTOR, rows)]  # fmt: skip
+            served = client.get(f"/users/{users[0]}/similar", params={"k": 10}).json()
+            return set(shown) == {n["user_id"] for n in served["neighbors"]}
+
+        _wait(page_matches_api, 60, "the page's neighbours to be the API's")
         assert driver.find_elements(By.CSS_SELECTOR, "#recs-list li")
         assert text("lookup-error") == "" and text("page-error") == ""
 
