@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -263,6 +263,12 @@ class Settings(BaseSettings, ModelSettings):
         pattern=r"^\s*sha256:[0-9a-f]{64}:(read|admin)\s*(,\s*sha256:[0-9a-f]{64}:(read|admin)\s*)*$",
         description="sha256:<hex of the token's SHA-256>:<read|admin>,... (`userstream token` "
         "makes one); unset = the API is open (logged at start)",
+    )
+    # pseudonymous ids (userstream/pseudonyms.py): the same key in every process
+    pseudonym_key: SecretStr | None = Field(
+        None,
+        description="with a key, user ids are replaced at ingest by a keyed hash (HMAC-SHA256) "
+        "and the API maps raw ids the same way; unset = raw ids; changing it orphans the state",
     )
     api_open_reads: bool = Field(
         False, description="with API_TOKENS set, reads (users, stats) still need no token"
