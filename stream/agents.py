@@ -15,6 +15,11 @@ ends the process at once with exit code 70 and no commit; the batch is
 redelivered to the next worker and ``apply_many`` skips what was already
 applied.
 
+With ``PSEUDONYM_KEY`` set, each valid event's ``user_id`` becomes its
+pseudonym (:mod:`userstream.pseudonyms`) before ``apply_many``, so no raw id
+reaches Redis; Kafka keys and dead letters (the raw payload) stay as Kafka
+holds them.
+
 Dead letters go out before the batch is applied. No message can fail the
 batch: decoding never raises, and a dead-letter value is bounded
 (:data:`stream.events.DEAD_LETTER_MAX_BYTES`). Should the broker still refuse
@@ -46,6 +51,7 @@ from aiokafka.errors import (
 from stream.events import DeadLetter, dead_letter_value, split_batch
 from stream.logs import LogChanged, LogGuard
 from stream.metrics import StreamMetrics
+from userstream.pseudonyms import Pseudonymizer
 from userstream.settings import Settings
 from userstream.stores import AppliedBatch, SequenceStore
 
@@ -101,8 +107,10 @@ class BatchWriter:
         stop_grace_s: float = 10.0,
         guard: LogGuard | None = None,
         metrics: StreamMetrics | None = None,
+        pseudonyms: Pseudonymizer | None = None,
     ) -> None:
         self.store = store
+        self.pseudonyms = pseudonyms or Pseudonymizer(None)
         self.metrics = metrics
         self.dlq = dlq
         self.guard = guard
@@ -116,6 +124,7 @@ class BatchWriter:
             await self._check_log()
         records = _once(records)
         events, dead = split_batch(records)
+        events = self.pseudonyms.events_many(events)
         if dead:
             dead = await self._not_yet_applied(topic, dead)
             await self._send_dead_letters(topic, dead)
@@ -276,7 +285,10 @@ def attach_ingest_agent(
         value_serializer="raw",
     )
     writer = BatchWriter(store, dlq, stopping=lambda: bool(app.should_stop), guard=guard,
-                         metrics=metrics)  # fmt: skip
+                         metrics=metrics,
+                         pseudonyms=Pseudonymizer.of_settings(settings))  # fmt: skip
+    if writer.pseudonyms.on:
+        LOG.info("PSEUDONYM_KEY is set: user ids are stored as their keyed hashes")
 
     @app.agent(source, name="ingest")
     async def ingest(stream: faust.StreamT) -> None:
