@@ -29,6 +29,7 @@ from serving.metrics import RequestMetricsMiddleware, ServingMetrics
 from serving.recommender import Recommender
 from serving.routes import api_router
 from userstream.logs import configure_logging
+from userstream.pseudonyms import Pseudonymizer
 from userstream.settings import Settings
 from userstream.stores import RedisEmbeddingStore, RedisSequenceStore, connect_settings
 from userstream.stores.client import is_cluster
@@ -156,6 +157,7 @@ def create_app(
         ops=ops,
         kafka=KafkaView(settings.effective_kafka, settings.events_topic, settings.dlq_topic),
         auth=_auth(settings),
+        pseudonyms=Pseudonymizer.of_settings(settings),
     )
 
     @asynccontextmanager

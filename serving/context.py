@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
@@ -11,6 +11,7 @@ from serving.follower import IndexFollower
 from serving.kafka_view import KafkaView
 from serving.metrics import ServingMetrics
 from serving.recommender import Recommender
+from userstream.pseudonyms import Pseudonymizer
 from userstream.settings import Settings
 from userstream.stores import EmbeddingStore, SequenceStore
 from userstream.types import Keys
@@ -49,3 +50,5 @@ class ServingContext:
     ops: OpsStores
     kafka: KafkaView | None = None  # lag and dead letters for the status page
     auth: TokenAuth | None = None  # bearer tokens (serving/auth.py); None = open
+    # raw id -> store id (PSEUDONYM_KEY, userstream/pseudonyms.py); the identity when off
+    pseudonyms: Pseudonymizer = field(default_factory=lambda: Pseudonymizer(None))

@@ -5,7 +5,9 @@ to :data:`WAIT_S`) until its own replica's index has applied the tombstones,
 so a neighbour list this replica serves afterwards no longer holds the user,
 and says which other replicas (``EmbeddingStore.followers``) had applied them by
 then. ``{user_id:path}`` takes ids holding '/', as in :mod:`serving.routes.users`
-(GET routes end in a fixed segment; this one is DELETE only).
+(GET routes end in a fixed segment; this one is DELETE only). With
+``PSEUDONYM_KEY`` set a raw id is mapped to its pseudonym first (a pseudonym is
+taken as it is), and the report names the pseudonym, never the raw id.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ async def forget(user_id: str, ctx: ContextDep) -> dict:
     """Erase the user's sequence, embedding, ids, queue entries and feed entries;
     every replica drops it from its index, the training worker from its reservoir
     and checkpoint at its next cycle. The report says what each store held."""
-    report = await run_in_threadpool(forget_user, ctx.sequences, ctx.embeddings, user_id)
+    store_id = ctx.pseudonyms.of_query(user_id)
+    report = await run_in_threadpool(forget_user, ctx.sequences, ctx.embeddings, store_id)
     tombstones = report["embeddings"]["tombstones"]
     follower = ctx.follower
     if tombstones and follower.is_alive():

@@ -1,7 +1,8 @@
 """``/users/{user_id}/recommendations`` and ``/users/{user_id}/profile``: both
 computed from the user's stored sequence by the newest checkpoint.
 
-``{user_id:path}`` for ids holding '/', as in :mod:`serving.routes.users`.
+``{user_id:path}`` for ids holding '/', and pseudonyms (``PSEUDONYM_KEY``), as
+in :mod:`serving.routes.users`.
 """
 
 from __future__ import annotations
@@ -47,13 +48,17 @@ def recommendations(
     ] = True,
 ) -> Recommendations:
     """The k items the encoder scores highest as the user's next behavior."""
+    store_id = ctx.pseudonyms.of_query(user_id)
     with _http_errors():
-        return queries.recommendations(ctx, user_id, k, exclude_seen)
+        answer = queries.recommendations(ctx, store_id, k, exclude_seen)
+    return answer if store_id == user_id else answer.model_copy(update={"user_id": user_id})
 
 
 @router.get("/{user_id:path}/profile", response_model=UserProfile, responses=_ERRORS)
 def profile(user_id: str, ctx: ContextDep) -> UserProfile:
     """The user's profile vector (features for profiling and targeting): the
     normalized mean of the item vectors of the stored history, newest checkpoint."""
+    store_id = ctx.pseudonyms.of_query(user_id)
     with _http_errors():
-        return queries.user_profile(ctx, user_id)
+        answer = queries.user_profile(ctx, store_id)
+    return answer if store_id == user_id else answer.model_copy(update={"user_id": user_id})

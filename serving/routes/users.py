@@ -5,6 +5,10 @@ User ids may hold anything the stream accepts, '/' included: a client sends
 and ``{user_id:path}`` takes it. Every user route ends in its own fixed
 segment, so the (greedy) match is unambiguous: ``/users/a/similar/similar`` is
 user ``a/similar``.
+
+With ``PSEUDONYM_KEY`` set the stores hold pseudonyms (:mod:`userstream.pseudonyms`):
+a raw id is mapped before any lookup, a pseudonym (a neighbour id from
+``/similar``) is taken as it is; ``user_id`` in the answer echoes what was asked.
 """
 
 from __future__ import annotations
@@ -36,17 +40,20 @@ async def similar(
     k: Annotated[int, Query(ge=1, le=1000, description="how many neighbours")] = 10,
 ) -> Response:
     """The k most similar other users by inner product of L2-normalized embeddings."""
+    store_id = ctx.pseudonyms.of_query(user_id)
     try:
         # what this replica holds in memory is answered on the event loop when
         # the search is short (queries.LOOP_SCAN_MAX); what needs Redis, or a
         # long exact search, goes to the thread pool, so neither stalls the loop
-        answer = queries.similar_users(ctx, user_id, k, local_only=True)
+        answer = queries.similar_users(ctx, store_id, k, local_only=True)
         if answer is None:
-            answer = await run_in_threadpool(queries.similar_users, ctx, user_id, k)
+            answer = await run_in_threadpool(queries.similar_users, ctx, store_id, k)
     except queries.NoEmbedding as exc:
         raise HTTPException(404, str(exc)) from exc
     except queries.IndexNotReady as exc:
         raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from exc
+    if store_id != user_id:
+        answer = answer.model_copy(update={"user_id": user_id})
     # serialized by pydantic-core directly: FastAPI's response_model path would
     # validate the model again and walk it through jsonable_encoder
     return Response(answer.model_dump_json(), media_type="application/json")
@@ -55,7 +62,9 @@ async def similar(
 @router.get("/{user_id:path}/embedding", response_model=UserEmbedding, responses=_NOT_FOUND)
 def embedding(user_id: str, ctx: ContextDep) -> UserEmbedding:
     """The user's current embedding and the model version that made it."""
+    store_id = ctx.pseudonyms.of_query(user_id)
     try:
-        return queries.user_embedding(ctx, user_id)
+        answer = queries.user_embedding(ctx, store_id)
     except queries.NoEmbedding as exc:
         raise HTTPException(404, str(exc)) from exc
+    return answer if store_id == user_id else answer.model_copy(update={"user_id": user_id})

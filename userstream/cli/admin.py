@@ -23,6 +23,7 @@ def _cmd_token(args: Any) -> int:
 
 
 def _cmd_forget(args: Any) -> int:
+    from userstream.pseudonyms import Pseudonymizer
     from userstream.stores import (
         RedisEmbeddingStore,
         RedisSequenceStore,
@@ -37,7 +38,9 @@ def _cmd_forget(args: Any) -> int:
         keys = Keys.of_settings(settings)
         embeddings = RedisEmbeddingStore(client, keys, settings.update_feed_maxlen)
         sequences = RedisSequenceStore(client, keys, settings.sequence_length)
-        report = forget_user(sequences, embeddings, args.user_id)
+        # with PSEUDONYM_KEY the stores hold the id's pseudonym (the report names it)
+        user_id = Pseudonymizer.of_settings(settings).of_query(args.user_id)
+        report = forget_user(sequences, embeddings, user_id)
         report["index_applied"] = _wait_for_replicas(embeddings, report, args.wait)
     finally:
         client.close()
