@@ -53,6 +53,8 @@ def redis_holdings(client, prefix: str, text: str) -> list[str]:
     found = []
     for key in r.scan_iter(match=f"{prefix}*", count=1000):
         kind = r.type(key).decode()
+        if kind == "none":  # deleted since the scan saw it (the worker clears markers)
+            continue
         if kind == "string":
             content: Any = r.get(key)
         elif kind == "hash":
