@@ -13,9 +13,10 @@ from fastapi.testclient import TestClient
 
 from serving import create_app
 from stream.agents import BatchWriter
-from userstream.pseudonyms import Pseudonymizer, is_pseudonym, pseudonym
+from userstream.pseudonyms import Pseudonymizer, id_scheme, is_pseudonym, pseudonym
 from userstream.settings import Settings
 from userstream.stores import ModelInfo, RedisEmbeddingStore, RedisSequenceStore
+from userstream.types import Keys
 
 KEY = "test-key-not-secret"
 RAW = ["raw-alice-3f9", "raw-bob/with-slash", "raw-carol-ü"]  # distinctive, to grep Redis for
@@ -104,6 +105,11 @@ def _redis_bytes(url: str, prefix: str) -> bytes:
     return b"\x00".join(out)
 
 
+def keyed(keys: Keys) -> Keys:
+    """``keys`` under the id scheme of KEY (what every process with that key uses)."""
+    return Keys(keys.prefix, keys.shards, id_scheme(KEY))
+
+
 async def _ingest(redis_client, keys, pseudonyms: Pseudonymizer) -> tuple[RedisSequenceStore, _Dlq]:
     store = RedisSequenceStore(redis_client, keys)
     dlq = _Dlq()
@@ -127,7 +133,7 @@ async def _ingest(redis_client, keys, pseudonyms: Pseudonymizer) -> tuple[RedisS
 @pytest.mark.integration  # real Redis
 async def test_ingest_stores_pseudonyms_and_no_raw_id(redis_client, keys, redis_url, redis_prefix):
     on = Pseudonymizer(KEY)
-    store, dlq = await _ingest(redis_client, keys, on)
+    store, dlq = await _ingest(redis_client, keyed(keys), on)
     by_user = dict(zip(RAW, store.read_many([on.of(u) for u in RAW]), strict=True))
     assert [b.item_id for b in by_user[RAW[0]]] == ["i1", "i3"]
     assert [b.item_id for b in by_user[RAW[1]]] == ["i2", "i4"]
@@ -156,7 +162,11 @@ async def test_ingest_without_a_key_stores_raw_ids(redis_client, keys, redis_url
 def api(tmp_path, redis_client, keys, redis_prefix, redis_url):
     """An app with PSEUDONYM_KEY, u0's planted neighbours embedded under pseudonyms."""
     on = Pseudonymizer(KEY)
-    embeddings = RedisEmbeddingStore(redis_client, keys, feed_maxlen=1000)
+    settings = Settings(
+        data_dir=tmp_path, redis_prefix=redis_prefix, redis_url=redis_url, pseudonym_key=KEY
+    )
+    # the stores record the id scheme: a writer keyed otherwise (or not) is refused
+    embeddings = RedisEmbeddingStore(redis_client, Keys.of_settings(settings), feed_maxlen=1000)
     rng = np.random.default_rng(5)
     base = rng.standard_normal(16).astype(np.float32)
     vecs = {"u0": base}
@@ -167,9 +177,6 @@ def api(tmp_path, redis_client, keys, redis_prefix, redis_url):
     vecs = {u: v / np.linalg.norm(v) for u, v in vecs.items()}
     embeddings.upsert([on.of(u) for u in vecs], np.stack(list(vecs.values())), version=2)
     embeddings.set_model_info(ModelInfo(2, "ckpt-2.pt", items=5, updated_at=1.7e9, loss=0.5))
-    settings = Settings(
-        data_dir=tmp_path, redis_prefix=redis_prefix, redis_url=redis_url, pseudonym_key=KEY
-    )
     with TestClient(create_app(settings, redis_client=redis_client)) as client:
         assert client.app.state.ctx.follower.wait_for(embeddings.feed_head(), timeout=5)
         yield client, on
@@ -214,7 +221,7 @@ async def test_cli_forget_with_the_raw_id_erases_the_pseudonym(
     from userstream.cli import main
 
     on = Pseudonymizer(KEY)
-    store, _ = await _ingest(redis_client, keys, on)
+    store, _ = await _ingest(redis_client, keyed(keys), on)
     for name, value in {"REDIS_URL": redis_url, "REDIS_PREFIX": redis_prefix,
                         "PSEUDONYM_KEY": KEY, "DATA_DIR": str(tmp_path)}.items():  # fmt: skip
         monkeypatch.setenv(name, value)
@@ -224,3 +231,18 @@ async def test_cli_forget_with_the_raw_id_erases_the_pseudonym(
     assert report["user_id"] == on.of(RAW[0]) and report["sequences"]["behaviors"] == 2
     assert RAW[0] not in json.dumps(report)
     assert [len(seq) for seq in store.read_many([on.of(u) for u in RAW])] == [0, 2, 1]
+
+
+@pytest.mark.integration  # real Redis
+def test_a_process_with_another_key_or_none_is_refused(redis_client, keys):
+    """The stores record the id scheme (a fingerprint of the key, not the key): a
+    worker started without PSEUDONYM_KEY, or with another, cannot write a second
+    set of ids beside the first."""
+    from userstream.types import Event
+
+    RedisSequenceStore(redis_client, keyed(keys)).apply_many("t", [(0, 0, Event(
+        pseudonym("u1", KEY.encode()), "i1", "view", 1.0))])  # fmt: skip
+    assert id_scheme(KEY) != id_scheme(KEY + "x") and KEY not in id_scheme(KEY)
+    for other in (keys, Keys(keys.prefix, keys.shards, id_scheme(KEY + "x"))):
+        with pytest.raises(ValueError, match="same PSEUDONYM_KEY"):
+            RedisSequenceStore(redis_client, other).read_many(["u1"])

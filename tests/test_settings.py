@@ -130,3 +130,13 @@ def test_building_the_command_line_imports_no_torch():
             "print(sorted(m for m in ('torch', 'transformers', 'faiss') if m in sys.modules))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_as_env_reveals_secrets_for_child_processes(monkeypatch):
+    from userstream.settings import Settings
+
+    monkeypatch.setenv("PSEUDONYM_KEY", "s3cret")
+    env = Settings().as_env()
+    assert env["PSEUDONYM_KEY"] == "s3cret" and "**" not in env["PSEUDONYM_KEY"]
+    monkeypatch.delenv("PSEUDONYM_KEY")
+    assert "PSEUDONYM_KEY" not in Settings().as_env()

@@ -179,7 +179,7 @@ def run_freshness(
     bench_redis = BenchRedis(settings, work, "fresh")
     env, bootstrap = child_env(settings, work / "stack", bench_redis)
     (work / "stack").mkdir(parents=True)
-    store = RedisSequenceStore(bench_redis.client, Keys(bench_redis.prefix, settings.effective_redis_shards),
+    store = RedisSequenceStore(bench_redis.client, Keys.of_settings(settings, prefix=bench_redis.prefix),
                                settings.sequence_length)  # fmt: skip
     stack = StackRun(env, work / "stack")
     sent = Sent()

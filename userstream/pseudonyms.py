@@ -32,7 +32,7 @@ from pydantic import SecretStr
 
 from userstream.types import Event
 
-__all__ = ["PREFIX", "Pseudonymizer", "is_pseudonym", "pseudonym"]
+__all__ = ["PREFIX", "Pseudonymizer", "id_scheme", "is_pseudonym", "pseudonym"]
 
 PREFIX = "p:"
 _HEX = 32  # 128 bits of the HMAC: no collision among any realistic number of users
@@ -44,6 +44,17 @@ def pseudonym(user_id: str, key: bytes) -> str:
     """``"p:"`` + the first 32 hex digits of HMAC-SHA256(``key``, UTF-8 ``user_id``)."""
     mac = hmac.digest(key, user_id.encode("utf-8", "surrogateescape"), "sha256")
     return PREFIX + mac.hex()[:_HEX]
+
+
+def id_scheme(key: SecretStr | str | None) -> str:
+    """What the stores record of the id scheme (``Keys.ids``): "raw", or "hmac:" and
+    16 hex digits of an HMAC of a fixed text under the key, which tells keys apart
+    without revealing them; a process with another key (or none) is then refused."""
+    if key is None:
+        return "raw"
+    secret = key.get_secret_value() if isinstance(key, SecretStr) else key
+    mac = hmac.digest(secret.encode("utf-8"), b"userstream user-id scheme", "sha256")
+    return "hmac:" + mac.hex()[:16]
 
 
 def is_pseudonym(text: str) -> bool:

@@ -210,7 +210,7 @@ def run_query_bench(settings: Settings, cfg: QueryConfig, report_path: Path | No
     work = Path(tempfile.mkdtemp(prefix="query-"))
     bench_redis = BenchRedis(settings, work, "query", socket_timeout=120)
     client = bench_redis.client
-    store = RedisEmbeddingStore(client, Keys(bench_redis.prefix, settings.effective_redis_shards),
+    store = RedisEmbeddingStore(client, Keys.of_settings(settings, prefix=bench_redis.prefix),
                                 feed_maxlen=settings.update_feed_maxlen)  # fmt: skip
     report: dict[str, Any] = {"users": cfg.users, "clients": cfg.clients}
     api: subprocess.Popen | None = None

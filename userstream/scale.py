@@ -125,7 +125,7 @@ def run_scale(settings: Settings, cfg: ScaleConfig, report_path: Path | None = N
     t_start = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="scale-"))
     bench_redis = BenchRedis(settings, work, "scale")
-    keys = Keys(bench_redis.prefix, settings.effective_redis_shards)
+    keys = Keys.of_settings(settings, prefix=bench_redis.prefix)
     env, bootstrap = child_env(settings, work / "stack", bench_redis)
     (work / "stack").mkdir(parents=True)
     stack = StackRun(env, work / "stack")

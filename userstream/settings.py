@@ -362,6 +362,18 @@ class Settings(BaseSettings, ModelSettings):
     def effective_redis_url(self) -> str:
         return self.redis_url or DEFAULT_REDIS_URL
 
+    def as_env(self) -> dict[str, str]:
+        """Every set field as the environment variable a child process reads, secrets
+        revealed (``str`` of a SecretStr is its mask)."""
+        out = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            out[name.upper()] = str(value)
+        return out
+
     @property
     def effective_redis_shards(self) -> int:
         if self.redis_shards is not None:

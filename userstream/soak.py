@@ -196,7 +196,7 @@ def run_soak(settings: Settings, cfg: SoakConfig, report_path: Path | None = Non
     total = int(cfg.rate * cfg.minutes * 60)
     users = max(10, math.ceil(total / (settings.sequence_length / 2)))  # ~half a window each
     store = RedisSequenceStore(
-        client, Keys(bench_redis.prefix, settings.effective_redis_shards), settings.sequence_length
+        client, Keys.of_settings(settings, prefix=bench_redis.prefix), settings.sequence_length
     )
     stack = StackRun(env, work / "stack")
     sent = Sent()

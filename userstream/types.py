@@ -152,6 +152,7 @@ class Keys:
 
     prefix: str = "us:"
     shards: int = 1
+    ids: str = "raw"  # the user-id scheme: "raw", or "hmac:<key fingerprint>" (pseudonyms)
 
     def __post_init__(self) -> None:
         if "{" in self.prefix or "}" in self.prefix:
@@ -163,9 +164,13 @@ class Keys:
             raise ValueError(f"shards must be 1..{MAX_SHARDS}, got {self.shards}")
 
     @classmethod
-    def of_settings(cls, settings: Any) -> Keys:
-        """The keys of a :class:`~userstream.settings.Settings`: its prefix and shards."""
-        return cls(settings.redis_prefix, settings.effective_redis_shards)
+    def of_settings(cls, settings: Any, prefix: str | None = None) -> Keys:
+        """The keys of a :class:`~userstream.settings.Settings`: its prefix (or
+        ``prefix``), shards and user-id scheme."""
+        from userstream.pseudonyms import id_scheme
+
+        return cls(prefix or settings.redis_prefix, settings.effective_redis_shards,
+                   id_scheme(settings.pseudonym_key))  # fmt: skip
 
     def shard(self, index: int) -> ShardKeys:
         return ShardKeys(f"{self.prefix}{{{index}}}:", index)

@@ -145,6 +145,9 @@ class KafkaFeed:
             dlq_topic=f"prequential-{tag}-dlq",
             stream_app_id=f"prequential-{tag}",
             data_dir=work,
+            # the in-process run it is compared with keys users by their raw ids; the
+            # protocol scores the model, not the service's id scheme
+            pseudonym_key=None,
         )
         ensure_topics(kafka, s)
         self.client = connect_settings(s)
@@ -169,7 +172,7 @@ class KafkaFeed:
         s = self.settings
         env = {k: v for k, v in os.environ.items() if k != "USERSTREAM_CONFIG"}
         # every setting, so the child resolves exactly this run's values
-        env.update({k.upper(): str(v) for k, v in s.model_dump().items() if v is not None})
+        env.update(s.as_env())
         env.setdefault("BROKER_SESSION_TIMEOUT", "6")  # Faust's: a quicker group join on Tansu
         env.setdefault("BROKER_HEARTBEAT_INTERVAL", "1")
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in close()

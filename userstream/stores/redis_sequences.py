@@ -185,7 +185,7 @@ class OffsetsMoved(RuntimeError):
 def check_layout(client: redis.Redis, keys: Keys) -> None:
     """Record (first use) or check that the data under ``keys.prefix`` is laid out
     as this code writes it, with the same number of shards."""
-    want = {"format": LAYOUT, "shards": str(keys.shards)}
+    want = {"format": LAYOUT, "shards": str(keys.shards), "ids": keys.ids}
     for field, value in want.items():
         client.hsetnx(keys.layout, field, value)
     got = client.hgetall(keys.layout)
@@ -194,6 +194,12 @@ def check_layout(client: redis.Redis, keys: Keys) -> None:
             f"Redis under prefix {keys.prefix!r} holds data in the stored form "
             f"{got.get('format')!r}, this code reads and writes {LAYOUT!r}: use a new "
             "REDIS_PREFIX or an empty Redis (the state rebuilds from a replay)"
+        )
+    if got.get("ids") != keys.ids:
+        raise ValueError(
+            f"Redis under prefix {keys.prefix!r} holds users under the id scheme "
+            f"{got.get('ids')!r}, this process uses {keys.ids!r}: every process needs the "
+            "same PSEUDONYM_KEY (or none); a new key needs a new REDIS_PREFIX"
         )
     if got.get("shards") != want["shards"]:
         raise ValueError(
