@@ -190,18 +190,8 @@ def check_event(obj: Any, now: float, min_ts: float = 0.0) -> Event:
     item_id = _identifier("item_id", obj["item_id"])
     behavior = _behavior(obj["behavior"])
     ts = _timestamp(obj["ts"], now, min_ts)
-    event_id = obj.get("event_id")
-    if event_id is not None:
-        if not isinstance(event_id, str):
-            raise Reject(f"event_id must be a string, got {type_name(event_id)}")
-        if len(event_id) > MAX_ID_LEN:
-            raise Reject(f"event_id is {len(event_id)} characters long (at most {MAX_ID_LEN})")
-    text = obj.get("text")
-    if text is not None:
-        if not isinstance(text, str):
-            raise Reject(f"text must be a string, got {type_name(text)}")
-        if len(text) > MAX_TEXT_LEN:
-            raise Reject(f"text is {len(text)} characters long (at most {MAX_TEXT_LEN})")
+    event_id = _optional_string(obj, "event_id", MAX_ID_LEN)
+    text = _optional_string(obj, "text", MAX_TEXT_LEN)
     props = obj.get("props")
     if props is not None:
         if not isinstance(props, dict):
@@ -212,6 +202,17 @@ def check_event(obj: Any, now: float, min_ts: float = 0.0) -> Event:
                     raise Reject(f"props nest deeper than {MAX_DEPTH} levels (the event is 1)")
                 break
     return Event(user_id, item_id, behavior, ts, event_id, text, props)
+
+
+def _optional_string(obj: dict, name: str, max_len: int) -> str | None:
+    """``obj[name]`` when absent or null (None), else a string of at most ``max_len``."""
+    value = obj.get(name)
+    if value is not None:
+        if not isinstance(value, str):
+            raise Reject(f"{name} must be a string, got {type_name(value)}")
+        if len(value) > max_len:
+            raise Reject(f"{name} is {len(value)} characters long (at most {max_len})")
+    return value
 
 
 def type_name(value: Any) -> str:

@@ -16,6 +16,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from serving import queries
+from serving.context import ServingContext
 from serving.deps import ContextDep
 from serving.readiness import readiness
 from serving.schemas import Health, Readiness
@@ -29,6 +30,16 @@ router = APIRouter(tags=["ops"])
 DEADLINE_S = 0.8
 
 
+async def _redis_problem(ctx: ServingContext) -> str | None:
+    """Why Redis cannot serve (None when it answers), within ``DEADLINE_S``; run in
+    asyncio's executor, not the route thread pool that stuck requests may fill."""
+    check = asyncio.to_thread(queries.redis_problem, ctx)
+    try:
+        return await asyncio.wait_for(check, DEADLINE_S)
+    except TimeoutError:
+        return f"redis does not answer: no reply within the {DEADLINE_S:g}s deadline"
+
+
 @router.get(
     "/healthz",
     response_model=Health,
@@ -36,12 +47,7 @@ DEADLINE_S = 0.8
 )
 async def healthz(ctx: ContextDep) -> JSONResponse:
     start = time.perf_counter()
-    # asyncio's executor, not the route thread pool that stuck requests may fill
-    check = asyncio.to_thread(queries.redis_problem, ctx)
-    try:
-        reason = await asyncio.wait_for(check, DEADLINE_S)
-    except TimeoutError:
-        reason = f"redis does not answer: no reply within the {DEADLINE_S:g}s deadline"
+    reason = await _redis_problem(ctx)
     took_ms = (time.perf_counter() - start) * 1000
     report = queries.health(ctx, reason)
     return JSONResponse(
@@ -60,11 +66,7 @@ async def readyz(ctx: ContextDep) -> JSONResponse:
     """Ready to serve: Redis answers, the index is loaded and caught up, a model
     exists and a stream worker's heartbeat is fresh; each check says why not."""
     start = time.perf_counter()
-    check = asyncio.to_thread(queries.redis_problem, ctx)
-    try:
-        reason = await asyncio.wait_for(check, DEADLINE_S)
-    except TimeoutError:
-        reason = f"redis does not answer: no reply within the {DEADLINE_S:g}s deadline"
+    reason = await _redis_problem(ctx)
     report = await asyncio.to_thread(readiness, ctx, reason)
     took_ms = (time.perf_counter() - start) * 1000
     ready = report.status == "ready"
