@@ -1,7 +1,8 @@
 """What the API reads from Kafka itself, for the status page: consumer lag per
 partition and the newest dead letters (their reasons).
 
-Lag is the topic's end offset minus the next offset to apply, with the applied
+Lag is the topic's end offset minus the next offset to apply
+(:func:`stream.metrics.events_behind`, as the stream worker's metric), with the applied
 offsets the stream worker keeps in Redis (``SequenceStore.applied_offsets``).
 The dead letters are read from the dead-letter topic's tail, so the page
 shows what the topic holds, not a copy. One aiokafka consumer on the API's
@@ -23,6 +24,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from stream.metrics import events_behind
 
 __all__ = ["KafkaView"]
 
@@ -98,7 +101,7 @@ class KafkaView:
             tps = await self._partitions(self.events_topic)
             ends = await (await self._client()).end_offsets(tps) if tps else {}
             done = await asyncio.to_thread(applied)
-            behind = {tp.partition: max(0, end - (done.get(tp.partition, -1) + 1))
+            behind = {tp.partition: events_behind(end, done.get(tp.partition, -1))
                       for tp, end in ends.items()}  # fmt: skip
             return {"partitions": behind, "total": sum(behind.values())}
 

@@ -43,6 +43,7 @@ __all__ = [
     "DEAD_LETTER_REASONS",
     "LAG_SAMPLE_S",
     "PartitionLag",
+    "events_behind",
     "StreamMetrics",
     "attach_metrics",
     "reason_label",
@@ -93,6 +94,16 @@ def reason_label(reason: str) -> str:
     return "other"
 
 
+def events_behind(end: int, applied: int) -> int:
+    """Records of a partition not applied yet: its end offset (the next offset to be
+    written) minus the one after the highest applied offset (-1: none yet).
+
+    >>> events_behind(10, 9), events_behind(15, 9), events_behind(0, -1)
+    (0, 5, 0)
+    """
+    return max(0, end - (applied + 1))
+
+
 class PartitionLag:
     """The lag of one partition from successive (time, end offset, applied) samples.
 
@@ -121,7 +132,7 @@ class PartitionLag:
             self._seen.append((now, end))
             if len(self._seen) > _HISTORY_MAX:
                 self._seen.popleft()  # the age becomes a lower bound
-        behind = max(0, end - nxt)
+        behind = events_behind(end, applied)
         # samples whose end offset did not pass `nxt` say nothing about it any more
         # (the newest one, whose end offset is `end`, always stays)
         while len(self._seen) > 1 and self._seen[0][1] <= nxt:

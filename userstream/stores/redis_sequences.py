@@ -308,12 +308,13 @@ class RedisSequenceStore:
             batch_last[p] = max(o, batch_last.get(p, -1))
             by_shard[self.keys.shard_of(rec[2].user_id)].append(rec)
         fresh: list[list[OffsetEvent]] = []
-        applied = skipped = n_dead = 0
+        shard_skipped: list[int] = []
+        applied = n_dead = 0
         users: set[str] = set()
         for s, recs in enumerate(by_shard):
             plan = plan_batch(recs, dead if s == 0 else (), done[s])
             applied += plan.applied
-            skipped += plan.skipped
+            shard_skipped.append(plan.skipped)
             n_dead += plan.dead
             users.update(plan.per_user)
             mine = done[s]
@@ -328,13 +329,13 @@ class RedisSequenceStore:
             shard_nums = [next(nums) for _ in recs]
             calls.extend(self._shard_calls(
                 self.shards[s], topic, recs, shard_nums, done[s], batch_last,
-                skipped=sum(1 for r in by_shard[s] if r[1] <= done[s].get(r[0], -1)),
+                skipped=shard_skipped[s],
                 dead=n_dead if s == 0 else 0,
             ))  # fmt: skip
         replies = self._scripts.run(calls)
         if any(int(x) == 0 for x in replies):
             return None
-        return AppliedBatch(applied, skipped, len(users), n_dead)
+        return AppliedBatch(applied, sum(shard_skipped), len(users), n_dead)
 
     def _shard_calls(
         self,
