@@ -58,7 +58,7 @@ import torch
 
 from model.live.drift import Drift, DriftMonitor
 from model.metrics import hit_and_gain
-from model.prequential.baselines import RiverMFConfig
+from model.prequential.baselines import RiverMF, RiverMFConfig
 from model.prequential.feeds import Feed, MemoryFeed
 from model.prequential.models import (
     BASELINES,
@@ -66,10 +66,12 @@ from model.prequential.models import (
     Catalogue,
     EncoderModels,
     OnlineModel,
+    PerEventModel,
     Query,
     Scoreboard,
     build_models,
 )
+from model.prequential.neighbours import NeighbourModels
 from userstream.settings import Settings
 
 __all__ = ["MODELS", "PrequentialConfig", "PrequentialResult", "run_prequential"]
@@ -92,6 +94,8 @@ class PrequentialConfig:
     drift_delta: float = 0.002
     catchup_factor: int = 4
     score_batch: int = 256
+    neighbours: tuple[str, ...] = ()  # PROTOCOL 3 sources (NEIGHBOUR_SOURCES: all); () none
+    neighbour_k: int = 20  # similar users whose items are counted
     exclude_seen: bool = True  # False: the user's earlier items stay rankable (repeats count)
     seed: int = 0
 
@@ -112,15 +116,24 @@ class PrequentialResult:
     wall_s: float
     invalid: int = 0
     river_grid: list[dict[str, Any]] = field(default_factory=list)
+    neighbour_ranks: dict[str, np.ndarray] = field(default_factory=dict)  # source -> ranks
+    precision: dict[str, float] = field(default_factory=dict)  # source -> same-group P@10
+    neighbour_seconds: dict[str, float] = field(default_factory=dict)  # source -> its time
     hr: dict[str, np.ndarray] = field(init=False)  # model -> (n_events,) HR@k, NaN: not scored
     ndcg: dict[str, np.ndarray] = field(init=False)
 
     def __post_init__(self) -> None:
         self.hr, self.ndcg = {}, {}
         for name, r in self.ranks.items():
-            hit, gain = hit_and_gain(np.where(np.isnan(r), np.inf, r), self.config.k)
-            self.hr[name] = np.where(np.isnan(r), np.nan, hit)
-            self.ndcg[name] = np.where(np.isnan(r), np.nan, gain)
+            self.hr[name], self.ndcg[name] = _hit_gain(r, self.config.k)
+        self.neighbour_hr, self.neighbour_ndcg = {}, {}
+        for name, r in self.neighbour_ranks.items():
+            self.neighbour_hr[name], self.neighbour_ndcg[name] = _hit_gain(r, self.config.k)
+
+    def neighbour_mean(self, source: str, metric: str = "hr") -> float:
+        """Mean HR@k (or NDCG@k) of the next items from ``source``'s neighbours."""
+        arr = (self.neighbour_hr if metric == "hr" else self.neighbour_ndcg)[source]
+        return float(arr[self.scored].mean()) if self.scored.any() else math.nan
 
     @property
     def models(self) -> list[str]:
@@ -135,17 +148,26 @@ class PrequentialResult:
         s = self.seconds.get(name, 0.0)
         return self.n_events / s if s > 0 else math.inf
 
-    def curve(self, name: str, window: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(window end event index, mean HR@k of the scored events in the window)."""
+    def curve(
+        self, name: str, window: int | None = None, neighbours: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(window end event index, mean HR@k of the scored events in the window) of
+        model ``name``, or with ``neighbours`` of neighbour source ``name``."""
         w = window or self.config.window
         ends, vals = [], []
-        h = self.hr[name]
+        h = (self.neighbour_hr if neighbours else self.hr)[name]
         for start in range(0, self.n_events, w):
             sel = self.scored[start : start + w]
             if sel.any():
                 ends.append(min(start + w, self.n_events))
                 vals.append(float(h[start : start + w][sel].mean()))
         return np.asarray(ends), np.asarray(vals)
+
+
+def _hit_gain(ranks: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(HR@k, NDCG@k) per event from ranks; NaN where not scored."""
+    hit, gain = hit_and_gain(np.where(np.isnan(ranks), np.inf, ranks), k)
+    return np.where(np.isnan(ranks), np.nan, hit), np.where(np.isnan(ranks), np.nan, gain)
 
 
 def _parse(obj: Any):
@@ -161,6 +183,7 @@ def run_prequential(
     progress: Callable[[int, int], None] | None = None,
     extra_models: Mapping[str, OnlineModel] | None = None,
     feed: Feed | None = None,
+    groups: Mapping[str, int] | None = None,
 ) -> PrequentialResult:
     """Test-then-train over ``events`` (dicts in timestamp order); see the module doc.
 
@@ -168,13 +191,15 @@ def run_prequential(
     :mod:`model.prequential.baselines`) evaluated in the same loop under their key.
     ``feed``: where the events go (default: a new :class:`MemoryFeed`); every
     valid event is added to it, and it is synced before each cycle and at the end.
+    ``groups``: user -> group of a planted stream; the result's ``precision`` then
+    holds each neighbour source's same-group precision@10 at the end.
     Torch's global RNG (dropout) is seeded with ``config.seed`` for the run and
     restored after, so two runs on the same events train the same way.
     """
     with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory(prefix="pq-") as tmp:
         torch.manual_seed(config.seed)
         run_settings = settings.replace(data_dir=tmp)  # the run's checkpoints
-        result = _run(events, run_settings, config, progress, extra_models, feed)
+        result = _run(events, run_settings, config, progress, extra_models, feed, groups)
     result.settings = settings
     return result
 
@@ -186,6 +211,7 @@ def _run(
     progress: Callable[[int, int], None] | None,
     extra_models: Mapping[str, OnlineModel] | None,
     feed: Feed | None,
+    groups: Mapping[str, int] | None = None,
 ) -> PrequentialResult:
     t_start = time.perf_counter()
     n = len(events)
@@ -195,6 +221,9 @@ def _run(
     board = Scoreboard(n, cat, c.k)
     drift = DriftMonitor(delta=c.drift_delta, catchup_factor=c.catchup_factor) if c.drift else None
     models = build_models(c, settings, feed, board, warmup_events, drift, extra_models)
+    nbr = _neighbour_models(c, models, feed, cat, n, warmup_events) if c.neighbours else None
+    if nbr is not None:
+        models.append(nbr)  # last: its advance sees the cycle the encoder just ran
     scored = np.zeros(n, dtype=bool)
     repeat = np.zeros(n, dtype=bool)
     new_item = np.zeros(n, dtype=bool)
@@ -229,13 +258,14 @@ def _run(
     for m in models:
         m.flush()
     encoder = next((m for m in models if isinstance(m, EncoderModels)), None)
+    precision = nbr.precision(groups) if nbr is not None and groups else {}
     result = PrequentialResult(
         config=c,
         settings=settings,
         n_events=n,
         warmup_events=warmup_events,
         ranks=board.ranks,
-        seconds={name: m.seconds[name] for m in models for name in m.names},
+        seconds={name: m.seconds[name] for m in models if m is not nbr for name in m.names},
         scored=scored,
         repeat=repeat,
         new_item=new_item,
@@ -243,9 +273,50 @@ def _run(
         cycles=encoder.cycles if encoder else [],
         wall_s=time.perf_counter() - t_start,
         invalid=invalid,
+        neighbour_ranks=nbr.board.ranks if nbr is not None else {},
+        neighbour_seconds=dict(nbr.seconds) if nbr is not None else {},
+        precision=precision,
     )
     _pick_river(result)
     return result
+
+
+def _neighbour_models(
+    c: PrequentialConfig,
+    models: list,
+    feed: Feed,
+    cat: Catalogue,
+    n: int,
+    warmup_events: int,
+) -> NeighbourModels:
+    """The neighbour sources ``c.neighbours`` asks for, on the run's models."""
+    encoder = next((m for m in models if isinstance(m, EncoderModels)), None)
+    needs_encoder = {"ours", "frozen"} & set(c.neighbours)
+    if needs_encoder and encoder is None:
+        raise ValueError(
+            f"neighbour source(s) {sorted(needs_encoder)} need the encoder models: add "
+            "incremental (and frozen) to the models, or leave those sources out"
+        )
+    if "frozen" in c.neighbours and "frozen" not in c.models:
+        raise ValueError("neighbour source frozen needs the frozen model in the run")
+    rivers = {
+        m.name: m.model
+        for m in models
+        if isinstance(m, PerEventModel) and isinstance(m.model, RiverMF)
+    }
+    return NeighbourModels(
+        c.neighbours,
+        feed,
+        cat,
+        n,
+        c.k,
+        cycles=(lambda: len(encoder.cycles)) if encoder is not None else (lambda: 0),
+        frozen_trainer=lambda: encoder.frozen.trainer if encoder and encoder.frozen else None,
+        rivers=rivers,
+        warmup_events=warmup_events,
+        k=c.neighbour_k,
+        seed=c.seed,
+    )
 
 
 def _pick_river(result: PrequentialResult) -> None:
@@ -261,8 +332,12 @@ def _pick_river(result: PrequentialResult) -> None:
     grid.sort(key=lambda g: -g["hr@10"])
     best = grid[0]["name"]
     result.river_grid = grid
-    for table in (result.ranks, result.hr, result.ndcg, result.seconds):
+    for table in (result.ranks, result.hr, result.ndcg, result.seconds, result.neighbour_ranks,
+                  result.neighbour_hr, result.neighbour_ndcg, result.precision,
+                  result.neighbour_seconds):  # fmt: skip
         for name in rows:
+            if name not in table:
+                continue
             value = table.pop(name)
             if name == best:
                 table["river_mf"] = value

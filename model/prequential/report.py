@@ -18,7 +18,15 @@ import numpy as np
 
 from model.prequential.loop import MODELS, PrequentialResult
 
-__all__ = ["recovery", "summary", "table", "plot", "via_kafka_table", "write_report"]
+__all__ = [
+    "neighbour_ratio",
+    "plot",
+    "recovery",
+    "summary",
+    "table",
+    "via_kafka_table",
+    "write_report",
+]
 
 LOG = logging.getLogger(__name__)
 
@@ -69,6 +77,15 @@ def summary(result: PrequentialResult, **extra: Any) -> dict[str, Any]:
     for name in r.models:
         ends, vals = r.curve(name)
         curves[name] = {"event": ends.tolist(), f"hr@{k}": [_f(v) for v in vals]}
+    neighbours = {}
+    for name in r.neighbour_ranks:
+        ends, vals = r.curve(name, neighbours=True)
+        neighbours[name] = {
+            f"hr@{k}": _f(r.neighbour_mean(name)),
+            f"ndcg@{k}": _f(r.neighbour_mean(name, "ndcg")),
+            "seconds": _f(r.neighbour_seconds.get(name, math.nan)),
+            "curve": {"event": ends.tolist(), f"hr@{k}": [_f(v) for v in vals]},
+        }
     import torch
 
     out = {
@@ -93,10 +110,18 @@ def summary(result: PrequentialResult, **extra: Any) -> dict[str, Any]:
             "drift_delta": r.config.drift_delta,
             "catchup_factor": r.config.catchup_factor,
             "exclude_seen": r.config.exclude_seen,
+            "neighbour_sources": list(r.config.neighbours),
+            "neighbour_k": r.config.neighbour_k,
             "seed": r.config.seed,
         },
         "river_grid": r.river_grid,
         "curves": curves,
+        "neighbours_protocol": "PROTOCOL.md section 3 (neighbour usefulness): for every scored "
+        f"event, the user's top-{r.config.neighbour_k} similar users from each source as it "
+        "stood just before the event; items ranked by how many of them have the item so far",
+        "neighbours": neighbours,
+        "neighbours_ratio": neighbour_ratio(r),
+        "neighbours_precision@10": {n: _f(v) for n, v in r.precision.items()},
         "drifts": [
             {
                 "event": pos,
@@ -123,6 +148,20 @@ def summary(result: PrequentialResult, **extra: Any) -> dict[str, Any]:
     return out
 
 
+def neighbour_ratio(result: PrequentialResult) -> dict[str, Any] | None:
+    """HR@k of ``ours`` over the best other neighbour source (``random`` included),
+    with that source's name; None without ``ours`` or another source."""
+    r = result
+    others = {n: r.neighbour_mean(n) for n in r.neighbour_ranks if n != "ours"}
+    if "ours" not in r.neighbour_ranks or not others:
+        return None
+    best = max(others, key=lambda n: others[n])
+    ours = r.neighbour_mean("ours")
+    ratio = ours / others[best] if others[best] > 0 else math.inf
+    return {"best_other": best, f"hr@{r.config.k}_best_other": _f(others[best]),
+            "ours_over_best_other": _f(ratio)}  # fmt: skip
+
+
 def table(result: PrequentialResult) -> str:
     k = result.config.k
     order = [m for m in MODELS if m in result.models] + [
@@ -139,6 +178,24 @@ def table(result: PrequentialResult) -> str:
         f"{len(result.cycles)} training cycles, {len(result.drifts)} drifts, "
         f"wall {result.wall_s:.0f}s"
     )
+    if result.neighbour_ranks:
+        lines.append(
+            f"neighbours (top {result.config.neighbour_k} similar users; next item by their "
+            f"items so far):"
+        )
+        lines.append(f"  {'source':<12}{'HR@' + str(k):>9}{'NDCG@' + str(k):>9}{'P@10 group':>12}")
+        for name in result.neighbour_ranks:
+            p = result.precision.get(name)
+            lines.append(
+                f"  {name:<12}{result.neighbour_mean(name):>9.4f}"
+                f"{result.neighbour_mean(name, 'ndcg'):>9.4f}"
+                f"{'' if p is None else f'{p:.4f}':>12}"
+            )
+        ratio = neighbour_ratio(result)
+        if ratio is not None:
+            lines.append(
+                f"  ours / best other ({ratio['best_other']}): {ratio['ours_over_best_other']:.2f}x"
+            )
     if result.river_grid:
         lines.append("River grid (HR@10, NDCG@10, events/s):")
         for g in result.river_grid:
@@ -195,7 +252,9 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4.8))
+    panels = 2 if result.neighbour_ranks else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(9, 4.8 * panels), squeeze=False)
+    ax = axes[0, 0]
     order = [m for m in MODELS if m in result.models]
     for name in order:
         ends, vals = result.curve(name, window)
@@ -217,6 +276,17 @@ def plot(
     ax.set_title(title or "prequential HR@10")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
+    if panels == 2:
+        nx = axes[1, 0]
+        for name in result.neighbour_ranks:
+            ends, vals = result.curve(name, window, neighbours=True)
+            nx.plot(ends, vals, marker=".", label=name, lw=2 if name == "ours" else 1.2)
+        nx.axvline(result.warmup_events, color="gray", ls=":", lw=1)
+        nx.set_xlabel("event (timestamp order)")
+        nx.set_ylabel(f"HR@{k} from neighbours' items")
+        nx.set_title(f"neighbour usefulness: top {result.config.neighbour_k} similar users")
+        nx.grid(alpha=0.3)
+        nx.legend(fontsize=8, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

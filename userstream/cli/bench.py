@@ -59,6 +59,21 @@ def river_grid(args: Any):
     )
 
 
+def neighbour_sources(text: str) -> tuple[str, ...]:
+    from model.prequential.neighbours import NEIGHBOUR_SOURCES
+
+    if text.strip() in ("", "none"):
+        return ()
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in NEIGHBOUR_SOURCES]
+    if unknown:
+        raise SystemExit(
+            f"--neighbours: unknown source(s) {unknown}; expected some of "
+            f"{','.join(NEIGHBOUR_SOURCES)} (or none)"
+        )
+    return names
+
+
 def _cmd_prequential(args: Any) -> int:
     import torch
 
@@ -69,7 +84,16 @@ def _cmd_prequential(args: Any) -> int:
     torch.set_num_threads(max(1, args.threads))
     settings = bench_settings(args)
     shift_at = None
-    if args.planted_shift:
+    groups = None
+    if args.planted_groups:
+        from stream.generator import ClickstreamGenerator
+
+        gen = ClickstreamGenerator(n_users=args.planted_groups, n_groups=8, items_per_group=60,
+                                   noise=0.05, seed=args.seed)  # fmt: skip
+        events = list(gen.events(args.planted_groups * args.planted_events_per_user))
+        groups = {u: gen.group_of(u) for u in gen.user_ids}
+        source = f"planted-groups:{args.planted_groups}"
+    elif args.planted_shift:
         events = shifted_clickstream(args.planted_shift, seed=args.seed)
         shift_at = args.planted_shift // 2
         source = f"planted-shift:{args.planted_shift}"
@@ -91,6 +115,8 @@ def _cmd_prequential(args: Any) -> int:
         models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
         drift=not args.no_drift,
         catchup_factor=args.catchup_factor,
+        neighbours=neighbour_sources(args.neighbours),
+        neighbour_k=args.neighbour_k,
         exclude_seen=not args.keep_seen,
         seed=args.seed,
     )
@@ -110,7 +136,7 @@ def _cmd_prequential(args: Any) -> int:
         )
     else:
         try:
-            result = run_prequential(events, settings, config, progress=progress)
+            result = run_prequential(events, settings, config, progress=progress, groups=groups)
         except ValueError as exc:  # e.g. an unknown model name
             raise SystemExit(str(exc)) from None
     print(table(result))
@@ -275,6 +301,16 @@ def add_commands(sub: Any) -> None:
         metavar="N",
         help="instead of --data: N planted events with an abrupt shift half way (drift demo)",
     )
+    src.add_argument(
+        "--planted-groups",
+        type=int,
+        metavar="USERS",
+        help="instead of --data: a stationary planted stream of USERS users in 8 interest "
+        "groups; reports every neighbour source's same-group precision@10",
+    )
+    pq.add_argument(
+        "--planted-events-per-user", type=int, default=20, help="events per --planted-groups user"
+    )
     pq.add_argument("--format", choices=FORMATS, help="format of --data")
     pq.add_argument("--report", help="write the JSON report here (and a .png plot beside it)")
     pq.add_argument("--window", type=int, default=5000, help="events per point of the curve")
@@ -288,6 +324,12 @@ def add_commands(sub: Any) -> None:
     pq.add_argument(
         "--models", default="popular,river_mf,cooccurrence,frozen,incremental", help="comma list"
     )
+    pq.add_argument(
+        "--neighbours",
+        default="ours,user_knn,river_mf,frozen,random",
+        help="neighbour sources scored on the stream (PROTOCOL 3), comma list, or none",
+    )
+    pq.add_argument("--neighbour-k", type=int, default=20, help="similar users per query")
     pq.add_argument("--river-factors", default="32", help="comma list: a grid when several")
     pq.add_argument("--river-negatives", default="16", help="comma list")
     pq.add_argument("--river-lr", default="0.1", help="comma list")

@@ -1,0 +1,409 @@
+"""Neighbour usefulness on the stream: PROTOCOL section 3, scored inside the prequential loop.
+
+For every scored event (u, i, t) (u has earlier events), each neighbour source
+names u's top-``k`` similar users (20) as its state stands just before t; every
+item seen so far scores the number of those neighbours whose history up to t
+holds it; the rank of i follows the loop's one tie rule (ties against the
+target, u's own earlier items excluded, :class:`~model.prequential.models.Scoreboard`),
+so HR@10 and NDCG@10 are comparable with the next-item models of the same run.
+
+The sources, side by side in one run:
+
+* ``ours``: the live similar-user index, a :class:`serving.index.UserIndex`
+  over the embeddings the training worker's embedder wrote to the feed's
+  embedding store, rebuilt after every training cycle (its real refresh delay:
+  an embedding is as old as the cycle that wrote it). A user not embedded yet
+  gets no answer (a miss).
+* ``user_knn``: exact cosine between the users' item sets so far
+  (|A and B| / sqrt(|A| |B|)), current at t.
+* ``river_mf``: cosine between River MF user factors, current at t (a copy of
+  each user's factors after every update; with a River grid, one source per
+  configuration and the loop keeps the one its model pick keeps).
+* ``frozen``: the frozen encoder's embeddings (the model frozen at the end of
+  the warm-up), re-embedded after every training cycle for the users whose
+  sequence changed since the last one: the same pipeline and delay as ``ours``
+  with weights that stop learning. During the warm-up it IS ``ours``.
+* ``random``: ``k`` users drawn uniformly from those with history.
+
+:func:`same_group_precision` scores a source against known groups (a planted
+stream): the share of each user's top-10 neighbours in the user's own group.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from model.prequential.baselines import RiverMF, _grown
+from model.prequential.feeds import Feed
+from model.prequential.models import Catalogue, PrequentialModel, Query, Scoreboard
+from serving.index import UserIndex
+from userstream.types import Event
+
+__all__ = [
+    "NEIGHBOUR_SOURCES",
+    "FrozenSource",
+    "IndexSource",
+    "NeighbourModels",
+    "RandomSource",
+    "RiverSource",
+    "UserKNN",
+    "UserRows",
+    "neighbour_scores",
+    "same_group_precision",
+]
+
+LOG = logging.getLogger(__name__)
+
+NEIGHBOUR_SOURCES = ("ours", "user_knn", "river_mf", "frozen", "random")
+
+
+class UserRows:
+    """Dense rows for users (in order of first event) and their items so far: a
+    0/1 matrix (users x items, float32) the sources share."""
+
+    def __init__(self) -> None:
+        self.row: dict[str, int] = {}
+        self.users: list[str] = []
+        self.matrix = np.zeros((64, 64), dtype=np.float32)
+        self.sizes = np.zeros(64, dtype=np.float32)  # distinct items per user
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def add(self, user: str, item: int) -> int:
+        r = self.row.get(user)
+        if r is None:
+            r = self.row[user] = len(self.users)
+            self.users.append(user)
+        self.matrix = _grown(self.matrix, max(r, item) + 1, axes=(0, 1))
+        self.sizes = _grown(self.sizes, r + 1)
+        if not self.matrix[r, item]:
+            self.matrix[r, item] = 1.0
+            self.sizes[r] += 1.0
+        return r
+
+
+def neighbour_scores(neighbours: Sequence[int], rows: UserRows, n_items: int) -> np.ndarray:
+    """(n_items,) how many of ``neighbours`` (row numbers) hold each item so far."""
+    if not len(neighbours):
+        return np.zeros(n_items, dtype=np.float32)
+    return rows.matrix[np.asarray(neighbours, dtype=np.int64), :n_items].sum(axis=0)
+
+
+def _top(sims: np.ndarray, exclude: int, k: int, valid: np.ndarray | None = None) -> list[int]:
+    """Rows of the ``k`` highest ``sims`` (ties: the earlier row), ``exclude`` and
+    rows not ``valid`` left out."""
+    s = sims.astype(np.float64, copy=True)
+    s[exclude] = -np.inf
+    if valid is not None:
+        s[~valid] = -np.inf
+    n_ok = int(np.isfinite(s).sum())
+    k = min(k, n_ok)
+    if k <= 0:
+        return []
+    order = np.lexsort((np.arange(len(s)), -s))[:k]  # by score, then row: deterministic
+    return order.tolist()
+
+
+class NeighbourSource(Protocol):
+    """Who is similar to a user: rows of :class:`UserRows`, best first."""
+
+    name: str
+
+    def neighbours(self, user: str, k: int) -> list[int] | None:
+        """The top ``k`` other users (rows), or None where the source has no answer."""
+        ...
+
+    def learn(self, user: str, item: int) -> None:
+        """The event reached the baselines (rows already updated)."""
+        ...
+
+    def refresh(self) -> None:
+        """A training cycle ran: embeddings changed."""
+        ...
+
+
+class UserKNN:
+    """Exact cosine over the users' item sets so far."""
+
+    name = "user_knn"
+
+    def __init__(self, rows: UserRows) -> None:
+        self.rows = rows
+
+    def neighbours(self, user: str, k: int) -> list[int] | None:
+        rows = self.rows
+        r = rows.row.get(user)
+        if r is None:
+            return None
+        n = len(rows)
+        items = np.flatnonzero(rows.matrix[r])
+        overlap = rows.matrix[:n, items].sum(axis=1)  # |A and B|
+        denom = np.sqrt(rows.sizes[:n] * rows.sizes[r])
+        sims = np.divide(overlap, denom, out=np.zeros(n, dtype=np.float32), where=denom > 0)
+        return _top(sims, r, k)
+
+    def learn(self, user: str, item: int) -> None:
+        pass
+
+    def refresh(self) -> None:
+        pass
+
+
+class RiverSource:
+    """Cosine between River MF user factors, a copy of each refreshed after its
+    user's every update."""
+
+    def __init__(self, name: str, river: RiverMF, rows: UserRows) -> None:
+        self.name, self.river, self.rows = name, river, rows
+        self.factors = np.zeros((64, river.config.n_factors), dtype=np.float32)
+        self.known = np.zeros(64, dtype=bool)
+
+    def learn(self, user: str, item: int) -> None:
+        latent = self.river.model.u_latents.get(user)
+        if latent is None:
+            return
+        r = self.rows.row[user]
+        self.factors = _grown(self.factors, r + 1)
+        self.known = _grown(self.known, r + 1)
+        v = np.asarray(latent, dtype=np.float32)
+        norm = float(np.linalg.norm(v))
+        self.factors[r] = v / norm if norm > 0 else 0.0
+        self.known[r] = norm > 0
+
+    def neighbours(self, user: str, k: int) -> list[int] | None:
+        r = self.rows.row.get(user)
+        if r is None or r >= len(self.known) or not self.known[r]:
+            return None
+        n = len(self.rows)
+        self.factors = _grown(self.factors, n)
+        self.known = _grown(self.known, n)
+        return _top(self.factors[:n] @ self.factors[r], r, k, self.known[:n])
+
+    def refresh(self) -> None:
+        pass
+
+
+class IndexSource:
+    """``ours``: the live similar-user index over the feed's embedding store,
+    rebuilt after each training cycle."""
+
+    name = "ours"
+
+    def __init__(self, feed: Feed, rows: UserRows) -> None:
+        self.feed, self.rows = feed, rows
+        self.index: UserIndex | None = None
+        self.num_row: dict[int, int] = {}
+        self.vector: dict[str, np.ndarray] = {}
+        self.seconds = 0.0
+
+    def refresh(self) -> None:
+        t0 = time.perf_counter()
+        users, vecs, nums, _ = self.feed.embeddings.read_all()
+        self.num_row = {num: self.rows.row[u] for u, num in zip(users, nums, strict=True)
+                        if u in self.rows.row}  # fmt: skip
+        self.vector = dict(zip(users, vecs, strict=True))
+        self.index = UserIndex.build(nums, vecs) if len(users) else None
+        self.seconds += time.perf_counter() - t0
+
+    def neighbours(self, user: str, k: int) -> list[int] | None:
+        v = self.vector.get(user)
+        if v is None or self.index is None:
+            return None
+        _, nums = self.index.search(v, k + 1)
+        me = self.rows.row.get(user)
+        out = [self.num_row[n] for n in nums[0].tolist() if n in self.num_row]
+        return [r for r in out if r != me][:k]
+
+    def learn(self, user: str, item: int) -> None:
+        pass
+
+
+class FrozenSource:
+    """The frozen encoder's embeddings, refreshed after each cycle for the users
+    whose sequence changed since the last refresh (None before the freeze)."""
+
+    name = "frozen"
+
+    def __init__(self, feed: Feed, rows: UserRows, trainer: Callable[[], object | None]) -> None:
+        self.feed, self.rows, self.trainer = feed, rows, trainer
+        self.changed: dict[str, None] = {}
+        self.vectors = np.zeros((64, 1), dtype=np.float32)
+        self.known = np.zeros(64, dtype=bool)
+        self.started = False
+        self.seconds = 0.0
+
+    def learn(self, user: str, item: int) -> None:
+        self.changed[user] = None
+
+    def refresh(self) -> None:
+        trainer = self.trainer()
+        if trainer is None:
+            return
+        t0 = time.perf_counter()
+        if not self.started:  # the first refresh after the freeze: everyone
+            self.changed = dict.fromkeys(self.rows.users)
+            self.started = True
+        users = list(self.changed)
+        self.changed.clear()
+        if users:
+            seqs = self.feed.store.read_many(users)
+            vecs = trainer.embed_many(seqs)  # (N, H) L2-normalized
+            if self.vectors.shape[1] != vecs.shape[1]:
+                self.vectors = np.zeros((max(64, len(self.rows)), vecs.shape[1]), np.float32)
+            self.vectors = _grown(self.vectors, len(self.rows))
+            self.known = _grown(self.known, len(self.rows))
+            rr = np.asarray([self.rows.row[u] for u in users], dtype=np.int64)
+            self.vectors[rr] = vecs
+            self.known[rr] = np.asarray([len(q) > 0 for q in seqs])
+        self.seconds += time.perf_counter() - t0
+
+    def neighbours(self, user: str, k: int) -> list[int] | None:
+        r = self.rows.row.get(user)
+        n = min(len(self.rows), len(self.known), len(self.vectors))  # embedded so far
+        if not self.started or r is None or r >= n or not self.known[r]:
+            return None
+        return _top(self.vectors[:n] @ self.vectors[r], r, k, self.known[:n])
+
+
+class RandomSource:
+    """``k`` users with history, uniformly at random (seeded)."""
+
+    name = "random"
+
+    def __init__(self, rows: UserRows, seed: int = 0) -> None:
+        self.rows = rows
+        self.rng = np.random.default_rng(seed)
+
+    def neighbours(self, user: str, k: int) -> list[int] | None:
+        me = self.rows.row.get(user)
+        others = len(self.rows) - (me is not None)
+        if others <= 0:
+            return []
+        picks = self.rng.choice(others, size=min(k, others), replace=False)
+        if me is not None:
+            picks = np.where(picks >= me, picks + 1, picks)
+        return picks.tolist()
+
+    def learn(self, user: str, item: int) -> None:
+        pass
+
+    def refresh(self) -> None:
+        pass
+
+
+class NeighbourModels(PrequentialModel):
+    """Every neighbour source scored on every query of the loop (see the module doc).
+
+    ``cycles`` tells how many training cycles have run (the encoder's), so the
+    embedding sources refresh once after each; ``frozen_trainer`` gives the
+    frozen model once the warm-up is over (None before). Ranks go to ``board``,
+    a Scoreboard of its own over the loop's catalogue, one row per source.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[str],
+        feed: Feed,
+        catalogue: Catalogue,
+        n_events: int,
+        k_eval: int,
+        cycles: Callable[[], int],
+        frozen_trainer: Callable[[], object | None],
+        rivers: Mapping[str, RiverMF],
+        warmup_events: int,
+        k: int = 20,
+        seed: int = 0,
+    ) -> None:
+        self.rows = UserRows()
+        made: list[NeighbourSource] = []
+        for name in sources:
+            if name == "ours":
+                made.append(IndexSource(feed, self.rows))
+            elif name == "user_knn":
+                made.append(UserKNN(self.rows))
+            elif name == "frozen":
+                made.append(FrozenSource(feed, self.rows, frozen_trainer))
+            elif name == "random":
+                made.append(RandomSource(self.rows, seed))
+            elif name == "river_mf":
+                if not rivers:
+                    raise ValueError(
+                        "neighbour source river_mf needs the river_mf model in the run"
+                    )
+                for row, river in rivers.items():
+                    made.append(RiverSource(row, river, self.rows))
+            else:
+                raise ValueError(
+                    f"unknown neighbour source {name!r}; expected some of {list(NEIGHBOUR_SOURCES)}"
+                )
+        self.sources = made
+        self.names = tuple(s.name for s in made)
+        super().__init__()
+        self.board = Scoreboard(n_events, catalogue, k_eval)
+        for name in self.names:
+            self.board.add_model(name)
+        self.cycles = cycles
+        self.k = k
+        self.warmup_events = warmup_events
+        self._seen_cycles = 0
+
+    def advance(self, pos: int, ev: Event, ingested: int) -> None:
+        n = self.cycles()
+        cycled = n != self._seen_cycles
+        self._seen_cycles = n
+        for s in self.sources:
+            # a cycle ran, or the frozen model just appeared (its first embedding)
+            if cycled or (isinstance(s, FrozenSource) and not s.started):
+                t0 = time.perf_counter()
+                s.refresh()
+                self.seconds[s.name] += time.perf_counter() - t0
+
+    def test(self, q: Query) -> None:
+        for s in self.sources:
+            t0 = time.perf_counter()
+            nbrs = s.neighbours(q.user, self.k)
+            if nbrs is None:  # no answer: a miss
+                self.board.ranks[s.name][q.pos] = np.inf
+            else:
+                self.board.record(s.name, q, neighbour_scores(nbrs, self.rows, q.n_items))
+            self.seconds[s.name] += time.perf_counter() - t0
+
+    def learn(self, q: Query | None, ev: Event, item: int) -> None:
+        self.rows.add(ev.user_id, item)
+        for s in self.sources:
+            s.learn(ev.user_id, item)
+
+    def flush(self) -> None:
+        ranks = self.board.ranks
+        if "frozen" in ranks and "ours" in ranks:  # during the warm-up frozen IS ours
+            warm = np.arange(self.board.n_events) < self.warmup_events
+            ranks["frozen"][warm] = ranks["ours"][warm]
+
+    def precision(self, groups: Mapping[str, int], k: int = 10) -> dict[str, float]:
+        """:func:`same_group_precision` of every source at the end of the stream."""
+        for s in self.sources:  # the state after the last event
+            s.refresh()
+        return {s.name: same_group_precision(s, self.rows, groups, k) for s in self.sources}
+
+
+def same_group_precision(
+    source: NeighbourSource, rows: UserRows, groups: Mapping[str, int], k: int = 10
+) -> float:
+    """Mean over users with a known group of the share of their top-``k``
+    neighbours (from ``source``) in their own group; a user without an answer
+    counts 0."""
+    shares = []
+    for user in rows.users:
+        g = groups.get(user)
+        if g is None:
+            continue
+        nbrs = source.neighbours(user, k) or []
+        same = sum(groups.get(rows.users[r]) == g for r in nbrs)
+        shares.append(same / k)
+    return float(np.mean(shares)) if shares else float("nan")
