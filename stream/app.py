@@ -31,6 +31,7 @@ from faust.sensors import Monitor
 from stream.agents import EXIT_LOG_CHANGED, attach_ingest_agent, die
 from stream.logs import LogChanged, LogGuard
 from stream.metrics import StreamMetrics, attach_metrics
+from stream.stall import attach_watchdog
 from stream.topics import LogIds, ensure_topics_async
 from userstream.logs import dict_config
 from userstream.metrics import serve_registry
@@ -134,6 +135,7 @@ def create_app(settings: Settings, metrics: StreamMetrics | None = None) -> faus
     attach_ingest_agent(app, settings, store, guard, metrics)
     if metrics is not None:
         attach_metrics(app, settings, store, metrics)
+    attach_watchdog(app, settings.events_topic, store, settings.stream_stall_s)
     key, field = ready_key(settings), ready_field()
     assigned_record: dict[str, Any] = {}  # this worker's record while it holds partitions
 
@@ -204,8 +206,9 @@ def run_worker(settings: Settings | None = None, loglevel: str = "info") -> None
 
     Exit codes: 0 after SIGTERM/SIGINT and a clean stop, 70 when a batch could
     not be applied (see :mod:`stream.agents`), 75 when the topic became a new
-    log under it (:mod:`stream.logs`; started again, it binds the new one), 1 on
-    other errors.
+    log under it (:mod:`stream.logs`; started again, it binds the new one), 76
+    when records waited ``stream_stall_s`` with none applied (:mod:`stream.stall`;
+    started again, it rejoins), 1 on other errors.
     """
     settings = settings or Settings()
     # asyncio.run() would leave no current loop behind; Faust wants one.

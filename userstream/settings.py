@@ -219,6 +219,12 @@ class Settings(BaseSettings, ModelSettings):
     stream_fetch_max_bytes: int = Field(
         1 << 20, ge=1024, description="bytes the stream worker fetches per partition and request"
     )
+    stream_stall_s: float = Field(
+        60.0,
+        ge=0,
+        description="the stream worker exits (and its supervisor starts it again) after this "
+        "long with records waiting and none applied (stream.stall; 0: never)",
+    )
 
     # --- training worker ---------------------------------------------------
     train_interval_s: float = Field(10.0, gt=0, description="T: train at least this often")
