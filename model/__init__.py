@@ -12,7 +12,8 @@ The learner, top to bottom:
 * :mod:`model.vocab`, :mod:`model.batching`, :mod:`model.augment` — item
   rows that grow, left-padded batches, the contrastive views;
 * what the learner is used for: :mod:`model.recommend` (next items),
-  :mod:`model.profile` (profile vectors), :mod:`model.finetune` (a head for a
+  :mod:`model.profile` (profile vectors), :mod:`model.explain` (why two users
+  are similar), :mod:`model.finetune` (a head for a
   labelled attribute), :mod:`model.hf` (the encoder as a Hugging Face model);
   :mod:`model.metrics` (HR / NDCG with one tie rule).
 

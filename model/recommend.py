@@ -21,6 +21,7 @@ import torch
 from model.batching import Batch, collate, encode_sequence
 from model.checkpoint import read_checkpoint
 from model.encoder import SequenceEncoder
+from model.explain import PairExplanation, explain_similar
 from model.profile import profile_many
 from model.vocab import BehaviorVocab, ItemVocab
 from userstream.types import Behavior
@@ -98,7 +99,7 @@ def recommend_many(
 
 @dataclass(frozen=True)
 class NextItemModel:
-    """Just what ranking and profiles need from a ``Trainer`` checkpoint (no
+    """Just what ranking, profiles and explanations need from a ``Trainer`` checkpoint (no
     optimizer state is kept): the encoder in eval mode, the vocabularies, the
     version."""
 
@@ -131,3 +132,10 @@ class NextItemModel:
     def profile_many(self, sequences: Sequence[Sequence[Behavior]]) -> np.ndarray:
         """(N, H) profile vectors (``model.profile``) of the same checkpoint."""
         return profile_many(self.encoder, self.items, self.behaviors, sequences)
+
+    def explain_similar(
+        self, user: Sequence[Behavior], others: Sequence[Sequence[Behavior]], top: int
+    ) -> list[PairExplanation | None]:
+        """Why ``user`` is similar to each of ``others`` (``model.explain``), by the
+        same checkpoint; None where either sequence is empty."""
+        return explain_similar(self.encoder, self.items, self.behaviors, user, others, top)
