@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import redis
@@ -19,6 +20,8 @@ from serving.follower import feed_lag_s
 from serving.index import IndexBusy
 from serving.recommender import ModelNotReady
 from serving.schemas import (
+    ExplainedBehavior,
+    Explanation,
     Health,
     Neighbor,
     Recommendations,
@@ -30,7 +33,11 @@ from serving.schemas import (
 )
 from userstream.types import Behavior
 
+if TYPE_CHECKING:  # torch stays unloaded until a model is needed
+    from model.explain import Contribution, PairExplanation
+
 __all__ = [
+    "EXPLAIN_MAX_K",
     "IndexNotReady",
     "ModelNotReady",
     "NoEmbedding",
@@ -39,6 +46,7 @@ __all__ = [
     "health",
     "redis_problem",
     "recommendations",
+    "explained_similar_users",
     "similar_users",
     "stats",
     "user_embedding",
@@ -180,6 +188,53 @@ def _similar(ctx: ServingContext, user_id: str, k: int, local_only: bool) -> Sim
         if name is not None
     ]
     return SimilarUsers(user_id=user_id, model_version=version, neighbors=neighbors)
+
+
+# The most neighbours one explained answer covers: the encoder pass grows with
+# k * distinct items per window (model/explain.py), ~1 s on one core at 50 x 50.
+EXPLAIN_MAX_K = 50
+
+
+def explained_similar_users(ctx: ServingContext, user_id: str, k: int, top: int) -> SimilarUsers:
+    """:func:`similar_users`, each neighbour with the ``top`` behaviors of each user
+    the pair's similarity rests on (:mod:`model.explain`, by the newest checkpoint).
+
+    Raises what :func:`similar_users` raises, then :class:`ModelNotReady` before the
+    first checkpoint; ``k`` <= :data:`EXPLAIN_MAX_K` (ValueError otherwise).
+    """
+    if k > EXPLAIN_MAX_K:
+        raise ValueError(f"k={k}: explain=true covers at most {EXPLAIN_MAX_K} neighbours")
+    answer = similar_users(ctx, user_id, k)
+    assert answer is not None  # not local_only
+    model = ctx.recommender.current()
+    seqs = ctx.sequences.read_many([user_id, *(n.user_id for n in answer.neighbors)])
+    pairs = model.explain_similar(seqs[0], seqs[1:], top)
+    neighbors = [
+        n.model_copy(update={"explanation": _explanation(pair, model.version)})
+        for n, pair in zip(answer.neighbors, pairs, strict=True)
+    ]
+    return answer.model_copy(update={"neighbors": neighbors})
+
+
+def _explanation(pair: PairExplanation | None, version: int) -> Explanation | None:
+    """A :class:`model.explain.PairExplanation` (None: nothing to explain) as the schema."""
+    if pair is None:
+        return None
+
+    def behaviors(contributions: list[Contribution]) -> list[ExplainedBehavior]:
+        return [
+            ExplainedBehavior(
+                item_id=c.item_id, behaviors=c.behaviors, weight=c.weight, shared=c.shared
+            )
+            for c in contributions
+        ]
+
+    return Explanation(
+        model_version=version,
+        similarity=pair.similarity,
+        user_behaviors=behaviors(pair.user),
+        neighbor_behaviors=behaviors(pair.other),
+    )
 
 
 def user_embedding(ctx: ServingContext, user_id: str) -> UserEmbedding:

@@ -6,6 +6,8 @@ from pydantic import BaseModel, Field
 
 __all__ = [
     "Check",
+    "ExplainedBehavior",
+    "Explanation",
     "Health",
     "Readiness",
     "Neighbor",
@@ -17,9 +19,47 @@ __all__ = [
 ]
 
 
+class ExplainedBehavior(BaseModel):
+    item_id: str
+    behaviors: dict[str, int] = Field(
+        description="the user's behaviors on this item in the window the encoder reads "
+        '(its last MAX_LEN behaviors), by type: count, e.g. {"view": 2, "cart": 1}'
+    )
+    weight: float = Field(
+        description="drop of `similarity` when these behaviors are left out of the user's "
+        "window (leave-one-out by the model, model/explain.py); > 0, larger = more of the "
+        "similarity rests on them"
+    )
+    shared: bool = Field(
+        description="the other user has behaviors on this item too (reported beside the "
+        "weight, never used for it)"
+    )
+
+
+class Explanation(BaseModel):
+    model_version: int = Field(description="version of the checkpoint that computed it")
+    similarity: float = Field(
+        description="cosine of the two users' embeddings recomputed by that checkpoint from "
+        "their stored sequences, the value the weights are drops of; can differ a little "
+        "from `score` (the index holds the last embeddings the training worker wrote)"
+    )
+    user_behaviors: list[ExplainedBehavior] = Field(
+        description="the queried user's items that contribute most, largest weight first "
+        "(at most explain_top; fewer when fewer have a positive weight)"
+    )
+    neighbor_behaviors: list[ExplainedBehavior] = Field(
+        description="the same for the neighbour's items"
+    )
+
+
 class Neighbor(BaseModel):
     user_id: str
     score: float = Field(description="inner product of L2-normalized embeddings (cosine)")
+    explanation: Explanation | None = Field(
+        None,
+        description="only with explain=true (absent otherwise): the behaviors of both users "
+        "the similarity rests on; null when either user has no stored behaviors",
+    )
 
 
 class SimilarUsers(BaseModel):
