@@ -130,3 +130,20 @@ def test_sources_that_need_the_encoder_say_so(tmp_path):
     with pytest.raises(ValueError, match="unknown neighbour source"):
         run_prequential(HAND, helpers.tiny_settings(tmp_path),
                         PrequentialConfig(models=("popular",), neighbours=("nope",)))  # fmt: skip
+
+
+def test_the_default_index_answers_as_the_apis_own():
+    from model.prequential.neighbours import ExactIndex
+    from serving.index import UserIndex
+
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(300, 16)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    nums = rng.permutation(10_000)[:300]
+    q = vecs[:7]
+    s1, n1 = ExactIndex(nums, vecs).search(q, 21)
+    s2, n2 = UserIndex.build(nums, vecs).search(q, 21)
+    np.testing.assert_array_equal(n1, n2)
+    np.testing.assert_allclose(s1, s2, atol=1e-5)
+    _, few = ExactIndex(nums[:3], vecs[:3]).search(q[:1], 5)
+    assert few[0, 3:].tolist() == [-1, -1]

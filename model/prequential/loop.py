@@ -184,6 +184,7 @@ def run_prequential(
     extra_models: Mapping[str, OnlineModel] | None = None,
     feed: Feed | None = None,
     groups: Mapping[str, int] | None = None,
+    index_factory: Callable[..., Any] | None = None,
 ) -> PrequentialResult:
     """Test-then-train over ``events`` (dicts in timestamp order); see the module doc.
 
@@ -193,13 +194,16 @@ def run_prequential(
     valid event is added to it, and it is synced before each cycle and at the end.
     ``groups``: user -> group of a planted stream; the result's ``precision`` then
     holds each neighbour source's same-group precision@10 at the end.
+    ``index_factory``: ``(nums, vectors) -> index`` of the ``ours`` neighbour source
+    (:mod:`model.prequential.neighbours`; default exact inner product).
     Torch's global RNG (dropout) is seeded with ``config.seed`` for the run and
     restored after, so two runs on the same events train the same way.
     """
     with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory(prefix="pq-") as tmp:
         torch.manual_seed(config.seed)
         run_settings = settings.replace(data_dir=tmp)  # the run's checkpoints
-        result = _run(events, run_settings, config, progress, extra_models, feed, groups)
+        result = _run(events, run_settings, config, progress, extra_models, feed, groups,
+                      index_factory)  # fmt: skip
     result.settings = settings
     return result
 
@@ -212,6 +216,7 @@ def _run(
     extra_models: Mapping[str, OnlineModel] | None,
     feed: Feed | None,
     groups: Mapping[str, int] | None = None,
+    index_factory: Callable[..., Any] | None = None,
 ) -> PrequentialResult:
     t_start = time.perf_counter()
     n = len(events)
@@ -221,7 +226,9 @@ def _run(
     board = Scoreboard(n, cat, c.k)
     drift = DriftMonitor(delta=c.drift_delta, catchup_factor=c.catchup_factor) if c.drift else None
     models = build_models(c, settings, feed, board, warmup_events, drift, extra_models)
-    nbr = _neighbour_models(c, models, feed, cat, n, warmup_events) if c.neighbours else None
+    nbr = None
+    if c.neighbours:
+        nbr = _neighbour_models(c, models, feed, cat, n, warmup_events, index_factory)
     if nbr is not None:
         models.append(nbr)  # last: its advance sees the cycle the encoder just ran
     scored = np.zeros(n, dtype=bool)
@@ -288,6 +295,7 @@ def _neighbour_models(
     cat: Catalogue,
     n: int,
     warmup_events: int,
+    index_factory: Callable[..., Any] | None,
 ) -> NeighbourModels:
     """The neighbour sources ``c.neighbours`` asks for, on the run's models."""
     encoder = next((m for m in models if isinstance(m, EncoderModels)), None)
@@ -316,6 +324,7 @@ def _neighbour_models(
         warmup_events=warmup_events,
         k=c.neighbour_k,
         seed=c.seed,
+        index_factory=index_factory,
     )
 
 

@@ -9,11 +9,14 @@ so HR@10 and NDCG@10 are comparable with the next-item models of the same run.
 
 The sources, side by side in one run:
 
-* ``ours``: the live similar-user index, a :class:`serving.index.UserIndex`
-  over the embeddings the training worker's embedder wrote to the feed's
-  embedding store, rebuilt after every training cycle (its real refresh delay:
-  an embedding is as old as the cycle that wrote it). A user not embedded yet
-  gets no answer (a miss).
+* ``ours``: the similar-user index over the embeddings the training worker's
+  embedder wrote to the feed's embedding store, rebuilt after every training
+  cycle (its real refresh delay: an embedding is as old as the cycle that wrote
+  it). A user not embedded yet gets no answer (a miss). The index comes from
+  ``index_factory``: ``bench prequential`` passes the API's own
+  (``serving.index.UserIndex.build``; this layer may not import it); without
+  one, :class:`ExactIndex` (exact inner product, what the API's index is below
+  its IVF size).
 * ``user_knn``: exact cosine between the users' item sets so far
   (|A and B| / sqrt(|A| |B|)), current at t.
 * ``river_mf``: cosine between River MF user factors, current at t (a copy of
@@ -41,11 +44,11 @@ import numpy as np
 from model.prequential.baselines import RiverMF, _grown
 from model.prequential.feeds import Feed
 from model.prequential.models import Catalogue, PrequentialModel, Query, Scoreboard
-from serving.index import UserIndex
 from userstream.types import Event
 
 __all__ = [
     "NEIGHBOUR_SOURCES",
+    "ExactIndex",
     "FrozenSource",
     "IndexSource",
     "NeighbourModels",
@@ -189,15 +192,45 @@ class RiverSource:
         pass
 
 
+class SearchIndex(Protocol):
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (Q, k), nums (Q, k)) best first; num -1 where fewer than k."""
+        ...
+
+
+IndexFactory = Callable[[Sequence[int], np.ndarray], SearchIndex]
+
+
+class ExactIndex:
+    """Exact inner-product search over ``vectors`` (N, H) under ``nums``."""
+
+    def __init__(self, nums: Sequence[int], vectors: np.ndarray) -> None:
+        self.nums = np.asarray(nums, dtype=np.int64)
+        self.vectors = np.asarray(vectors, dtype=np.float32)
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        sims = q @ self.vectors.T  # (Q, N)
+        k_ = min(k, sims.shape[1])
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :k_]
+        scores = np.take_along_axis(sims, order, axis=1)
+        nums = self.nums[order]
+        if k_ < k:  # as FAISS: -1 where the index holds fewer than k
+            pad = k - k_
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+            nums = np.pad(nums, ((0, 0), (0, pad)), constant_values=-1)
+        return scores, nums
+
+
 class IndexSource:
     """``ours``: the live similar-user index over the feed's embedding store,
     rebuilt after each training cycle."""
 
     name = "ours"
 
-    def __init__(self, feed: Feed, rows: UserRows) -> None:
-        self.feed, self.rows = feed, rows
-        self.index: UserIndex | None = None
+    def __init__(self, feed: Feed, rows: UserRows, index_factory: IndexFactory = ExactIndex):
+        self.feed, self.rows, self.index_factory = feed, rows, index_factory
+        self.index: SearchIndex | None = None
         self.num_row: dict[int, int] = {}
         self.vector: dict[str, np.ndarray] = {}
         self.seconds = 0.0
@@ -208,7 +241,7 @@ class IndexSource:
         self.num_row = {num: self.rows.row[u] for u, num in zip(users, nums, strict=True)
                         if u in self.rows.row}  # fmt: skip
         self.vector = dict(zip(users, vecs, strict=True))
-        self.index = UserIndex.build(nums, vecs) if len(users) else None
+        self.index = self.index_factory(nums, vecs) if len(users) else None
         self.seconds += time.perf_counter() - t0
 
     def neighbours(self, user: str, k: int) -> list[int] | None:
@@ -319,12 +352,13 @@ class NeighbourModels(PrequentialModel):
         warmup_events: int,
         k: int = 20,
         seed: int = 0,
+        index_factory: IndexFactory | None = None,
     ) -> None:
         self.rows = UserRows()
         made: list[NeighbourSource] = []
         for name in sources:
             if name == "ours":
-                made.append(IndexSource(feed, self.rows))
+                made.append(IndexSource(feed, self.rows, index_factory or ExactIndex))
             elif name == "user_knn":
                 made.append(UserKNN(self.rows))
             elif name == "frozen":

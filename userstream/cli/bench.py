@@ -136,7 +136,10 @@ def _cmd_prequential(args: Any) -> int:
         )
     else:
         try:
-            result = run_prequential(events, settings, config, progress=progress, groups=groups)
+            from serving.index import UserIndex  # the API's index, for the `ours` neighbours
+
+            result = run_prequential(events, settings, config, progress=progress, groups=groups,
+                                     index_factory=UserIndex.build)  # fmt: skip
         except ValueError as exc:  # e.g. an unknown model name
             raise SystemExit(str(exc)) from None
     print(table(result))
