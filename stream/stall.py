@@ -12,7 +12,8 @@ offsets stand still.
 partitions' end offsets and the offsets applied in Redis (which move for every
 record, dead letters included): while some partition has records not applied and
 no applied offset moved, the stall grows; progress, or nothing to consume,
-resets it. :func:`attach_watchdog` samples every few seconds on the worker's
+resets it; a sample that fails (the consumer no longer reaches the broker)
+shows no progress either. :func:`attach_watchdog` samples every few seconds on the worker's
 event loop and exits with :data:`EXIT_STALLED` once the stall passes
 ``stream_stall_s``; started again, the worker rejoins and reads on from the
 offsets in Redis (nothing is lost or applied twice).
@@ -54,8 +55,9 @@ class StallWatch:
 
     def __init__(self) -> None:
         self.applied: dict[int, int] | None = None
-        self.since: float | None = None  # when the current stall began
+        self.clear_at: float | None = None  # last seen caught up or moving (None: never)
         self.behind = 0  # records waiting at the last sample
+        self.warned = False  # the half-way warning of the current stall was logged
 
     def observe(self, ends: Mapping[int, int], applied: Mapping[int, int], now: float) -> float:
         """One sample: ``ends`` {partition: end offset} of the assigned partitions,
@@ -66,21 +68,20 @@ class StallWatch:
         )
         self.applied = current
         self.behind = sum(events_behind(int(end), current[p]) for p, end in ends.items())
-        if self.behind == 0 or moved:
-            self.since = None
+        if self.behind == 0 or moved or self.clear_at is None:
+            self.clear_at = now
             return 0.0
-        if self.since is None:
-            self.since = now
-        return now - self.since
+        return now - self.clear_at
 
     def unknown(self, now: float) -> float:
-        """A sample that failed (the consumer did not answer): a stall already
-        under way goes on; without one there is nothing to time."""
-        return 0.0 if self.since is None else now - self.since
+        """A sample that failed (the consumer cannot reach the broker, say): no
+        progress seen, so a worker that has sampled before keeps stalling; before
+        its first sample (starting, joining) there is nothing to time."""
+        return 0.0 if self.clear_at is None else now - self.clear_at
 
     def reset(self) -> None:
         """A new assignment: the clock starts again."""
-        self.applied, self.since, self.behind = None, None, 0
+        self.applied, self.clear_at, self.behind = None, None, 0
 
 
 def attach_watchdog(app: Any, topic: str, store: SequenceStore, stall_s: float) -> StallWatch:
@@ -109,15 +110,24 @@ def attach_watchdog(app: Any, topic: str, store: SequenceStore, stall_s: float) 
         try:
             ends, applied = await asyncio.wait_for(_sample(), SAMPLE_TIMEOUT_S)
             stalled = watch.observe(ends, applied, now)
+            failed = ""
         except Exception as exc:  # not started, rebalancing, the broker or Redis away
-            LOG.debug("watchdog sample failed: %r", exc)
             stalled = watch.unknown(now)
+            failed = f"; the last sample failed: {exc!r}"
+            LOG.debug("watchdog sample failed: %r", exc)
         if stalled >= stall_s:
             die(
-                f"stalled: {watch.behind} records waiting and none applied for {stalled:.0f}s "
-                f"(stream_stall_s={stall_s:g}); exiting so the supervisor starts the worker "
-                "again, which rejoins and reads on from the offsets in Redis",
+                f"stalled: {watch.behind} records waiting at the last sample and none applied "
+                f"for {stalled:.0f}s (stream_stall_s={stall_s:g}){failed}; exiting so the "
+                "supervisor starts the worker again, which rejoins and reads on from the "
+                "offsets in Redis",
                 EXIT_STALLED,
             )
+        if stalled >= stall_s / 2 and not watch.warned:
+            LOG.warning("no records applied for %.0fs with %d waiting%s", stalled, watch.behind,
+                        failed)  # fmt: skip
+            watch.warned = True
+        elif stalled == 0:
+            watch.warned = False
 
     return watch
