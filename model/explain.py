@@ -21,10 +21,8 @@ saturated softmax or a LayerNorm's scale), and it is cheap here. The query
 user's variants do not depend on the neighbour, so k neighbours cost one
 encoder pass (in ``batch_size`` chunks) over ``(k + 1) * (1 + U)`` sequences,
 U the distinct items of a window (<= ``max_len``), then one (U, H) x (H,)
-product per side and pair. Measured with the default encoder (H=64, 2
-layers, MAX_LEN 50), 50 distinct items a user, one torch thread: k=10 in
-0.41-0.44 s, k=50 in 2.1 s, on a 2-core machine at load average 5 (so a
-fraction of a core); ~90% of it is the encoder pass, linear in k.
+product per side and pair; the cost is linear in k (timings:
+benchmarks/README.md, "Session 13: explanations").
 
 Weights are drops of the RECOMPUTED cosine (``PairExplanation.similarity``),
 which can differ a little from the index's score: the index holds the last
