@@ -96,6 +96,7 @@ class PrequentialConfig:
     score_batch: int = 256
     neighbours: tuple[str, ...] = ()  # PROTOCOL 3 sources (NEIGHBOUR_SOURCES: all); () none
     neighbour_k: int = 20  # similar users whose items are counted
+    neighbour_embed_every: int = 10  # the live embedder runs every N events (0: at cycles)
     exclude_seen: bool = True  # False: the user's earlier items stay rankable (repeats count)
     seed: int = 0
 
@@ -307,6 +308,9 @@ def _neighbour_models(
         )
     if "frozen" in c.neighbours and "frozen" not in c.models:
         raise ValueError("neighbour source frozen needs the frozen model in the run")
+    embed_changed = None
+    if encoder is not None and isinstance(feed, MemoryFeed):
+        embed_changed = encoder.worker.embedder.drain  # in process: as the live thread
     rivers = {
         m.name: m.model
         for m in models
@@ -325,6 +329,8 @@ def _neighbour_models(
         k=c.neighbour_k,
         seed=c.seed,
         index_factory=index_factory,
+        embed_changed=embed_changed,
+        embed_every=c.neighbour_embed_every,
     )
 
 

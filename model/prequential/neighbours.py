@@ -10,9 +10,13 @@ so HR@10 and NDCG@10 are comparable with the next-item models of the same run.
 The sources, side by side in one run:
 
 * ``ours``: the similar-user index over the embeddings the training worker's
-  embedder wrote to the feed's embedding store, rebuilt after every training
-  cycle (its real refresh delay: an embedding is as old as the cycle that wrote
-  it). A user not embedded yet gets no answer (a miss). The index comes from
+  embedder wrote to the feed's embedding store. Live, the embedder thread
+  embeds every changed user with the current weights within a moment of its
+  event, between training cycles; in the loop's one thread it runs
+  (``Embedder.drain``) every ``embed_every`` events and at each cycle, and the
+  index is rebuilt after each run that embedded someone (with the Kafka feed,
+  at cycles only: a drain there waits for the stream worker). A user not
+  embedded yet gets no answer (a miss). The index comes from
   ``index_factory``: ``bench prequential`` passes the API's own
   (``serving.index.UserIndex.build``; this layer may not import it); without
   one, :class:`ExactIndex` (exact inner product, what the API's index is below
@@ -23,9 +27,9 @@ The sources, side by side in one run:
   each user's factors after every update; with a River grid, one source per
   configuration and the loop keeps the one its model pick keeps).
 * ``frozen``: the frozen encoder's embeddings (the model frozen at the end of
-  the warm-up), re-embedded after every training cycle for the users whose
-  sequence changed since the last one: the same pipeline and delay as ``ours``
-  with weights that stop learning. During the warm-up it IS ``ours``.
+  the warm-up), re-embedded at the same points as ``ours`` for the users whose
+  sequence changed since: the same pipeline and delay with weights that stop
+  learning. During the warm-up it IS ``ours``.
 * ``random``: ``k`` users drawn uniformly from those with history.
 
 :func:`same_group_precision` scores a source against known groups (a planted
@@ -353,6 +357,8 @@ class NeighbourModels(PrequentialModel):
         k: int = 20,
         seed: int = 0,
         index_factory: IndexFactory | None = None,
+        embed_changed: Callable[[], int] | None = None,
+        embed_every: int = 0,
     ) -> None:
         self.rows = UserRows()
         made: list[NeighbourSource] = []
@@ -383,16 +389,24 @@ class NeighbourModels(PrequentialModel):
         for name in self.names:
             self.board.add_model(name)
         self.cycles = cycles
+        self.embed_changed = embed_changed  # the live embedder's drain: changed users
+        self.embed_every = embed_every if embed_changed is not None else 0
         self.k = k
         self.warmup_events = warmup_events
         self._seen_cycles = 0
+        self.embed_s = 0.0  # the embedder's runs between cycles (the live thread's work)
 
     def advance(self, pos: int, ev: Event, ingested: int) -> None:
         n = self.cycles()
         cycled = n != self._seen_cycles
         self._seen_cycles = n
+        if not cycled and self.embed_every and ingested and ingested % self.embed_every == 0:
+            t0 = time.perf_counter()
+            embedded = self.embed_changed()  # what the embedder thread did meanwhile
+            self.embed_s += time.perf_counter() - t0
+            cycled = embedded > 0
         for s in self.sources:
-            # a cycle ran, or the frozen model just appeared (its first embedding)
+            # embeddings changed, or the frozen model just appeared (its first embedding)
             if cycled or (isinstance(s, FrozenSource) and not s.started):
                 t0 = time.perf_counter()
                 s.refresh()
