@@ -112,6 +112,7 @@ def summary(result: PrequentialResult, **extra: Any) -> dict[str, Any]:
             "exclude_seen": r.config.exclude_seen,
             "neighbour_sources": list(r.config.neighbours),
             "neighbour_k": r.config.neighbour_k,
+            "neighbour_embed_every": r.config.neighbour_embed_every,
             "seed": r.config.seed,
         },
         "river_grid": r.river_grid,

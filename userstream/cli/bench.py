@@ -117,6 +117,7 @@ def _cmd_prequential(args: Any) -> int:
         catchup_factor=args.catchup_factor,
         neighbours=neighbour_sources(args.neighbours),
         neighbour_k=args.neighbour_k,
+        neighbour_embed_every=args.neighbour_embed_every,
         exclude_seen=not args.keep_seen,
         seed=args.seed,
     )
@@ -333,6 +334,13 @@ def add_commands(sub: Any) -> None:
         help="neighbour sources scored on the stream (PROTOCOL 3), comma list, or none",
     )
     pq.add_argument("--neighbour-k", type=int, default=20, help="similar users per query")
+    pq.add_argument(
+        "--neighbour-embed-every",
+        type=int,
+        default=10,
+        help="the embedder re-embeds changed users every N events, as the live thread does "
+        "within a moment (0: at training cycles only)",
+    )
     pq.add_argument("--river-factors", default="32", help="comma list: a grid when several")
     pq.add_argument("--river-negatives", default="16", help="comma list")
     pq.add_argument("--river-lr", default="0.1", help="comma list")
