@@ -59,11 +59,16 @@ def river_grid(args: Any):
     )
 
 
-def neighbour_sources(text: str) -> tuple[str, ...]:
+def neighbour_sources(text: str, models: tuple[str, ...]) -> tuple[str, ...]:
+    """``--neighbours``: a comma list, ``none``, or ``auto`` (every source the run's
+    models allow: ``ours`` needs incremental, ``frozen`` frozen, ``river_mf`` river_mf)."""
     from model.prequential.neighbours import NEIGHBOUR_SOURCES
 
     if text.strip() in ("", "none"):
         return ()
+    if text.strip() == "auto":
+        needs = {"ours": "incremental", "frozen": "frozen", "river_mf": "river_mf"}
+        return tuple(n for n in NEIGHBOUR_SOURCES if n not in needs or needs[n] in models)
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     unknown = [n for n in names if n not in NEIGHBOUR_SOURCES]
     if unknown:
@@ -107,15 +112,16 @@ def _cmd_prequential(args: Any) -> int:
         source = str(args.data)
     if args.max_events > 0:
         events = events[: args.max_events]
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     config = PrequentialConfig(
         window=args.window,
         warmup=args.warmup,
         frozen_steps=args.frozen_steps,
         river=river_grid(args),
-        models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+        models=models,
         drift=not args.no_drift,
         catchup_factor=args.catchup_factor,
-        neighbours=neighbour_sources(args.neighbours),
+        neighbours=neighbour_sources(args.neighbours, models),
         neighbour_k=args.neighbour_k,
         neighbour_embed_every=args.neighbour_embed_every,
         exclude_seen=not args.keep_seen,
@@ -330,8 +336,9 @@ def add_commands(sub: Any) -> None:
     )
     pq.add_argument(
         "--neighbours",
-        default="ours,user_knn,river_mf,frozen,random",
-        help="neighbour sources scored on the stream (PROTOCOL 3), comma list, or none",
+        default="auto",
+        help="neighbour sources scored on the stream (PROTOCOL 3): a comma list of "
+        "ours,user_knn,river_mf,frozen,random, none, or auto (all the run's models allow)",
     )
     pq.add_argument("--neighbour-k", type=int, default=20, help="similar users per query")
     pq.add_argument(
