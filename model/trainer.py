@@ -321,8 +321,9 @@ class Trainer:
             if should_stop is not None and should_stop():
                 raise Interrupted(f"stopped after {step} of {steps} steps")
             pick = torch.randperm(len(seqs), generator=self.generator)[:bs].tolist()
-            batch = make_batch(
-                [seqs[i] for i in pick], self.items, self.behaviors, T, self.config.n_gap_buckets
+            batch = make_batch(  # trimmed: short sequences cost what they hold
+                [seqs[i] for i in pick], self.items, self.behaviors, T, self.config.n_gap_buckets,
+                trim=True,
             ).to(self.device)
             loss, parts = total_loss(self.encoder, batch, n_valid, self.weights, self.generator)
             self.step(loss)
