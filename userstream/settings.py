@@ -141,6 +141,13 @@ class ModelSettings(BaseModel):
     train_batch_size: int = Field(128, ge=2, description="sequences per optimizer step")
     learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    average_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="live learner: decay of a moving average of the weights after every "
+        "step of learn_many; scores, embeddings and the frozen copy use the average (0: off)",
+    )
     embed_batch_size: int = Field(512, ge=1, description="sequences per embedding batch")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when present")
     seed: int = Field(0, description="seed of weights, masks and sampling")

@@ -255,10 +255,11 @@ class TrainingWorker:
         # with the new weights, then publishes the info; changed users come first
         refresh = [u for u, _ in kept] + self._refresh_users(s.refresh_budget, exclude=dirty_set)
         threaded = self.embedder.running
-        self.embedder.publish(self.trainer.snapshot(frozen=threaded), info, refresh)
-        n = len(refresh)
-        if not threaded:  # one thread (tests, the prequential loop): no copy, embed now
-            n = self.embedder.drain()
+        with self.trainer.averaged():  # the weights served: their moving average, if any
+            self.embedder.publish(self.trainer.snapshot(frozen=threaded), info, refresh)
+            n = len(refresh)
+            if not threaded:  # one thread (tests, the prequential loop): no copy, embed now
+                n = self.embedder.drain()
         self._trim_feed()
         embed_s = time.perf_counter() - t_embed
         report = CycleReport(

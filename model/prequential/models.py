@@ -20,6 +20,7 @@ names it knows are the keys of :data:`BASELINES` and :data:`ENCODER_MODELS`.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -256,13 +257,22 @@ class _Scorer:
             return []
         t0 = time.perf_counter()
         tr = self.trainer
-        enc, cfg = tr.encoder, tr.config
-        enc.eval()
+        tr.encoder.eval()
         rows = torch.as_tensor(tr.items.rows_for(board.catalogue.items), dtype=torch.long)
         n_valid = len(tr.items)
         passes = sorted(self._passes(), key=lambda x: len(x[0]))
         self.passes += len(passes)
         done = []
+        with tr.averaged():  # the weights the live model serves
+            self._score(passes, rows, n_valid, board, name, done)
+        self.pending.clear()
+        self.seconds += time.perf_counter() - t0
+        return sorted(done)
+
+    def _score(self, passes: list, rows: torch.Tensor, n_valid: int, board: Scoreboard,
+               name: str, done: list[int]) -> None:  # fmt: skip
+        tr = self.trainer
+        enc, cfg = tr.encoder, tr.config
         for start in range(0, len(passes), self.batch):
             chunk = passes[start : start + self.batch]
             b = make_batch(
@@ -280,9 +290,6 @@ class _Scorer:
             for (_, _, m), s in zip(which, scores, strict=True):
                 board.record(name, m.q, s[: m.q.n_items])
                 done.append(m.q.pos)
-        self.pending.clear()
-        self.seconds += time.perf_counter() - t0
-        return sorted(done)
 
 
 class EncoderModels(PrequentialModel):
@@ -370,6 +377,9 @@ class EncoderModels(PrequentialModel):
         """A separate copy of the live model as of its latest checkpoint (+ extra steps)."""
         path = latest_checkpoint(self.settings.checkpoint_dir)
         trainer = Trainer(self.settings) if path is None else Trainer.load(path, self.settings)
+        live = self.worker.trainer
+        if live.average is not None and trainer.version == live.version:
+            trainer.average = copy.deepcopy(live.average)  # not in the checkpoint
         if self.frozen_steps > 0:
             self.feed.sync()
             store = self.feed.store
