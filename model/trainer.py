@@ -348,6 +348,9 @@ class Trainer:
         t0 = time.perf_counter()
         self.observe_many(seqs)
         T = self.config.max_len
+        window = getattr(self.settings, "train_window", 0)
+        if window:
+            T = min(T, window)  # a shorter training window: attention costs T squared
         n_valid = len(self.items)
         bs = min(self.settings.train_batch_size, len(seqs))
         self.encoder.train()

@@ -343,3 +343,17 @@ def test_scorer_shares_passes_between_a_users_nested_prefixes_and_scores_as_one_
     for pos in alone:
         np.testing.assert_allclose(shared[pos], alone[pos], rtol=1e-5, atol=1e-5)
     assert not np.allclose(shared[0], shared[3])  # the states differ by position
+
+
+def test_bench_prequential_defaults_are_the_reported_settings(monkeypatch, tmp_path):
+    from userstream.cli import build_parser
+    from userstream.cli.bench import PREQUENTIAL_SETTINGS, bench_settings
+
+    monkeypatch.delenv("USERSTREAM_CONFIG", raising=False)
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    argv = ["bench", "prequential", "--data", "x", "--format", "movielens"]
+    s = bench_settings(build_parser().parse_args(argv), PREQUENTIAL_SETTINGS)
+    assert {k: getattr(s, k) for k in PREQUENTIAL_SETTINGS} == PREQUENTIAL_SETTINGS
+    given = build_parser().parse_args([*argv, "--train-steps", "2", "--set", "max_len=20"])
+    s = bench_settings(given, PREQUENTIAL_SETTINGS)
+    assert (s.train_steps, s.max_len, s.train_every_events) == (2, 20, 250)
