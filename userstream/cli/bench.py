@@ -47,7 +47,7 @@ PREQUENTIAL_SETTINGS: dict[str, Any] = {
     "replay_ratio": 2.0,  # two replayed users per dirty one,
     "replay_fill": False,  # and no more (no batch filled from the reservoir)
     "dropout": 0.2,
-    "refresh_budget": 256,
+    "refresh_budget": 0,  # re-embed the dirty users only (not scored here)
 }
 
 
