@@ -120,7 +120,7 @@ def item_cross_entropy(
     """Mean cross-entropy of item ``targets`` (P,) given states ``h`` (P, H)."""
     rows = n_valid - 2  # PAD and MASK are never scored
     if not softmax.sampled or rows <= softmax.negatives:
-        return F.cross_entropy(encoder.item_logits(h, n_valid), targets)
+        return _full_cross_entropy(encoder, h, targets, n_valid)
     table = encoder.item_emb.weight
     distinct, label, counts = torch.unique(targets, return_inverse=True, return_counts=True)
     negatives = torch.randint(2, n_valid, (softmax.negatives,), generator=generator)
@@ -135,6 +135,44 @@ def item_cross_entropy(
     hits = negatives[None, :] == targets[:, None]  # (P, S): a row's own target drawn
     hits = torch.cat([hits.new_zeros(hits.shape[0], distinct.shape[0]), hits], dim=1)
     return F.cross_entropy((logits - correction).masked_fill(hits, -torch.inf), label)
+
+
+# the full softmax holds (targets, rows) logits and as much again for their gradient:
+# beyond this many logits it runs in chunks of targets, each recomputed in the
+# backward pass, so memory stays this bound whatever the catalogue and batch
+FULL_SOFTMAX_MAX_LOGITS = 1 << 26  # 256 MB of float32 per chunk (ML-100K: one chunk)
+
+
+def _chunk_loss(table: torch.Tensor, h: torch.Tensor, targets: torch.Tensor,
+                n_valid: int) -> torch.Tensor:  # fmt: skip
+    return F.cross_entropy(_tied(table, h, n_valid), targets, reduction="sum")
+
+
+def _tied(table: torch.Tensor, h: torch.Tensor, n_valid: int) -> torch.Tensor:
+    logits = h @ table[:n_valid].T  # (P, n_valid)
+    logits[..., [PAD, MASK]] = float("-inf")
+    return logits
+
+
+def _full_cross_entropy(
+    encoder: SequenceEncoder, h: torch.Tensor, targets: torch.Tensor, n_valid: int
+) -> torch.Tensor:
+    """Mean cross-entropy over every item row; in chunks of targets (each
+    recomputed in the backward) once the logits exceed ``FULL_SOFTMAX_MAX_LOGITS``.
+    The same loss and gradients either way (up to float rounding)."""
+    P = h.shape[0]
+    chunk = max(1, FULL_SOFTMAX_MAX_LOGITS // max(n_valid, 1))
+    if P <= chunk or not torch.is_grad_enabled():
+        return F.cross_entropy(encoder.item_logits(h, n_valid), targets)
+    from torch.utils.checkpoint import checkpoint
+
+    table = encoder.item_emb.weight
+    total = h.new_zeros(())
+    for start in range(0, P, chunk):
+        part = slice(start, start + chunk)
+        total = total + checkpoint(_chunk_loss, table, h[part], targets[part], n_valid,
+                                   use_reentrant=False)  # fmt: skip
+    return total / P
 
 
 def _zero(encoder: SequenceEncoder) -> torch.Tensor:

@@ -15,11 +15,12 @@ restore everything a restarted worker needs (:mod:`model.checkpoint`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,38 @@ class Trainer:
         self.version = 0
         self.last_loss = math.nan
         self.extra: dict[str, Any] = {}  # caller state saved with the checkpoint
+        # a moving average of the weights, updated after every step of learn_many;
+        # :meth:`averaged` swaps it in for inference (not saved: a reload restarts it)
+        self.average = None
+        decay = getattr(settings, "average_decay", 0.0)
+        if decay > 0:
+            from model.offline.averaging import WeightAverage  # model.offline imports us
+
+            self.average = WeightAverage(self.encoder, decay)
+
+    @contextlib.contextmanager
+    def averaged(self) -> Iterator[None]:
+        """Inside the block the encoder holds the moving average of its weights
+        (``average_decay``; the weights themselves without one)."""
+        if self.average is None:
+            yield
+            return
+        with self.average.applied(self.encoder):
+            yield
+
+    def _restart_average_rows(self, rows: torch.Tensor | None = None) -> None:
+        """The average of the item tables follows their rows: all of them restart
+        (``rows`` None: the table was remapped) or only ``rows`` (given to new items)."""
+        if self.average is None:
+            return
+        for name, p in self.encoder.named_parameters():
+            if not name.startswith(("item_emb.", "profile_emb.")):
+                continue
+            shadow = self.average.shadow.get(name)
+            if rows is None or shadow is None or shadow.shape != p.shape:
+                self.average.shadow[name] = p.detach().clone()
+            else:
+                shadow[rows.to(shadow.device)] = p.detach()[rows.to(p.device)]
 
     @property
     def config(self) -> EncoderConfig:
@@ -242,6 +275,7 @@ class Trainer:
             tables = [t.weight for t in (self.encoder.item_emb, self.encoder.profile_emb)
                       if t is not None]  # fmt: skip
             _reset_optimizer_rows(self.optimizer, tables, rows)
+            self._restart_average_rows(rows)
         return admitted
 
     def expire_items(self) -> int:
@@ -273,6 +307,7 @@ class Trainer:
         capacity = min(n_old, fitted)  # >= len(v): both are
         for old, new in self.encoder.remap_items(rows, capacity):
             _swap_optimizer_param(self.optimizer, old, new, rows)
+        self._restart_average_rows()
         LOG.info("item table compacted in %.3fs: %d free rows dropped, %d -> %d rows",
                  time.perf_counter() - t0, free, n_old, capacity)  # fmt: skip
         return True
@@ -313,6 +348,9 @@ class Trainer:
         t0 = time.perf_counter()
         self.observe_many(seqs)
         T = self.config.max_len
+        window = getattr(self.settings, "train_window", 0)
+        if window:
+            T = min(T, window)  # a shorter training window: attention costs T squared
         n_valid = len(self.items)
         bs = min(self.settings.train_batch_size, len(seqs))
         self.encoder.train()
@@ -321,11 +359,18 @@ class Trainer:
             if should_stop is not None and should_stop():
                 raise Interrupted(f"stopped after {step} of {steps} steps")
             pick = torch.randperm(len(seqs), generator=self.generator)[:bs].tolist()
-            batch = make_batch(
-                [seqs[i] for i in pick], self.items, self.behaviors, T, self.config.n_gap_buckets
+            batch = make_batch(  # trimmed: short sequences cost what they hold
+                [seqs[i] for i in pick],
+                self.items,
+                self.behaviors,
+                T,
+                self.config.n_gap_buckets,
+                trim=True,
             ).to(self.device)
             loss, parts = total_loss(self.encoder, batch, n_valid, self.weights, self.generator)
             self.step(loss)
+            if self.average is not None:
+                self.average.update(self.encoder)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
         self.version += 1

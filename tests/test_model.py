@@ -826,3 +826,30 @@ def test_trainer_on_cuda_matches_cpu_after_reload(tmp_path):
     assert cpu.device.type == "cpu" and cpu.version == 1
     assert np.allclose(cpu.embed_many(seqs), z_gpu, atol=1e-4)
     assert np.isfinite(cpu.learn_many(seqs, steps=2)["loss"])  # optimizer state moved too
+
+
+def test_full_softmax_in_chunks_gives_the_same_loss_and_gradients(monkeypatch):
+    import model.tasks as tasks
+
+    torch.manual_seed(0)
+    enc = tiny_encoder(n_items=600)
+    h = torch.randn(50, 32, requires_grad=True)
+    targets = torch.randint(2, 580, (50,))
+
+    def loss_and_grads():
+        enc.zero_grad()
+        h.grad = None
+        loss = item_cross_entropy(enc, h, targets, 580, ItemSoftmax())
+        loss.backward()
+        return float(loss.detach()), h.grad.clone(), enc.item_emb.weight.grad.clone()
+
+    whole = loss_and_grads()
+    calls = []
+    real = tasks._chunk_loss
+    monkeypatch.setattr(tasks, "_chunk_loss", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(tasks, "FULL_SOFTMAX_MAX_LOGITS", 580 * 8)  # chunks of 8 targets
+    chunked = loss_and_grads()
+    assert len(calls) >= 7  # 7 chunks forward (and again in the backward)
+    assert chunked[0] == pytest.approx(whole[0], rel=1e-5)
+    for a, b in zip(chunked[1:], whole[1:], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

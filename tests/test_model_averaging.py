@@ -59,3 +59,26 @@ def test_a_grown_parameter_restarts_its_average():
 def test_decay_out_of_range_is_refused():
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
         WeightAverage(nn.Linear(1, 1), decay=1.0)
+
+
+def test_live_trainer_serves_its_average_and_restarts_it_with_the_item_rows(tmp_path):
+    from model.trainer import Trainer
+    from tests.helpers import tiny_settings
+    from userstream.types import Behavior
+
+    s = tiny_settings(tmp_path, average_decay=0.9, learning_rate=1e-2, max_len=8)
+    tr = Trainer(s)
+    seqs = [[Behavior(f"i{(u + k) % 9}", "view", float(k)) for k in range(8)] for u in range(6)]
+    tr.learn_many(seqs, steps=4)
+    raw = {n: p.detach().clone() for n, p in tr.encoder.named_parameters()}
+    with tr.averaged():
+        inside = {n: p.detach().clone() for n, p in tr.encoder.named_parameters()}
+    assert all(torch.equal(p, raw[n]) for n, p in tr.encoder.named_parameters())  # back
+    assert all(torch.equal(inside[n], tr.average.shadow[n]) for n in inside)
+    assert not torch.equal(inside["item_emb.weight"], raw["item_emb.weight"])
+    # a compaction moves rows: the average of the item table restarts from the rows
+    tr.items.ttl_s = 1.0
+    assert tr.expire_items() > 0 and tr.compact_items(force=True)
+    w = tr.encoder.item_emb.weight
+    assert torch.equal(tr.average.shadow["item_emb.weight"], w.detach())
+    assert Trainer(tiny_settings(tmp_path)).average is None  # off by default

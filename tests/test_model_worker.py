@@ -133,13 +133,19 @@ def test_replay_ratio_sets_older_users_per_dirty_user(tmp_path, keys, stores, ra
     assert (report.dirty_users, report.replay_users) == (4, replayed)
 
 
-@pytest.mark.parametrize(("n_users", "replayed"), [(17, 7), (5, 4)])
-def test_replay_fills_a_batch_when_few_users_are_dirty(tmp_path, keys, stores, n_users, replayed):
+@pytest.mark.parametrize(
+    ("n_users", "fill", "replayed"), [(17, True, 7), (5, True, 4), (17, False, 2)]
+)
+def test_replay_fills_a_batch_when_few_users_are_dirty(
+    tmp_path, keys, stores, n_users, fill, replayed
+):
     """One dirty user is never trained on alone: replayed users fill the batch (8),
-    whatever the ratio, bounded by the users that are not dirty."""
+    whatever the ratio, bounded by the users that are not dirty; without the fill,
+    the ratio (2) alone."""
     s = make_settings(
-        tmp_path, keys, replay_ratio=0.0, train_steps=3, refresh_budget=0, train_batch_size=8
-    )
+        tmp_path, keys, replay_ratio=0.0 if fill else 2.0, replay_fill=fill, train_steps=3,
+        refresh_budget=0, train_batch_size=8,
+    )  # fmt: skip
     report, _ = second_cycle(s, stores, n_users=n_users, returning=1)
     assert (report.dirty_users, report.replay_users) == (1, replayed)
 

@@ -304,3 +304,56 @@ def test_report_json_and_plot(tmp_path):
     assert len(on_disk["curves"]["incremental"]["event"]) == 4
     png = tmp_path / "out" / "r.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and on_disk["plot"] == "r.png"
+
+
+def test_scorer_shares_passes_between_a_users_nested_prefixes_and_scores_as_one_by_one(tmp_path):
+    from model.trainer import Trainer
+    from userstream.types import Behavior
+
+    s = tiny_settings(tmp_path, max_len=6, sequence_length=12, dropout=0.0)
+    tr = Trainer(s)
+    seq = [Behavior(f"i{k % 7}", "view", float(k)) for k in range(12)]
+    tr.learn_many([seq, seq[3:], seq[::-1]], steps=3)
+    cat = pq.Catalogue()
+    for b in seq:
+        cat.add("a", b.item_id)
+    # user a: prefixes of 2..5 behaviors (fit max_len: one pass), then 7..9 (one each);
+    # user b's query in between does not break a's chain
+    lengths = [("a", n) for n in (2, 3, 4, 5)] + [("b", 4)] + [("a", n) for n in (6, 7, 8, 9)]
+    pending = []
+    for pos, (user, n) in enumerate(lengths):
+        q = pq.Query(pos, user, len(cat.items), cat.index[seq[n].item_id], 0, repeat=False)
+        pending.append(pq._Pending(q, seq[:n][-(s.max_len + 1) :]))
+
+    def scores_of(scorer, items):
+        got = {}
+        board = pq.Scoreboard(len(lengths), cat, 10)
+        board.record = lambda name, q, sc: got.__setitem__(q.pos, sc.copy())
+        for group in items:
+            scorer.pending = list(group)
+            scorer.flush(board, "m")
+        return got
+
+    together = pq._Scorer(tr, batch=4)
+    shared = scores_of(together, [pending])
+    alone = scores_of(pq._Scorer(tr, batch=1), [[p] for p in pending])
+    # a's 2..5 and 6 share one pass (6 behaviors = max_len); 7, 8, 9 and b alone
+    assert together.passes == 5
+    assert sorted(shared) == sorted(alone) == list(range(len(lengths)))
+    for pos in alone:
+        np.testing.assert_allclose(shared[pos], alone[pos], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(shared[0], shared[3])  # the states differ by position
+
+
+def test_bench_prequential_defaults_are_the_reported_settings(monkeypatch, tmp_path):
+    from userstream.cli import build_parser
+    from userstream.cli.bench import PREQUENTIAL_SETTINGS, bench_settings
+
+    monkeypatch.delenv("USERSTREAM_CONFIG", raising=False)
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    argv = ["bench", "prequential", "--data", "x", "--format", "movielens"]
+    s = bench_settings(build_parser().parse_args(argv), PREQUENTIAL_SETTINGS)
+    assert {k: getattr(s, k) for k in PREQUENTIAL_SETTINGS} == PREQUENTIAL_SETTINGS
+    given = build_parser().parse_args([*argv, "--train-steps", "2", "--set", "max_len=20"])
+    s = bench_settings(given, PREQUENTIAL_SETTINGS)
+    assert (s.train_steps, s.max_len, s.train_every_events) == (2, 20, 250)

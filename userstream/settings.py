@@ -141,6 +141,19 @@ class ModelSettings(BaseModel):
     train_batch_size: int = Field(128, ge=2, description="sequences per optimizer step")
     learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    train_window: int = Field(
+        0,
+        ge=0,
+        description="live learner: most recent behaviors of each sequence that learn_many "
+        "trains on (0: max_len); inference still reads max_len",
+    )
+    average_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="live learner: decay of a moving average of the weights after every "
+        "step of learn_many; scores, embeddings and the frozen copy use the average (0: off)",
+    )
     embed_batch_size: int = Field(512, ge=1, description="sequences per embedding batch")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when present")
     seed: int = Field(0, description="seed of weights, masks and sampling")
@@ -233,6 +246,11 @@ class Settings(BaseSettings, ModelSettings):
     reservoir_size: int = Field(10_000, ge=0, description="older users kept for replay")
     replay_ratio: float = Field(
         1.0, ge=0, description="replayed older users per dirty user in a cycle"
+    )
+    replay_fill: bool = Field(
+        True,
+        description="a cycle with fewer dirty users than a batch fills the batch from the "
+        "replay reservoir (off: replay_ratio replayed users per dirty one, no more)",
     )
     refresh_budget: int = Field(
         4096, ge=0, description="extra not-dirty users re-embedded per cycle (round robin)"

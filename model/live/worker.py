@@ -220,10 +220,14 @@ class TrainingWorker:
         kept = [(u, q) for u, q in zip(dirty, dirty_seqs, strict=True) if q]
         dirty_set = set(dirty)
         steps = self.drift.catchup_steps(s.train_steps)  # more steps right after a drift
-        # replay: replay_ratio older users per dirty one, and at least enough to fill
-        # one batch (K steps on a lone dirty user would fit the model to it), bounded
-        # by what K steps can use
-        wanted = max(round(s.replay_ratio * len(kept)), s.train_batch_size - len(kept))
+        # replay: replay_ratio older users per dirty one, and (replay_fill) at least
+        # enough to fill one batch (K steps on a lone dirty user would fit the model to
+        # it), bounded by what K steps can use. Without the fill a cycle costs what its
+        # dirty users bring: on a prequential stream the fill memorises the small early
+        # reservoir and costs 3-4x the time (benchmarks/README.md, sessions 10 and 13)
+        wanted = round(s.replay_ratio * len(kept))
+        if s.replay_fill:
+            wanted = max(wanted, s.train_batch_size - len(kept))
         n_replay = min(wanted, steps * s.train_batch_size)
         replay = self.reservoir.sample(n_replay, exclude=dirty_set)
         replay_seqs = [q for q in self.sequences.read_many(replay) if q]
@@ -255,10 +259,11 @@ class TrainingWorker:
         # with the new weights, then publishes the info; changed users come first
         refresh = [u for u, _ in kept] + self._refresh_users(s.refresh_budget, exclude=dirty_set)
         threaded = self.embedder.running
-        self.embedder.publish(self.trainer.snapshot(frozen=threaded), info, refresh)
-        n = len(refresh)
-        if not threaded:  # one thread (tests, the prequential loop): no copy, embed now
-            n = self.embedder.drain()
+        with self.trainer.averaged():  # the weights served: their moving average, if any
+            self.embedder.publish(self.trainer.snapshot(frozen=threaded), info, refresh)
+            n = len(refresh)
+            if not threaded:  # one thread (tests, the prequential loop): no copy, embed now
+                n = self.embedder.drain()
         self._trim_feed()
         embed_s = time.perf_counter() - t_embed
         report = CycleReport(

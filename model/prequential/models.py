@@ -20,6 +20,7 @@ names it knows are the keys of :data:`BASELINES` and :data:`ENCODER_MODELS`.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -212,13 +213,43 @@ class _Pending:
 
 class _Scorer:
     """Next-item scores of a Trainer's encoder for pending queries, in batches:
-    the same numbers as one at a time, computed just before the model changes."""
+    the same numbers as one at a time, computed just before the model changes.
+
+    A user's queries between two model changes read nested prefixes of one
+    sequence (each adds the previous query's event). While that sequence fits
+    the encoder's window (``max_len``), one causal pass over the longest prefix
+    gives every shorter prefix's state at its own last position, exactly: with
+    relative positions a state depends on the behaviors up to it, not on its
+    slot, and nothing is cut off at the left. Such queries share one pass; the
+    others get one each. Passes are sorted by length and trimmed to the
+    longest of their batch (padding is masked, so trimming changes nothing).
+    """
 
     def __init__(self, trainer: Trainer, batch: int) -> None:
         self.trainer = trainer
         self.batch = batch
         self.pending: list[_Pending] = []
         self.seconds = 0.0
+        self.passes = 0  # causal passes run (<= queries scored)
+
+    def _passes(self) -> list[tuple[list[Behavior], list[tuple[_Pending, int]]]]:
+        """(sequence to encode, [(query, steps back from its last position)])."""
+        cfg = self.trainer.config
+        shared = cfg.positions == "relative"
+        out: list[tuple[list[Behavior], list[tuple[_Pending, int]]]] = []
+        open_pass: dict[str, int] = {}  # user -> index in out of a pass it can still extend
+        for p in self.pending:
+            seq, i = p.seq, open_pass.get(p.q.user)
+            if shared and i is not None and len(seq) <= cfg.max_len:
+                prev_seq, members = out[i]
+                # the same user's next query: one more behavior on the same prefix
+                if len(seq) == len(prev_seq) + 1 and seq[:-1] == prev_seq:
+                    members = [(m, back + 1) for m, back in members]
+                    out[i] = (seq, [*members, (p, 0)])
+                    continue
+            open_pass[p.q.user] = len(out)
+            out.append((seq, [(p, 0)]))
+        return out
 
     def flush(self, board: Scoreboard, name: str) -> list[int]:
         """Score every pending query into ``board`` under ``name``; their positions."""
@@ -226,26 +257,39 @@ class _Scorer:
             return []
         t0 = time.perf_counter()
         tr = self.trainer
-        enc, cfg = tr.encoder, tr.config
-        enc.eval()
+        tr.encoder.eval()
         rows = torch.as_tensor(tr.items.rows_for(board.catalogue.items), dtype=torch.long)
         n_valid = len(tr.items)
+        passes = sorted(self._passes(), key=lambda x: len(x[0]))
+        self.passes += len(passes)
         done = []
-        for start in range(0, len(self.pending), self.batch):
-            chunk = self.pending[start : start + self.batch]
-            b = make_batch(
-                [p.seq for p in chunk], tr.items, tr.behaviors, cfg.max_len, cfg.n_gap_buckets
-            ).to(tr.device)
-            with torch.inference_mode():
-                h = enc(b.items, b.behaviors, b.gaps, causal=True)[:, -1]  # (B, H)
-                logits = enc.item_logits(h, n_valid)  # (B, n_valid)
-                scores = logits[:, rows.to(logits.device)].float().cpu().numpy()  # (B, n_cat)
-            for p, s in zip(chunk, scores, strict=True):
-                board.record(name, p.q, s[: p.q.n_items])
-                done.append(p.q.pos)
+        with tr.averaged():  # the weights the live model serves
+            self._score(passes, rows, n_valid, board, name, done)
         self.pending.clear()
         self.seconds += time.perf_counter() - t0
-        return done
+        return sorted(done)
+
+    def _score(self, passes: list, rows: torch.Tensor, n_valid: int, board: Scoreboard,
+               name: str, done: list[int]) -> None:  # fmt: skip
+        tr = self.trainer
+        enc, cfg = tr.encoder, tr.config
+        for start in range(0, len(passes), self.batch):
+            chunk = passes[start : start + self.batch]
+            b = make_batch(
+                [seq for seq, _ in chunk], tr.items, tr.behaviors, cfg.max_len,
+                cfg.n_gap_buckets, trim=True,
+            ).to(tr.device)  # fmt: skip
+            which = [(r, back, m) for r, (_, members) in enumerate(chunk) for m, back in members]
+            T = b.items.shape[1]
+            with torch.inference_mode():
+                h = enc(b.items, b.behaviors, b.gaps, causal=True)  # (B, T, H)
+                r_idx = torch.tensor([r for r, _, _ in which], device=h.device)
+                t_idx = torch.tensor([T - 1 - back for _, back, _ in which], device=h.device)
+                logits = enc.item_logits(h[r_idx, t_idx], n_valid)  # (Q, n_valid)
+                scores = logits[:, rows.to(logits.device)].float().cpu().numpy()  # (Q, n_cat)
+            for (_, _, m), s in zip(which, scores, strict=True):
+                board.record(name, m.q, s[: m.q.n_items])
+                done.append(m.q.pos)
 
 
 class EncoderModels(PrequentialModel):
@@ -304,6 +348,8 @@ class EncoderModels(PrequentialModel):
     def advance(self, pos: int, ev: Event, ingested: int) -> None:
         if self.cadence.due(ev.ts, ingested):
             self.feed.sync()  # waiting for the ingest path is not the model's time
+            if self.frozen is not None:  # it never changes; flushing bounds what is held
+                self.frozen.flush(self.board, "frozen")
             t0 = time.perf_counter()
             self._flush_live()
             self._cycle(pos)
@@ -331,6 +377,9 @@ class EncoderModels(PrequentialModel):
         """A separate copy of the live model as of its latest checkpoint (+ extra steps)."""
         path = latest_checkpoint(self.settings.checkpoint_dir)
         trainer = Trainer(self.settings) if path is None else Trainer.load(path, self.settings)
+        live = self.worker.trainer
+        if live.average is not None and trainer.version == live.version:
+            trainer.average = copy.deepcopy(live.average)  # not in the checkpoint
         if self.frozen_steps > 0:
             self.feed.sync()
             store = self.feed.store

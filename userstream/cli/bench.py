@@ -25,18 +25,38 @@ from stream.datasets import FORMATS
 from userstream.cli.common import existing, resolved_settings
 from userstream.cli.options import add_fields, given
 
-__all__ = ["add_commands", "bench_settings", "river_grid"]
+__all__ = ["PREQUENTIAL_SETTINGS", "add_commands", "bench_settings", "river_grid"]
 
 LOG = logging.getLogger(__name__)
 
 _CADENCE = ("train_interval_s", "train_every_events", "train_steps")
 
+# What ``bench prequential`` runs with no options: the settings behind the table of
+# benchmarks/README.md, "Session 13" (ML-100K). They replace the service's defaults
+# (and env vars) for these fields; the cadence options and ``--set`` override them.
+PREQUENTIAL_SETTINGS: dict[str, Any] = {
+    "train_interval_s": 86_400.0,  # T = 1 day of stream time
+    "train_every_events": 250,  # B
+    "train_steps": 4,  # K
+    "train_batch_size": 128,
+    "learning_rate": 5e-4,
+    "mlm_weight": 0.0,  # next-item loss only
+    "contrastive_weight": 0.0,
+    "max_len": 200,
+    "sequence_length": 200,
+    "replay_ratio": 2.0,  # two replayed users per dirty one,
+    "replay_fill": False,  # and no more (no batch filled from the reservoir)
+    "dropout": 0.2,
+    "refresh_budget": 0,  # re-embed the dirty users only (not scored here)
+}
 
-def bench_settings(args: Any):
-    """The service settings with the run's options (cadence fields, ``--set``)."""
+
+def bench_settings(args: Any, defaults: dict[str, Any] | None = None):
+    """The service settings with ``defaults``, then the run's options (cadence
+    fields, ``--set``) over them."""
     from userstream.settings import Settings
 
-    overrides: dict[str, Any] = dict(given(args, "settings"))
+    overrides: dict[str, Any] = {**(defaults or {}), **given(args, "settings")}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or key.strip() not in Settings.model_fields:
@@ -87,7 +107,7 @@ def _cmd_prequential(args: Any) -> int:
     from model.prequential.report import table, write_report
 
     torch.set_num_threads(max(1, args.threads))
-    settings = bench_settings(args)
+    settings = bench_settings(args, PREQUENTIAL_SETTINGS)
     shift_at = None
     groups = None
     if args.planted_groups:
@@ -348,7 +368,7 @@ def add_commands(sub: Any) -> None:
         help="the embedder re-embeds changed users every N events, as the live thread does "
         "within a moment (0: at training cycles only)",
     )
-    pq.add_argument("--river-factors", default="32", help="comma list: a grid when several")
+    pq.add_argument("--river-factors", default="64", help="comma list: a grid when several")
     pq.add_argument("--river-negatives", default="16", help="comma list")
     pq.add_argument("--river-lr", default="0.1", help="comma list")
     pq.add_argument("--river-l2", type=float, default=0.001)
@@ -360,13 +380,15 @@ def add_commands(sub: Any) -> None:
         help="do not exclude the user's earlier items (repeat-heavy streams such as Taobao)",
     )
     pq.add_argument("--catchup-factor", type=int, default=4)
-    add_fields(pq.add_argument_group("training cadence (settings)"), Settings, "settings", _CADENCE)
+    add_fields(pq.add_argument_group("training cadence (settings)"), Settings, "settings", _CADENCE,
+               default_notes={k: f"default: {PREQUENTIAL_SETTINGS[k]:g}" for k in _CADENCE})  # fmt: skip
     pq.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="any other setting, e.g. --set learning_rate=0.003 (repeatable)",
+        help="any other setting, e.g. --set learning_rate=0.003 (repeatable); without it: "
+        + ", ".join(f"{k}={v:g}" for k, v in PREQUENTIAL_SETTINGS.items() if k not in _CADENCE),
     )
     pq.add_argument(
         "--via-kafka",
