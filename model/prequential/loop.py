@@ -37,6 +37,12 @@ reaches every learner. The models and their one interface are in
   warm-up sequences). During the warm-up it IS the incremental model, so its
   warm-up scores are the incremental ones.
 
+With ``config.neighbours``, the same events also score the similar users
+(PROTOCOL section 3, :mod:`model.prequential.neighbours`): each source's top
+``neighbour_k`` users before the event, the next item ranked by how many of
+them have it; the result's ``neighbour_ranks`` and, on a planted stream with
+``groups``, ``precision``.
+
 A :class:`~model.live.drift.DriftMonitor` shared with the worker watches the cycle
 loss and the incremental model's prequential hits; a drift arms a catch-up
 cycle. Scores of the encoder models are computed in batches just before the
