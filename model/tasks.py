@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from model.augment import augment
 from model.batching import Batch
-from model.encoder import SequenceEncoder
+from model.encoder import SequenceEncoder, _tied_logits
 from model.vocab import MASK, PAD
 from userstream.settings import ModelSettings
 
@@ -145,13 +145,7 @@ FULL_SOFTMAX_MAX_LOGITS = 1 << 26  # 256 MB of float32 per chunk (ML-100K: one c
 
 def _chunk_loss(table: torch.Tensor, h: torch.Tensor, targets: torch.Tensor,
                 n_valid: int) -> torch.Tensor:  # fmt: skip
-    return F.cross_entropy(_tied(table, h, n_valid), targets, reduction="sum")
-
-
-def _tied(table: torch.Tensor, h: torch.Tensor, n_valid: int) -> torch.Tensor:
-    logits = h @ table[:n_valid].T  # (P, n_valid)
-    logits[..., [PAD, MASK]] = float("-inf")
-    return logits
+    return F.cross_entropy(_tied_logits(table, h, n_valid), targets, reduction="sum")
 
 
 def _full_cross_entropy(
