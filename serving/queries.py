@@ -41,6 +41,7 @@ __all__ = [
     "IndexNotReady",
     "ModelNotReady",
     "NoEmbedding",
+    "TooManyToExplain",
     "RedisUnavailable",
     "UnknownUser",
     "health",
@@ -195,15 +196,22 @@ def _similar(ctx: ServingContext, user_id: str, k: int, local_only: bool) -> Sim
 EXPLAIN_MAX_K = 50
 
 
+class TooManyToExplain(ValueError):
+    """More neighbours asked to be explained than :data:`EXPLAIN_MAX_K`."""
+
+
 def explained_similar_users(ctx: ServingContext, user_id: str, k: int, top: int) -> SimilarUsers:
     """:func:`similar_users`, each neighbour with the ``top`` behaviors of each user
     the pair's similarity rests on (:mod:`model.explain`, by the newest checkpoint).
 
     Raises what :func:`similar_users` raises, then :class:`ModelNotReady` before the
-    first checkpoint; ``k`` <= :data:`EXPLAIN_MAX_K` (ValueError otherwise).
+    first checkpoint; :class:`TooManyToExplain` for ``k`` > :data:`EXPLAIN_MAX_K`.
     """
     if k > EXPLAIN_MAX_K:
-        raise ValueError(f"k={k}: explain=true covers at most {EXPLAIN_MAX_K} neighbours")
+        raise TooManyToExplain(
+            f"k={k}: explain=true explains at most {EXPLAIN_MAX_K} neighbours; "
+            f"ask with k <= {EXPLAIN_MAX_K}, or without explain"
+        )
     answer = similar_users(ctx, user_id, k)
     assert answer is not None  # not local_only
     model = ctx.recommender.current()

@@ -69,12 +69,6 @@ async def similar(
 ) -> Response:
     """The k most similar other users by inner product of L2-normalized embeddings."""
     store_id = ctx.pseudonyms.of_query(user_id)
-    if explain and k > queries.EXPLAIN_MAX_K:
-        raise HTTPException(
-            422,
-            f"k={k}: explain=true explains at most {queries.EXPLAIN_MAX_K} neighbours; "
-            f"ask with k <= {queries.EXPLAIN_MAX_K}, or without explain",
-        )
     try:
         if explain:  # an encoder pass: always in the thread pool
             answer = await run_in_threadpool(
@@ -87,6 +81,8 @@ async def similar(
             answer = queries.similar_users(ctx, store_id, k, local_only=True)
             if answer is None:
                 answer = await run_in_threadpool(queries.similar_users, ctx, store_id, k)
+    except queries.TooManyToExplain as exc:
+        raise HTTPException(422, str(exc)) from exc
     except queries.NoEmbedding as exc:
         raise HTTPException(404, str(exc)) from exc
     except queries.IndexNotReady as exc:
