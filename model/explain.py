@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.batching import Batch, collate, gap_buckets
+from model.batching import Batch, collate, encode_sequence
 from model.encoder import SequenceEncoder
 from model.vocab import BehaviorVocab, ItemVocab
 from userstream.types import Behavior
@@ -92,9 +92,6 @@ def _window(
     ctx = seq[-(max_len + 1) :]  # the behavior before the window sets the first gap
     window = ctx[-max_len:]
     lead = len(ctx) - len(window)  # 0 or 1
-    ts = np.fromiter((x.ts for x in ctx), dtype=np.float64, count=len(ctx))
-    item_rows = np.asarray(items.rows_for([x.item_id for x in window]), dtype=np.int64)
-    kind_ids = np.asarray(behaviors.ids_for([x.behavior for x in window]), dtype=np.int64)
     where: dict[str, list[int]] = {}
     kinds: dict[str, dict[str, int]] = {}
     for j, x in enumerate(window):
@@ -102,10 +99,9 @@ def _window(
         counts = kinds.setdefault(x.item_id, {})
         counts[x.behavior] = counts.get(x.behavior, 0) + 1
 
-    def encoded(keep: np.ndarray) -> np.ndarray:  # (L,) bool -> (L', 3)
-        kept_ts = np.concatenate([ts[:lead], ts[lead:][keep]])
-        gaps = gap_buckets(kept_ts, n_gap_buckets)[lead:]
-        return np.stack([item_rows[keep], kind_ids[keep], gaps], axis=1)
+    def encoded(keep: np.ndarray) -> np.ndarray:  # (L,) bool -> (L', 3), as make_batch would
+        kept = [*ctx[:lead], *(x for x, k in zip(window, keep.tolist(), strict=True) if k)]
+        return encode_sequence(kept, items, behaviors, n_gap_buckets)[lead:]
 
     everything = np.ones(len(window), dtype=bool)
     rows = [encoded(everything)]
