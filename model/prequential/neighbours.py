@@ -162,35 +162,51 @@ class UserKNN:
         pass
 
 
+class _UnitRows:
+    """Unit vectors by user row, with which rows have one: cosine neighbours."""
+
+    def __init__(self, dim: int) -> None:
+        self.vectors = np.zeros((64, dim), dtype=np.float32)
+        self.known = np.zeros(64, dtype=bool)
+
+    def set(self, rows: np.ndarray, vectors: np.ndarray, known: np.ndarray) -> None:
+        """Rows ``rows`` (R,) hold ``vectors`` (R, dim), which count where ``known``."""
+        if self.vectors.shape[1] != vectors.shape[1]:  # the dimension, known now
+            self.vectors = np.zeros((len(self.vectors), vectors.shape[1]), np.float32)
+        n = int(rows.max()) + 1
+        self.vectors = _grown(self.vectors, n)
+        self.known = _grown(self.known, n)
+        self.vectors[rows] = vectors
+        self.known[rows] = known
+
+    def neighbours(self, r: int | None, n_users: int, k: int) -> list[int] | None:
+        """The ``k`` rows (of the first ``n_users``) nearest row ``r``, or None
+        where ``r`` has no vector."""
+        n = min(n_users, len(self.known))  # rows beyond have none yet
+        if r is None or r >= n or not self.known[r]:
+            return None
+        return _top(self.vectors[:n] @ self.vectors[r], r, k, self.known[:n])
+
+
 class RiverSource:
     """Cosine between River MF user factors, a copy of each refreshed after its
     user's every update."""
 
     def __init__(self, name: str, river: RiverMF, rows: UserRows) -> None:
         self.name, self.river, self.rows = name, river, rows
-        self.factors = np.zeros((64, river.config.n_factors), dtype=np.float32)
-        self.known = np.zeros(64, dtype=bool)
+        self.factors = _UnitRows(river.config.n_factors)
 
     def learn(self, user: str, item: int) -> None:
         latent = self.river.model.u_latents.get(user)
         if latent is None:
             return
-        r = self.rows.row[user]
-        self.factors = _grown(self.factors, r + 1)
-        self.known = _grown(self.known, r + 1)
         v = np.asarray(latent, dtype=np.float32)
         norm = float(np.linalg.norm(v))
-        self.factors[r] = v / norm if norm > 0 else 0.0
-        self.known[r] = norm > 0
+        unit = v / norm if norm > 0 else np.zeros_like(v)
+        self.factors.set(np.asarray([self.rows.row[user]]), unit[None], np.asarray([norm > 0]))
 
     def neighbours(self, user: str, k: int) -> list[int] | None:
-        r = self.rows.row.get(user)
-        if r is None or r >= len(self.known) or not self.known[r]:
-            return None
-        n = len(self.rows)
-        self.factors = _grown(self.factors, n)
-        self.known = _grown(self.known, n)
-        return _top(self.factors[:n] @ self.factors[r], r, k, self.known[:n])
+        return self.factors.neighbours(self.rows.row.get(user), len(self.rows), k)
 
     def refresh(self) -> None:
         pass
@@ -227,8 +243,8 @@ class ExactIndex:
 
 
 class IndexSource:
-    """``ours``: the live similar-user index over the feed's embedding store,
-    rebuilt after each training cycle."""
+    """``ours``: the similar-user index over the feed's embedding store, rebuilt
+    at each refresh (after an embedder run that embedded someone, or a cycle)."""
 
     name = "ours"
 
@@ -237,16 +253,13 @@ class IndexSource:
         self.index: SearchIndex | None = None
         self.num_row: dict[int, int] = {}
         self.vector: dict[str, np.ndarray] = {}
-        self.seconds = 0.0
 
     def refresh(self) -> None:
-        t0 = time.perf_counter()
         users, vecs, nums, _ = self.feed.embeddings.read_all()
         self.num_row = {num: self.rows.row[u] for u, num in zip(users, nums, strict=True)
                         if u in self.rows.row}  # fmt: skip
         self.vector = dict(zip(users, vecs, strict=True))
         self.index = self.index_factory(nums, vecs) if len(users) else None
-        self.seconds += time.perf_counter() - t0
 
     def neighbours(self, user: str, k: int) -> list[int] | None:
         v = self.vector.get(user)
@@ -262,18 +275,16 @@ class IndexSource:
 
 
 class FrozenSource:
-    """The frozen encoder's embeddings, refreshed after each cycle for the users
-    whose sequence changed since the last refresh (None before the freeze)."""
+    """The frozen encoder's embeddings, refreshed at each refresh for the users
+    whose sequence changed since the last one (no answer before the freeze)."""
 
     name = "frozen"
 
     def __init__(self, feed: Feed, rows: UserRows, trainer: Callable[[], object | None]) -> None:
         self.feed, self.rows, self.trainer = feed, rows, trainer
         self.changed: dict[str, None] = {}
-        self.vectors = np.zeros((64, 1), dtype=np.float32)
-        self.known = np.zeros(64, dtype=bool)
+        self.vectors = _UnitRows(1)  # the dimension comes with the first embeddings
         self.started = False
-        self.seconds = 0.0
 
     def learn(self, user: str, item: int) -> None:
         self.changed[user] = None
@@ -282,7 +293,6 @@ class FrozenSource:
         trainer = self.trainer()
         if trainer is None:
             return
-        t0 = time.perf_counter()
         if not self.started:  # the first refresh after the freeze: everyone
             self.changed = dict.fromkeys(self.rows.users)
             self.started = True
@@ -291,21 +301,13 @@ class FrozenSource:
         if users:
             seqs = self.feed.store.read_many(users)
             vecs = trainer.embed_many(seqs)  # (N, H) L2-normalized
-            if self.vectors.shape[1] != vecs.shape[1]:
-                self.vectors = np.zeros((max(64, len(self.rows)), vecs.shape[1]), np.float32)
-            self.vectors = _grown(self.vectors, len(self.rows))
-            self.known = _grown(self.known, len(self.rows))
             rr = np.asarray([self.rows.row[u] for u in users], dtype=np.int64)
-            self.vectors[rr] = vecs
-            self.known[rr] = np.asarray([len(q) > 0 for q in seqs])
-        self.seconds += time.perf_counter() - t0
+            self.vectors.set(rr, vecs, np.asarray([len(q) > 0 for q in seqs]))
 
     def neighbours(self, user: str, k: int) -> list[int] | None:
-        r = self.rows.row.get(user)
-        n = min(len(self.rows), len(self.known), len(self.vectors))  # embedded so far
-        if not self.started or r is None or r >= n or not self.known[r]:
+        if not self.started:
             return None
-        return _top(self.vectors[:n] @ self.vectors[r], r, k, self.known[:n])
+        return self.vectors.neighbours(self.rows.row.get(user), len(self.rows), k)
 
 
 class RandomSource:
