@@ -339,8 +339,10 @@ class RandomSource:
 class NeighbourModels(PrequentialModel):
     """Every neighbour source scored on every query of the loop (see the module doc).
 
-    ``cycles`` tells how many training cycles have run (the encoder's), so the
-    embedding sources refresh once after each; ``frozen_trainer`` gives the
+    ``cycles`` tells how many training cycles have run (the encoder's), and
+    ``embed_changed`` (every ``embed_every`` events) runs the live embedder; the
+    sources refresh after each cycle and each run that embedded someone.
+    ``frozen_trainer`` gives the
     frozen model once the warm-up is over (None before). Ranks go to ``board``,
     a Scoreboard of its own over the loop's catalogue, one row per source.
     """
@@ -396,17 +398,13 @@ class NeighbourModels(PrequentialModel):
         self.k = k
         self.warmup_events = warmup_events
         self._seen_cycles = 0
-        self.embed_s = 0.0  # the embedder's runs between cycles (the live thread's work)
 
     def advance(self, pos: int, ev: Event, ingested: int) -> None:
         n = self.cycles()
         cycled = n != self._seen_cycles
         self._seen_cycles = n
         if not cycled and self.embed_every and ingested and ingested % self.embed_every == 0:
-            t0 = time.perf_counter()
-            embedded = self.embed_changed()  # what the embedder thread did meanwhile
-            self.embed_s += time.perf_counter() - t0
-            cycled = embedded > 0
+            cycled = self.embed_changed() > 0  # what the embedder thread did meanwhile
         for s in self.sources:
             # embeddings changed, or the frozen model just appeared (its first embedding)
             if cycled or (isinstance(s, FrozenSource) and not s.started):
