@@ -236,7 +236,6 @@ def _run(
     nbr = None
     if c.neighbours:
         nbr = _neighbour_models(c, models, feed, cat, n, warmup_events, index_factory)
-    if nbr is not None:
         models.append(nbr)  # last: its advance sees the cycle the encoder just ran
     scored = np.zeros(n, dtype=bool)
     repeat = np.zeros(n, dtype=bool)
