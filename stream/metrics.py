@@ -47,6 +47,7 @@ __all__ = [
     "StreamMetrics",
     "attach_metrics",
     "reason_label",
+    "sample_offsets",
 ]
 
 LOG = logging.getLogger(__name__)
@@ -250,6 +251,19 @@ class StreamMetrics:
                     pass
 
 
+async def sample_offsets(
+    app: faust.App, topic: str, store: SequenceStore
+) -> tuple[dict[int, int], dict[int, int]]:
+    """({partition: end offset} of ``app``'s assigned partitions of ``topic``,
+    {partition: highest offset applied in ``store``}); both empty while it holds none."""
+    mine = [tp for tp in app.consumer.assignment() if tp.topic == topic]
+    if not mine:
+        return {}, {}
+    ends = await app.consumer.highwaters(*mine)
+    applied = await asyncio.to_thread(store.applied_offsets, topic)
+    return {tp.partition: end for tp, end in ends.items()}, applied
+
+
 def attach_metrics(
     app: faust.App, settings: Settings, store: SequenceStore, metrics: StreamMetrics
 ) -> None:
@@ -265,11 +279,9 @@ def attach_metrics(
     async def _sample_lag() -> None:
         metrics.heartbeat.set_to_current_time()
         try:
-            mine = [tp for tp in app.consumer.assignment() if tp.topic == topic]
-            ends = await app.consumer.highwaters(*mine) if mine else {}
-            applied = await asyncio.to_thread(store.applied_offsets, topic) if mine else {}
+            ends, applied = await sample_offsets(app, topic, store)
         except Exception as exc:  # not started, rebalancing, the broker or Redis away
             metrics.lag_errors.inc()
             LOG.debug("lag sample failed: %r", exc)
             return
-        metrics.observe_lag({tp.partition: end for tp, end in ends.items()}, applied)
+        metrics.observe_lag(ends, applied)

@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from stream.agents import die
-from stream.metrics import events_behind
+from stream.metrics import events_behind, sample_offsets
 from userstream.stores import SequenceStore
 
 __all__ = ["EXIT_STALLED", "STALL_CHECK_S", "StallWatch", "attach_watchdog"]
@@ -96,19 +96,13 @@ def attach_watchdog(app: Any, topic: str, store: SequenceStore, stall_s: float) 
     async def _assigned(sender: Any, assigned: set, **_: Any) -> None:
         watch.reset()
 
-    async def _sample() -> tuple[dict[int, int], dict[int, int]]:
-        mine = [tp for tp in app.consumer.assignment() if tp.topic == topic]
-        if not mine:
-            return {}, {}
-        ends = await app.consumer.highwaters(*mine)
-        applied = await asyncio.to_thread(store.applied_offsets, topic)
-        return {tp.partition: end for tp, end in ends.items()}, applied
-
     @app.timer(STALL_CHECK_S)
     async def _watch() -> None:
         now = time.monotonic()
         try:
-            ends, applied = await asyncio.wait_for(_sample(), SAMPLE_TIMEOUT_S)
+            ends, applied = await asyncio.wait_for(
+                sample_offsets(app, topic, store), SAMPLE_TIMEOUT_S
+            )
             stalled = watch.observe(ends, applied, now)
             failed = ""
         except Exception as exc:  # not started, rebalancing, the broker or Redis away
