@@ -151,3 +151,75 @@ def test_the_default_index_answers_as_the_apis_own():
     np.testing.assert_allclose(s1, s2, atol=1e-5)
     _, few = ExactIndex(nums[:3], vecs[:3]).search(q[:1], 5)
     assert few[0, 3:].tolist() == [-1, -1]
+
+
+def test_overlap_counts_kept_per_event_match_the_item_sets():
+    """user_knn reads item-overlap counts that UserRows keeps per event; they are the
+    counts of the item sets, whether tracking starts at once or half way."""
+    rng = np.random.default_rng(3)
+    early, late = UserRows(), UserRows()
+    early.track_overlap()
+    events = [(f"u{rng.integers(40)}", int(rng.integers(60))) for _ in range(1500)]
+    for i, (user, item) in enumerate(events):
+        early.add(user, item)
+        late.add(user, item)
+        if i == 700:
+            late.track_overlap()
+    n = len(early)
+    held = early.matrix[:n]
+    want = held @ held.T
+    np.testing.assert_array_equal(early.overlap[:n, :n], want)
+    np.testing.assert_array_equal(late.overlap[:n, :n], want)
+    np.testing.assert_array_equal(np.diag(want), early.sizes[:n])
+
+
+def test_exact_index_upserts_in_place_and_deletes():
+    from model.prequential.neighbours import ExactIndex
+
+    eye = np.eye(3, dtype=np.float32)
+    ix = ExactIndex([5, 7], eye[:2])
+    ix.upsert([7, 9, 9], np.stack([eye[2], eye[0], eye[1]]))  # 7 replaced; 9 twice: last wins
+    assert ix.nums.tolist() == [5, 7, 9]
+    _, nums = ix.search(eye[2], 1)
+    assert nums[0, 0] == 7
+    _, nums = ix.search(eye[1], 1)
+    assert nums[0, 0] == 9
+    assert ix.delete([7, 42]) == 1
+    assert ix.nums.tolist() == [5, 9]
+    _, nums = ix.search(eye[1], 3)
+    assert nums[0].tolist() == [9, 5, -1]
+
+
+def test_ours_follows_the_update_feed_as_a_rebuild_would(tmp_path):
+    """``ours`` keeps its index by following the embedding store's update feed: after
+    each refresh it answers exactly as an index built from every stored embedding; a
+    feed trimmed past what it applied makes it build again."""
+    from model.prequential.feeds import MemoryFeed
+    from model.prequential.neighbours import ExactIndex, IndexSource
+
+    feed = MemoryFeed(10)
+    rows = UserRows()
+    src = IndexSource(feed, rows)
+    rng = np.random.default_rng(0)
+    users = [f"u{i}" for i in range(30)]
+    for i, u in enumerate(users):
+        rows.add(u, i)
+    for step in range(6):
+        who = rng.choice(users, size=8, replace=False).tolist()
+        vecs = rng.normal(size=(8, 4)).astype(np.float32)
+        feed.embeddings.upsert(who, vecs / np.linalg.norm(vecs, axis=1, keepdims=True), step)
+        src.refresh()
+        names, all_vecs, nums, _ = feed.embeddings.read_all()
+        rebuilt = ExactIndex(nums, all_vecs)
+        for u in names:
+            _, want = rebuilt.search(feed.embeddings.get(u), 6)
+            me = feed.embeddings.num_of(u)
+            others = [n for n in want[0].tolist() if n != me][:5]
+            assert src.neighbours(u, 5) == [rows.row[v] for v in feed.embeddings.users_for(others)]
+    assert src.builds == 1  # built once, then followed
+    feed.embeddings.upsert(["u0"], np.ones((1, 4), np.float32) / 2, 9)
+    feed.embeddings.upsert(["u1"], np.ones((1, 4), np.float32) / 2, 9)
+    feed.embeddings.trim_feed(feed.embeddings.feed_head())  # u0's entry gone unread
+    src.refresh()
+    assert src.builds == 2
+    assert np.allclose(src.vector["u0"], 0.5)

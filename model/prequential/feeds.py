@@ -42,12 +42,17 @@ class Feed(Protocol):
         ...
 
 
+FEED_MAXLEN = 50_000  # update-feed entries a MemoryFeed keeps at most
+
+
 class MemoryFeed:
     """The in-process path: each event goes at once to a MemorySequenceStore."""
 
     def __init__(self, max_len: int) -> None:
         self.store = MemorySequenceStore(max_len)
-        self.embeddings = MemoryEmbeddingStore(feed_maxlen=0)  # nobody follows it
+        # the ``ours`` neighbour source follows the update feed as the API does; the
+        # worker trims what it applied (a backstop bounds it when nobody follows)
+        self.embeddings = MemoryEmbeddingStore(feed_maxlen=FEED_MAXLEN)
 
     def tail(self, user: str, n: int) -> list[Behavior]:
         return self.store.read_tail(user, n)

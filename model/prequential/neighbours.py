@@ -71,16 +71,28 @@ NEIGHBOUR_SOURCES = ("ours", "user_knn", "river_mf", "frozen", "random")
 
 class UserRows:
     """Dense rows for users (in order of first event) and their items so far: a
-    0/1 matrix (users x items, float32) the sources share."""
+    0/1 matrix (users x items, float32) the sources share. With
+    :meth:`track_overlap`, also every pair's count of items in common (users x
+    users), kept current per event: ``user_knn`` reads a row of it instead of
+    intersecting item sets per query."""
 
     def __init__(self) -> None:
         self.row: dict[str, int] = {}
         self.users: list[str] = []
         self.matrix = np.zeros((64, 64), dtype=np.float32)
         self.sizes = np.zeros(64, dtype=np.float32)  # distinct items per user
+        self.overlap: np.ndarray | None = None  # (users, users) |A and B|, when tracked
 
     def __len__(self) -> int:
         return len(self.users)
+
+    def track_overlap(self) -> None:
+        """Keep :attr:`overlap` from now on (counted from the rows held so far)."""
+        if self.overlap is None:
+            n = len(self.users)
+            held = self.matrix[:n]
+            self.overlap = np.zeros((max(64, n), max(64, n)), dtype=np.float32)
+            self.overlap[:n, :n] = held @ held.T
 
     def add(self, user: str, item: int) -> int:
         r = self.row.get(user)
@@ -90,6 +102,13 @@ class UserRows:
         self.matrix = _grown(self.matrix, max(r, item) + 1, axes=(0, 1))
         self.sizes = _grown(self.sizes, r + 1)
         if not self.matrix[r, item]:
+            if self.overlap is not None:  # r now shares ``item`` with everyone holding it
+                n = len(self.users)
+                self.overlap = _grown(self.overlap, n, axes=(0, 1))
+                holders = self.matrix[:n, item]  # (n,) before r holds it
+                self.overlap[r, :n] += holders
+                self.overlap[:n, r] += holders
+                self.overlap[r, r] += 1.0
             self.matrix[r, item] = 1.0
             self.sizes[r] += 1.0
         return r
@@ -136,21 +155,22 @@ class NeighbourSource(Protocol):
 
 
 class UserKNN:
-    """Exact cosine over the users' item sets so far."""
+    """Exact cosine over the users' item sets so far, from the item-overlap counts
+    that :class:`UserRows` keeps per event (``track_overlap``)."""
 
     name = "user_knn"
 
     def __init__(self, rows: UserRows) -> None:
         self.rows = rows
+        rows.track_overlap()
 
     def neighbours(self, user: str, k: int) -> list[int] | None:
         rows = self.rows
         r = rows.row.get(user)
-        if r is None:
+        if r is None or rows.overlap is None:
             return None
         n = len(rows)
-        items = np.flatnonzero(rows.matrix[r])
-        overlap = rows.matrix[:n, items].sum(axis=1)  # |A and B|
+        overlap = rows.overlap[r, :n]  # |A and B|
         denom = np.sqrt(rows.sizes[:n] * rows.sizes[r])
         sims = np.divide(overlap, denom, out=np.zeros(n, dtype=np.float32), where=denom > 0)
         return _top(sims, r, k)
@@ -217,16 +237,51 @@ class SearchIndex(Protocol):
         """(scores (Q, k), nums (Q, k)) best first; num -1 where fewer than k."""
         ...
 
+    def upsert(self, nums: Sequence[int], vectors: np.ndarray) -> None:
+        """Insert or replace the vectors (N, H) of ``nums`` (N,)."""
+        ...
+
+    def delete(self, nums: Sequence[int]) -> int:
+        """Drop ``nums``; how many were there."""
+        ...
+
 
 IndexFactory = Callable[[Sequence[int], np.ndarray], SearchIndex]
 
 
 class ExactIndex:
-    """Exact inner-product search over ``vectors`` (N, H) under ``nums``."""
+    """Exact inner-product search over ``vectors`` (N, H) under ``nums``; an
+    upsert replaces a num's row in place and appends new nums (ties go to the
+    earlier row, so the order is that of first insertion)."""
 
     def __init__(self, nums: Sequence[int], vectors: np.ndarray) -> None:
-        self.nums = np.asarray(nums, dtype=np.int64)
-        self.vectors = np.asarray(vectors, dtype=np.float32)
+        self.nums = np.array(nums, dtype=np.int64)  # copies: upserts write in place
+        self.vectors = np.array(vectors, dtype=np.float32)
+        self._at = {int(n): i for i, n in enumerate(self.nums.tolist())}
+
+    def upsert(self, nums: Sequence[int], vectors: np.ndarray) -> None:
+        ids = np.asarray(nums, dtype=np.int64).tolist()
+        vecs = np.asarray(vectors, dtype=np.float32)
+        latest = dict(zip(ids, vecs, strict=True))  # an id given twice: the last one wins
+        new = [n for n in latest if n not in self._at]
+        for n, v in latest.items():
+            if n in self._at:
+                self.vectors[self._at[n]] = v
+        if new:
+            for j, n in enumerate(new):
+                self._at[n] = len(self.nums) + j
+            added = np.stack([latest[n] for n in new])
+            held = self.vectors if len(self.nums) else np.zeros((0, added.shape[1]), np.float32)
+            self.nums = np.concatenate([self.nums, np.asarray(new, dtype=np.int64)])
+            self.vectors = np.concatenate([held, added])
+
+    def delete(self, nums: Sequence[int]) -> int:
+        drop = {int(n) for n in nums} & set(self._at)
+        if drop:
+            keep = np.asarray([int(n) not in drop for n in self.nums.tolist()])
+            self.nums, self.vectors = self.nums[keep], self.vectors[keep]
+            self._at = {int(n): i for i, n in enumerate(self.nums.tolist())}
+        return len(drop)
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
@@ -242,24 +297,79 @@ class ExactIndex:
         return scores, nums
 
 
+def _feed_id(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 class IndexSource:
-    """``ours``: the similar-user index over the feed's embedding store, rebuilt
-    at each refresh (after an embedder run that embedded someone, or a cycle)."""
+    """``ours``: the similar-user index over the feed's embedding store, kept as
+    the API keeps its own: built from every stored embedding once, then following
+    the store's update feed (upserts, tombstones) at each refresh (after an
+    embedder run that embedded someone, or a cycle). It registers as a feed
+    follower, so the worker trims only what it has applied; if the feed was
+    trimmed past that anyway, it builds again from the stored embeddings."""
 
     name = "ours"
+    follower = "prequential-ours"
 
     def __init__(self, feed: Feed, rows: UserRows, index_factory: IndexFactory = ExactIndex):
         self.feed, self.rows, self.index_factory = feed, rows, index_factory
         self.index: SearchIndex | None = None
         self.num_row: dict[int, int] = {}
         self.vector: dict[str, np.ndarray] = {}
+        self.applied: str | None = None  # the last feed entry in the index
+        self.builds = 0  # times the index was built from every stored embedding
 
     def refresh(self) -> None:
-        users, vecs, nums, _ = self.feed.embeddings.read_all()
+        store = self.feed.embeddings
+        if self.applied is None or self.index is None or self._trimmed_past(store.feed_state()):
+            self._build()
+        else:
+            self._follow()
+        store.register_follower(self.follower, self.applied, time.time())
+
+    def _trimmed_past(self, state) -> bool:
+        """Entries after the applied one were trimmed before they were read."""
+        assert self.applied is not None
+        if state.oldest is None:  # an empty feed: was anything added after ours?
+            return state.last_id is not None and state.last_id != self.applied
+        return _feed_id(state.oldest) > _feed_id(self.applied)
+
+    def _build(self) -> None:
+        store = self.feed.embeddings
+        self.applied = store.feed_head()  # read_all covers the feed up to here
+        users, vecs, nums, _ = store.read_all()
         self.num_row = {num: self.rows.row[u] for u, num in zip(users, nums, strict=True)
                         if u in self.rows.row}  # fmt: skip
         self.vector = dict(zip(users, vecs, strict=True))
         self.index = self.index_factory(nums, vecs) if len(users) else None
+        self.builds += 1
+
+    def _follow(self) -> None:
+        assert self.index is not None and self.applied is not None
+        while True:
+            updates = self.feed.embeddings.read_updates(self.applied, count=10_000)
+            if not updates:
+                return
+            nums, vecs, gone = [], [], []
+            for up in updates:
+                if up.deleted:
+                    gone.append(up.num)
+                    self.num_row.pop(up.num, None)
+                    continue
+                nums.append(up.num)
+                vecs.append(up.vector)
+                self.vector[up.user_id] = up.vector
+                if up.user_id in self.rows.row:
+                    self.num_row[up.num] = self.rows.row[up.user_id]
+            if gone:
+                self.index.delete(gone)
+                self.vector = {u: v for u, v in self.vector.items()
+                               if self.feed.embeddings.num_of(u) is not None}  # fmt: skip
+            if nums:
+                self.index.upsert(nums, np.stack(vecs))
+            self.applied = updates[-1].stream_id
 
     def neighbours(self, user: str, k: int) -> list[int] | None:
         v = self.vector.get(user)
