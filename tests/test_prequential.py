@@ -357,3 +357,62 @@ def test_bench_prequential_defaults_are_the_reported_settings(monkeypatch, tmp_p
     given = build_parser().parse_args([*argv, "--train-steps", "2", "--set", "max_len=20"])
     s = bench_settings(given, PREQUENTIAL_SETTINGS)
     assert (s.train_steps, s.max_len, s.train_every_events) == (2, 20, 250)
+
+
+def test_warm_start_trains_on_the_backlog_and_the_stream_starts_after_it(tmp_path, monkeypatch):
+    """``--warm-start``: the encoder is trained offline on the backlog; the loop applies
+    the backlog without scoring it or taking a cycle on it, starts the live model from
+    the checkpoint (its first cycle continues the checkpoint's version) and keeps the
+    checkpoint as ``frozen``."""
+    from model.prequential.warm import backlog_events, train_backlog
+    from model.trainer import Trainer
+
+    events = shifted_clickstream(900, shift_at=900, n_users=30, n_groups=2, items_per_group=10)
+    s = tiny_settings(tmp_path, train_every_events=100, train_steps=2)
+    n0 = backlog_events(0.4, len(events))
+    assert n0 == 360
+    path, summary = train_backlog(events[:n0], s, tmp_path / "warm", max_epochs=3)
+    assert summary["backlog_events"] == n0 and summary["users"] > 0 and path.exists()
+    ckpt = Trainer.load(path, s)
+
+    cycles: list[tuple[int, int]] = []  # (events ingested when the cycle ran, version after)
+    real_cycle = TrainingWorker.run_cycle
+
+    def run_cycle(self):
+        n = self.sequences.counters()["events_ingested"]
+        rep = real_cycle(self)
+        cycles.append((n, rep.version))
+        return rep
+
+    monkeypatch.setattr(TrainingWorker, "run_cycle", run_cycle)
+    cfg = PrequentialConfig(models=("popular", "frozen", "incremental"), warmup=n0, backlog=n0,
+                            warm_start=str(path), drift=False)  # fmt: skip
+    r = run_prequential(events, s, cfg)
+    assert not r.scored[:n0].any() and r.scored[n0:].sum() > 400
+    assert cycles[0] == (n0, ckpt.version + 1)  # no cycle on the backlog; on from the checkpoint
+    assert all(n >= n0 for n, _ in cycles)
+    for name in ("popular", "frozen", "incremental"):
+        assert np.isnan(r.ranks[name][:n0]).all() and 0 < r.mean(name) < 1
+    # frozen IS the checkpoint: its score of an event equals the checkpoint's own
+    board = pq.Scoreboard(len(events), pq.Catalogue(), 10)
+    board.add_model("ckpt")
+    scorer, store = pq._Scorer(ckpt, 64), MemorySequenceStore(s.sequence_length)
+    first = next(p for p in range(n0, len(events)) if r.scored[p])
+    for pos, e in enumerate(events[: first + 1]):
+        parsed = Event(str(e["user_id"]), str(e["item_id"]), e["behavior"], float(e["ts"]))
+        if pos == first:
+            cat = board.catalogue
+            target = cat.index.get(parsed.item_id)
+            q = pq.Query(pos, parsed.user_id, len(cat.items), target,
+                         len(cat.user_sets[parsed.user_id]), repeat=False)  # fmt: skip
+            scorer.pending.append(pq._Pending(q, store.read_tail(parsed.user_id, s.max_len + 1)))
+            scorer.flush(board, "ckpt")
+        store.apply_many("t", [(0, pos, parsed)])
+        board.catalogue.add(parsed.user_id, parsed.item_id)
+    assert board.ranks["ckpt"][first] == r.ranks["frozen"][first]
+    with pytest.raises(ValueError, match="must equal the backlog"):
+        run_prequential(events, s, PrequentialConfig(models=("incremental",), warmup=0.2,
+                                                     backlog=n0, warm_start=str(path)))  # fmt: skip
+    for bad in (900, 0.0001):  # all of the stream, none of it
+        with pytest.raises(ValueError, match="leaves nothing"):
+            backlog_events(bad, 900)

@@ -105,6 +105,12 @@ class PrequentialConfig:
     neighbour_embed_every: int = 10  # the live embedder runs every N events (0: at cycles)
     exclude_seen: bool = True  # False: the user's earlier items stay rankable (repeats count)
     seed: int = 0
+    # a recorded backlog: the first ``backlog`` events reach every model's state (the
+    # store, the baselines, the neighbour rows) before the stream starts; none is
+    # scored and the encoder takes no cycle on them (its first cycle, at the stream's
+    # start, takes their users as dirty, as a service started on a backlog would)
+    backlog: int = 0
+    warm_start: str | None = None  # a checkpoint the encoder starts from (and frozen stays)
 
 
 @dataclass
@@ -228,6 +234,11 @@ def _run(
     t_start = time.perf_counter()
     n = len(events)
     warmup_events = int(c.warmup * n) if c.warmup < 1 else int(c.warmup)
+    if c.warm_start is not None and warmup_events != c.backlog:
+        raise ValueError(
+            f"a warm start freezes the checkpoint it starts from: warmup ({warmup_events} "
+            f"events) must equal the backlog ({c.backlog})"
+        )
     feed = feed if feed is not None else MemoryFeed(settings.sequence_length)
     cat = Catalogue(c.exclude_seen)
     board = Scoreboard(n, cat, c.k)
@@ -247,12 +258,14 @@ def _run(
         except ValueError:
             invalid += 1
             continue
-        for m in models:
-            m.advance(pos, ev, ingested)
+        live = pos >= c.backlog  # the recorded backlog is state, not stream
+        if live:
+            for m in models:
+                m.advance(pos, ev, ingested)
         # --- test -----------------------------------------------------------------
         q = None
         seen = cat.user_sets.get(ev.user_id)
-        if seen:
+        if seen and live:
             target = cat.index.get(ev.item_id)
             q = Query(pos, ev.user_id, len(cat.items), target, len(seen),
                       repeat=target is not None and target in seen)  # fmt: skip

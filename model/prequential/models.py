@@ -315,6 +315,7 @@ class EncoderModels(PrequentialModel):
         drift: DriftMonitor | None,
         frozen_steps: int = 0,
         score_batch: int = 256,
+        warm_start: str | None = None,
     ) -> None:
         self.names = tuple(names)
         super().__init__()
@@ -323,16 +324,19 @@ class EncoderModels(PrequentialModel):
         self.drift = drift
         self.frozen_steps = frozen_steps
         self.score_batch = score_batch
+        trainer = Trainer(settings) if warm_start is None else Trainer.load(warm_start, settings)
         self.worker = TrainingWorker(
             settings,
             feed.store,
             feed.embeddings,
-            Trainer(settings),
+            trainer,
             drift=drift if drift is not None else DriftMonitor(catchup_factor=1),
         )
         self.cadence = Cadence(settings.train_interval_s, settings.train_every_events)
         self.live = _Scorer(self.worker.trainer, score_batch)
         self.frozen: _Scorer | None = None
+        if warm_start is not None and "frozen" in self.names:  # the checkpoint, never updated
+            self.frozen = _Scorer(Trainer.load(warm_start, settings), score_batch)
         self.drifts: list[tuple[int, Drift]] = []  # (event index, drift)
         self.cycles: list[dict[str, Any]] = []  # per cycle that ran
         # the incremental model is always scored: frozen's warm-up and drift read it
@@ -482,6 +486,7 @@ def build_models(
                 drift,
                 frozen_steps=config.frozen_steps,
                 score_batch=config.score_batch,
+                warm_start=getattr(config, "warm_start", None),
             )  # fmt: skip
         )
     return models

@@ -114,6 +114,8 @@ def summary(result: PrequentialResult, **extra: Any) -> dict[str, Any]:
             "neighbour_k": r.config.neighbour_k,
             "neighbour_embed_every": r.config.neighbour_embed_every,
             "seed": r.config.seed,
+            "backlog": r.config.backlog,
+            "warm_start": r.config.warm_start,
         },
         "river_grid": r.river_grid,
         "curves": curves,
@@ -173,6 +175,11 @@ def table(result: PrequentialResult) -> str:
         lines.append(
             f"{name:<14}{result.mean(name):>9.4f}{result.mean(name, 'ndcg'):>9.4f}"
             f"{result.events_per_s(name):>11.0f}"
+        )
+    if result.config.warm_start is not None:
+        lines.append(
+            f"WARM START: the encoder began from a checkpoint trained offline on the first "
+            f"{result.config.backlog} events (not scored); frozen is that checkpoint"
         )
     lines.append(
         f"{result.n_events} events, {int(result.scored.sum())} scored, "
