@@ -41,6 +41,7 @@ class EncoderConfig:
     layers: int = 2
     heads: int = 2
     dropout: float = 0.2
+    attention_dropout: float | None = None  # on the attention weights; None: ``dropout``
     n_gap_buckets: int = 32  # log2-bucketed seconds since the previous behavior
     # The defaults below are the block as it was before these options (plain
     # pre-LN attention, slot embeddings), so a checkpoint whose saved config lacks
@@ -104,7 +105,8 @@ class MixerBlock(nn.Module):
         H = c.hidden
         # the names of nn.TransformerEncoderLayer's parts, which this block replaced,
         # so checkpoints written before it still load
-        self.self_attn = nn.MultiheadAttention(H, c.heads, dropout=c.dropout, batch_first=True)
+        p_attn = c.dropout if c.attention_dropout is None else c.attention_dropout
+        self.self_attn = nn.MultiheadAttention(H, c.heads, dropout=p_attn, batch_first=True)
         self.linear1 = nn.Linear(H, 4 * H)
         self.linear2 = nn.Linear(4 * H, H)
         self.norm1 = nn.LayerNorm(H)  # before (or, post_norm, after) the token mixing

@@ -136,6 +136,7 @@ def encoder_config(settings: ModelSettings, n_items: int) -> EncoderConfig:
         layers=settings.num_layers,
         heads=settings.num_heads,
         dropout=settings.dropout,
+        attention_dropout=settings.attention_dropout,
         n_gap_buckets=N_GAP_BUCKETS,
         lowpass_alpha=settings.lowpass_alpha,
         lowpass_window=settings.lowpass_window,

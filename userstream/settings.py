@@ -75,6 +75,9 @@ class ModelSettings(BaseModel):
     num_layers: int = Field(2, ge=1, description="Transformer layers")
     num_heads: int = Field(2, ge=1, description="attention heads")
     dropout: float = Field(0.2, ge=0, lt=1, description="dropout")
+    attention_dropout: float | None = Field(
+        None, ge=0, lt=1, description="dropout on the attention weights (None: ``dropout``)"
+    )
     lowpass_alpha: float = Field(
         0.7, ge=0, le=1, description="share of the low-pass branch beside attention (BSARec)"
     )
