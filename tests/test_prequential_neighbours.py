@@ -223,3 +223,26 @@ def test_ours_follows_the_update_feed_as_a_rebuild_would(tmp_path):
     src.refresh()
     assert src.builds == 2
     assert np.allclose(src.vector["u0"], 0.5)
+
+
+def test_extra_neighbour_sources_are_scored_beside_the_named_ones(tmp_path):
+    """``extra_neighbours``: a source made from the loop's context is scored like the
+    bench's own; one that recomputes user_knn from the shared rows ranks as it does."""
+    from model.prequential.neighbours import UserKNN
+
+    made = []
+
+    def knn_again(ctx):
+        made.append(ctx)
+        return UserKNN(ctx.rows)
+
+    cfg = PrequentialConfig(models=("popular",), neighbours=("user_knn",), neighbour_k=1,
+                            drift=False)  # fmt: skip
+    r = run_prequential(HAND, helpers.tiny_settings(tmp_path), cfg,
+                        extra_neighbours={"knn_again": knn_again})  # fmt: skip
+    assert set(r.neighbour_ranks) == {"user_knn", "knn_again"}
+    np.testing.assert_array_equal(r.neighbour_ranks["knn_again"], r.neighbour_ranks["user_knn"])
+    assert made[0].live_trainer() is None  # no encoder in this run
+    with pytest.raises(ValueError, match="name of another source"):
+        run_prequential(HAND, helpers.tiny_settings(tmp_path), cfg,
+                        extra_neighbours={"user_knn": knn_again})  # fmt: skip

@@ -77,7 +77,7 @@ from model.prequential.models import (
     Scoreboard,
     build_models,
 )
-from model.prequential.neighbours import NeighbourModels
+from model.prequential.neighbours import NeighbourFactory, NeighbourModels
 from userstream.settings import Settings
 
 __all__ = ["MODELS", "PrequentialConfig", "PrequentialResult", "run_prequential"]
@@ -198,6 +198,7 @@ def run_prequential(
     feed: Feed | None = None,
     groups: Mapping[str, int] | None = None,
     index_factory: Callable[..., Any] | None = None,
+    extra_neighbours: Mapping[str, NeighbourFactory] | None = None,
 ) -> PrequentialResult:
     """Test-then-train over ``events`` (dicts in timestamp order); see the module doc.
 
@@ -209,6 +210,9 @@ def run_prequential(
     holds each neighbour source's same-group precision@10 at the end.
     ``index_factory``: ``(nums, vectors) -> index`` of the ``ours`` neighbour source
     (:mod:`model.prequential.neighbours`; default exact inner product).
+    ``extra_neighbours``: more neighbour sources scored beside ``config.neighbours``,
+    name -> factory of a source from a :class:`~model.prequential.neighbours.NeighbourContext`
+    (``benchmarks/neighbour_variants.py`` compares user vectors this way).
     Torch's global RNG (dropout) is seeded with ``config.seed`` for the run and
     restored after, so two runs on the same events train the same way.
     """
@@ -216,7 +220,7 @@ def run_prequential(
         torch.manual_seed(config.seed)
         run_settings = settings.replace(data_dir=tmp)  # the run's checkpoints
         result = _run(events, run_settings, config, progress, extra_models, feed, groups,
-                      index_factory)  # fmt: skip
+                      index_factory, extra_neighbours)  # fmt: skip
     result.settings = settings
     return result
 
@@ -230,6 +234,7 @@ def _run(
     feed: Feed | None,
     groups: Mapping[str, int] | None = None,
     index_factory: Callable[..., Any] | None = None,
+    extra_neighbours: Mapping[str, NeighbourFactory] | None = None,
 ) -> PrequentialResult:
     t_start = time.perf_counter()
     n = len(events)
@@ -245,8 +250,9 @@ def _run(
     drift = DriftMonitor(delta=c.drift_delta, catchup_factor=c.catchup_factor) if c.drift else None
     models = build_models(c, settings, feed, board, warmup_events, drift, extra_models)
     nbr = None
-    if c.neighbours:
-        nbr = _neighbour_models(c, models, feed, cat, n, warmup_events, index_factory)
+    if c.neighbours or extra_neighbours:
+        nbr = _neighbour_models(c, models, feed, cat, n, warmup_events, index_factory,
+                                extra_neighbours)  # fmt: skip
         models.append(nbr)  # last: its advance sees the cycle the encoder just ran
     scored = np.zeros(n, dtype=bool)
     repeat = np.zeros(n, dtype=bool)
@@ -315,6 +321,7 @@ def _neighbour_models(
     n: int,
     warmup_events: int,
     index_factory: Callable[..., Any] | None,
+    extra: Mapping[str, NeighbourFactory] | None = None,
 ) -> NeighbourModels:
     """The neighbour sources ``c.neighbours`` asks for, on the run's models."""
     encoder = next((m for m in models if isinstance(m, EncoderModels)), None)
@@ -349,6 +356,8 @@ def _neighbour_models(
         index_factory=index_factory,
         embed_changed=embed_changed,
         embed_every=c.neighbour_embed_every,
+        extra=extra,
+        live_trainer=(lambda: encoder.worker.trainer) if encoder is not None else (lambda: None),
     )
 
 

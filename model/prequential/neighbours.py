@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -55,6 +56,8 @@ __all__ = [
     "ExactIndex",
     "FrozenSource",
     "IndexSource",
+    "NeighbourContext",
+    "NeighbourFactory",
     "NeighbourModels",
     "RandomSource",
     "RiverSource",
@@ -446,6 +449,22 @@ class RandomSource:
         pass
 
 
+@dataclass(frozen=True)
+class NeighbourContext:
+    """What a neighbour source made outside this module (``run_prequential``'s
+    ``extra_neighbours``) may read: the shared user rows, the feed (its sequence
+    and embedding stores), the loop's catalogue and the live encoder's trainer
+    (None without the encoder models)."""
+
+    rows: UserRows
+    feed: Feed
+    catalogue: Catalogue
+    live_trainer: Callable[[], object | None]
+
+
+NeighbourFactory = Callable[[NeighbourContext], NeighbourSource]
+
+
 class NeighbourModels(PrequentialModel):
     """Every neighbour source scored on every query of the loop (see the module doc).
 
@@ -473,6 +492,8 @@ class NeighbourModels(PrequentialModel):
         index_factory: IndexFactory | None = None,
         embed_changed: Callable[[], int] | None = None,
         embed_every: int = 0,
+        extra: Mapping[str, NeighbourFactory] | None = None,
+        live_trainer: Callable[[], object | None] = lambda: None,
     ) -> None:
         self.rows = UserRows()
         made: list[NeighbourSource] = []
@@ -496,6 +517,13 @@ class NeighbourModels(PrequentialModel):
                 raise ValueError(
                     f"unknown neighbour source {name!r}; expected some of {list(NEIGHBOUR_SOURCES)}"
                 )
+        context = NeighbourContext(self.rows, feed, catalogue, live_trainer)
+        for name, factory in (extra or {}).items():
+            if name in {s.name for s in made}:
+                raise ValueError(f"extra neighbour source {name!r} has the name of another source")
+            source = factory(context)
+            source.name = name
+            made.append(source)
         self.sources = made
         self.names = tuple(s.name for s in made)
         super().__init__()
