@@ -356,7 +356,7 @@ def test_bench_prequential_defaults_are_the_reported_settings(monkeypatch, tmp_p
     assert {k: getattr(s, k) for k in PREQUENTIAL_SETTINGS} == PREQUENTIAL_SETTINGS
     given = build_parser().parse_args([*argv, "--train-steps", "2", "--set", "max_len=20"])
     s = bench_settings(given, PREQUENTIAL_SETTINGS)
-    assert (s.train_steps, s.max_len, s.train_every_events) == (2, 20, 250)
+    assert (s.train_steps, s.max_len, s.train_every_events) == (2, 20, 125)
 
 
 def test_warm_start_trains_on_the_backlog_and_the_stream_starts_after_it(tmp_path, monkeypatch):
