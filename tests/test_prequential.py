@@ -97,12 +97,9 @@ def test_protocol_scores_before_learning_and_skips_first_events(tmp_path):
     assert r.mean("spy") == pytest.approx(0.5)
 
 
-@pytest.mark.slow
-def test_encoder_prediction_uses_the_last_completed_cycle_and_no_later_event(tmp_path, monkeypatch):
-    events = shifted_clickstream(600, shift_at=600, n_users=20, n_groups=2, items_per_group=8)
-    cycles: list[tuple[int, int]] = []  # (events ingested when the cycle ran, version after)
-    seen_at_flush: list[tuple[int, float, int]] = []  # (event pos, latest ts read, version)
-
+def record_cycles(monkeypatch) -> list[tuple[int, int]]:
+    """(events ingested when a cycle ran, the version after it), appended as cycles run."""
+    cycles: list[tuple[int, int]] = []
     real_cycle = TrainingWorker.run_cycle
 
     def run_cycle(self):
@@ -111,6 +108,16 @@ def test_encoder_prediction_uses_the_last_completed_cycle_and_no_later_event(tmp
         cycles.append((n, rep.version))
         return rep
 
+    monkeypatch.setattr(TrainingWorker, "run_cycle", run_cycle)
+    return cycles
+
+
+@pytest.mark.slow
+def test_encoder_prediction_uses_the_last_completed_cycle_and_no_later_event(tmp_path, monkeypatch):
+    events = shifted_clickstream(600, shift_at=600, n_users=20, n_groups=2, items_per_group=8)
+    cycles = record_cycles(monkeypatch)
+    seen_at_flush: list[tuple[int, float, int]] = []  # (event pos, latest ts read, version)
+
     real_flush = pq._Scorer.flush
 
     def flush(self, board, name):
@@ -118,7 +125,6 @@ def test_encoder_prediction_uses_the_last_completed_cycle_and_no_later_event(tmp
             seen_at_flush.append((p.q.pos, max(b.ts for b in p.seq), self.trainer.version))
         return real_flush(self, board, name)
 
-    monkeypatch.setattr(TrainingWorker, "run_cycle", run_cycle)
     monkeypatch.setattr(pq._Scorer, "flush", flush)
     s = tiny_settings(tmp_path, train_every_events=50, train_steps=2)
     r = run_prequential(events, s, PrequentialConfig(models=("incremental",), drift=False))
@@ -375,16 +381,7 @@ def test_warm_start_trains_on_the_backlog_and_the_stream_starts_after_it(tmp_pat
     assert summary["backlog_events"] == n0 and summary["users"] > 0 and path.exists()
     ckpt = Trainer.load(path, s)
 
-    cycles: list[tuple[int, int]] = []  # (events ingested when the cycle ran, version after)
-    real_cycle = TrainingWorker.run_cycle
-
-    def run_cycle(self):
-        n = self.sequences.counters()["events_ingested"]
-        rep = real_cycle(self)
-        cycles.append((n, rep.version))
-        return rep
-
-    monkeypatch.setattr(TrainingWorker, "run_cycle", run_cycle)
+    cycles = record_cycles(monkeypatch)
     cfg = PrequentialConfig(models=("popular", "frozen", "incremental"), warmup=n0, backlog=n0,
                             warm_start=str(path), drift=False)  # fmt: skip
     r = run_prequential(events, s, cfg)
