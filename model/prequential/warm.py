@@ -6,13 +6,11 @@ encoder with the run's own model settings (architecture, losses, learning rate,
 dropout; the batch size derived from the data, as ``userstream train`` does) by
 :func:`model.offline.train.train_offline` (every user's last two backlog events
 held out for model selection, as PROTOCOL section 1 splits), and returns the
-best checkpoint. A backlog's validation split is small (210 users in the first
-20% of MovieLens 100K) and noisy, so the learning rate is never cut and only
-:data:`PATIENCE` epochs without a better validation NDCG@10 stop it (the time
-budget usually stops it first): with the offline defaults (patience 10, a cut
-after 3 flat epochs) training stopped after 15 epochs and the checkpoint scored
-0.051 HR@10 on the rest of that stream, against 0.146 this way
-(benchmarks/README.md, session 14). ``bench prequential
+best checkpoint. A backlog's validation split is small and noisy, so the
+learning rate is never cut and only :data:`PATIENCE` epochs without a better
+validation NDCG@10 stop it (the time budget usually stops it first): the
+offline defaults stopped training after a few dozen steps and left a checkpoint
+below popularity (benchmarks/README.md, session 14). ``bench prequential
 --warm-start`` then replays the whole stream with that checkpoint as the live
 model's start and as ``frozen``, the backlog applied but never scored
 (:class:`~model.prequential.loop.PrequentialConfig` ``backlog``/``warm_start``).

@@ -48,7 +48,7 @@ PREQUENTIAL_SETTINGS: dict[str, Any] = {
     "replay_ratio": 2.0,  # two replayed users per dirty one,
     "replay_fill": False,  # and no more (no batch filled from the reservoir)
     "dropout": 0.2,
-    "attention_dropout": 0.0,  # none on the attention weights: a step 15% faster on the CPU
+    "attention_dropout": 0.0,  # none on the attention weights: a faster step (benchmarks/README.md)
     "refresh_budget": 0,  # re-embed the dirty users only (not scored here)
 }
 
