@@ -38,7 +38,7 @@ import redis
 
 from serving.freshness_window import FreshnessWindow
 from serving.index import UserIndex
-from userstream.stores import EmbeddingStore, EmbeddingUpdate
+from userstream.stores import EmbeddingStore, EmbeddingUpdate, feed_covers, parse_stream_id
 
 __all__ = ["IndexFollower", "FollowerStats", "feed_lag_s", "parse_stream_id", "SNAPSHOT_NAME"]
 
@@ -47,12 +47,6 @@ LOG = logging.getLogger(__name__)
 SNAPSHOT_NAME = "users.snapshot"
 _BACKOFF_MIN_S = 0.1
 _BACKOFF_MAX_S = 10.0
-
-
-def parse_stream_id(stream_id: str) -> tuple[int, int]:
-    """``"1732900000000-3"`` -> ``(1732900000000, 3)``, comparable in feed order."""
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def feed_lag_s(applied_id: str, head_id: str) -> float:
@@ -326,23 +320,9 @@ class IndexFollower:
             LOG.warning("index follower: %s; retrying in %.1fs", self.stats.last_error, backoff)
 
     def _covers(self, feed_id: str) -> bool:
-        """True when the feed still holds every entry after ``feed_id`` (none trimmed).
-
-        Trimming (XADD MAXLEN) removes the oldest entries, so the feed is whole
-        after ``feed_id`` when its oldest entry is at or before ``feed_id``, or
-        when nothing was added after ``feed_id``. From "0-0" (an empty index) it
-        is also whole when nothing was ever removed. A non-empty snapshot whose
-        entry is newer than nothing in the feed is not trusted: the feed may be a
-        new one (Redis restored or flushed), with user numbers reassigned.
-        """
-        feed = self.store.feed_state()
-        if feed.oldest is not None and parse_stream_id(feed.oldest) <= parse_stream_id(feed_id):
-            return True
-        if feed.last_id is None:  # no feed at all: nothing after feed_id to miss
-            return True
-        if feed_id == "0-0" and feed.added is not None and feed.added == feed.length:
-            return True
-        return parse_stream_id(feed.last_id) <= parse_stream_id(feed_id)
+        """True when the feed still holds every entry after ``feed_id``
+        (:func:`userstream.stores.feed_covers`)."""
+        return feed_covers(self.store.feed_state(), feed_id)
 
     def _initial_load(self) -> None:
         if self._load_snapshot():

@@ -65,6 +65,7 @@ from userstream.stores import (
     RedisSequenceStore,
     SequenceStore,
     connect_settings,
+    parse_stream_id,
 )
 from userstream.types import Keys
 
@@ -315,7 +316,9 @@ class TrainingWorker:
         now = time.time()
         keep = self.settings.feed_retention_s
         floor = (int((now - keep) * 1000), 0)
-        live = [_feed_id(i) for i, at in self.embeddings.followers().values() if now - at <= keep]
+        live = [
+            parse_stream_id(i) for i, at in self.embeddings.followers().values() if now - at <= keep
+        ]
         if live:
             floor = max(floor, min(live))
         self.embeddings.trim_feed("{}-{}".format(*floor))
@@ -396,11 +399,6 @@ class TrainingWorker:
             stop.wait(POLL_S)
         self.embedder.join(EMBEDDER_JOIN_S)
         LOG.info("training worker stopped (v%d)", self.trainer.version)
-
-
-def _feed_id(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def load_trainer(settings: Settings) -> Trainer:

@@ -49,6 +49,7 @@ import numpy as np
 from model.prequential.baselines import RiverMF, _grown
 from model.prequential.feeds import Feed
 from model.prequential.models import Catalogue, PrequentialModel, Query, Scoreboard
+from userstream.stores import feed_covers
 from userstream.types import Event
 
 __all__ = [
@@ -300,11 +301,6 @@ class ExactIndex:
         return scores, nums
 
 
-def _feed_id(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 class IndexSource:
     """``ours``: the similar-user index over the feed's embedding store, kept as
     the API keeps its own: built from every stored embedding once, then following
@@ -326,18 +322,12 @@ class IndexSource:
 
     def refresh(self) -> None:
         store = self.feed.embeddings
-        if self.applied is None or self.index is None or self._trimmed_past(store.feed_state()):
+        if (self.applied is None or self.index is None
+                or not feed_covers(store.feed_state(), self.applied)):  # fmt: skip
             self._build()
         else:
             self._follow()
         store.register_follower(self.follower, self.applied, time.time())
-
-    def _trimmed_past(self, state) -> bool:
-        """Entries after the applied one were trimmed before they were read."""
-        assert self.applied is not None
-        if state.oldest is None:  # an empty feed: was anything added after ours?
-            return state.last_id is not None and state.last_id != self.applied
-        return _feed_id(state.oldest) > _feed_id(self.applied)
 
     def _build(self) -> None:
         store = self.feed.embeddings

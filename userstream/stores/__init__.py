@@ -25,6 +25,8 @@ from userstream.stores.contracts import (
     ModelInfo,
     OffsetEvent,
     SequenceStore,
+    feed_covers,
+    parse_stream_id,
     plan_batch,
     stored_behavior,
 )
@@ -52,7 +54,9 @@ __all__ = [
     "SequenceStore",
     "connect",
     "connect_settings",
+    "feed_covers",
     "forget_user",
+    "parse_stream_id",
     "plan_batch",
     "stored_behavior",
 ]

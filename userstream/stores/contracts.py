@@ -35,6 +35,8 @@ __all__ = [
     "ModelInfo",
     "OffsetEvent",
     "SequenceStore",
+    "feed_covers",
+    "parse_stream_id",
     "plan_batch",
     "stored_behavior",
 ]
@@ -101,6 +103,31 @@ class FeedState:
     added: int | None  # entries ever added (None where the store cannot tell)
     oldest: str | None  # id of the oldest entry still there
     last_id: str | None  # id of the newest entry ever added, trimmed or not
+
+
+def parse_stream_id(stream_id: str) -> tuple[int, int]:
+    """``"1732900000000-3"`` -> ``(1732900000000, 3)``, comparable in feed order."""
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def feed_covers(feed: FeedState, feed_id: str) -> bool:
+    """True when the feed still holds every entry after ``feed_id`` (none trimmed).
+
+    Trimming (XADD MAXLEN) removes the oldest entries, so the feed is whole
+    after ``feed_id`` when its oldest entry is at or before ``feed_id``, or
+    when nothing was added after ``feed_id``. From "0-0" (an empty index) it
+    is also whole when nothing was ever removed. A non-empty snapshot whose
+    entry is newer than nothing in the feed is not trusted: the feed may be a
+    new one (Redis restored or flushed), with user numbers reassigned.
+    """
+    if feed.oldest is not None and parse_stream_id(feed.oldest) <= parse_stream_id(feed_id):
+        return True
+    if feed.last_id is None:  # no feed at all: nothing after feed_id to miss
+        return True
+    if feed_id == "0-0" and feed.added is not None and feed.added == feed.length:
+        return True
+    return parse_stream_id(feed.last_id) <= parse_stream_id(feed_id)
 
 
 @dataclass(frozen=True, slots=True)
