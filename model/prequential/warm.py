@@ -66,7 +66,7 @@ def train_backlog(
             f"the backlog ({len(events)} events) has no user with three events: nothing to "
             "train a warm start on; give a longer backlog"
         )
-    model = ModelSettings(**{k: getattr(settings, k) for k in ModelSettings.model_fields})
+    model = settings.model_settings()
     extra: dict[str, Any] = {"derive": frozenset({"train_batch_size"}), "max_minutes": max_minutes,
                              "patience": PATIENCE, "lr_patience": 0}  # fmt: skip
     if max_epochs is not None:
