@@ -49,7 +49,8 @@ class EncoderVectors:
         self.kind, self.ctx = kind, ctx
         self.changed: dict[str, None] = {}
         self.query: dict[str, np.ndarray] = {}
-        self.key: dict[str, np.ndarray] = {}
+        self.keys = np.zeros((0, 0), dtype=np.float32)  # by user row
+        self.known = np.zeros(0, dtype=bool)  # rows that have a key
 
     def learn(self, user: str, item: int) -> None:
         self.changed[user] = None
@@ -93,8 +94,15 @@ class EncoderVectors:
             else:  # asymmetric: the next-item state against a neighbour's items
                 s = (e * real).sum(1)
                 q, key = last, {"asym_sum": s, "asym_sqrt": s / n.sqrt(), "asym_mean": s / n}[k]
+        from model.prequential.baselines import _grown
+
         self.query.update(zip(users, q.numpy(), strict=True))
-        self.key.update(zip(users, key.numpy(), strict=True))
+        rows = np.asarray([self.ctx.rows.row[u] for u in users], dtype=np.int64)
+        if self.keys.shape[1] != key.shape[1]:
+            self.keys = np.zeros((len(self.known), key.shape[1]), dtype=np.float32)
+        self.keys = _grown(self.keys, int(rows.max()) + 1)
+        self.known = _grown(self.known, int(rows.max()) + 1)
+        self.keys[rows], self.known[rows] = key.numpy(), True
 
     def neighbours(self, user: str, k: int) -> list[int] | None:
         from model.prequential.neighbours import _top
@@ -113,13 +121,10 @@ class EncoderVectors:
             if self.kind == "expected_sqrt":
                 sims = sims / np.sqrt(np.maximum(rows.sizes[:n], 1.0))
             return _top(sims, me, k)
-        keys = np.zeros((n, len(q)), dtype=np.float32)
-        valid = np.zeros(n, dtype=bool)
-        for u, v in self.key.items():
-            r = rows.row.get(u)
-            if r is not None and r < n:
-                keys[r], valid[r] = v, True
-        return _top(keys @ q, me, k, valid)
+        m = min(n, len(self.known))  # rows beyond have no key yet
+        sims = np.full(n, -np.inf, dtype=np.float32)
+        sims[:m] = self.keys[:m] @ q
+        return _top(sims, me, k, np.pad(self.known[:m], (0, n - m)))
 
 
 class ItemSetSimilarity:
